@@ -1,0 +1,72 @@
+"""Median residual ratio of OPT-125M ... OPT-66B on WikiText-2 (the paper's scaling curve).
+
+    python experiments/scaling_opt.py                      # all sizes, needs the hub (or its cache)
+    python experiments/scaling_opt.py --models facebook/opt-125m facebook/opt-350m --max-tokens 16384
+    python experiments/scaling_opt.py --tiny --out runs/scaling_tiny   # offline smoke run, random models
+
+Models above ``--streaming-above`` parameters are profiled layer by layer from
+their checkpoint (one layer in memory); their oracle simulation is skipped.
+Results: ``<out>/results.json``, ``results.csv``, ``scaling.png``, and per model
+``models/<name>/`` (profile, per-layer CSV/PNG, simulation). A rerun skips the
+models already done.
+"""
+import argparse
+import tempfile
+
+from radial_jax.data import load_text_source, perplexity_windows, tokenize
+from radial_jax.profiling.scaling import run_scaling
+
+OPT_MODELS = [f"facebook/opt-{s}" for s in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")]
+
+
+def tiny_checkpoints(root):
+    """Random OPT checkpoints of growing size (offline smoke mode: the numbers mean nothing)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+    from radial_jax.data import offline_tokenizer
+    vocab = offline_tokenizer().vocab_size
+    paths = []
+    for i, (h, n) in enumerate([(32, 2), (64, 4), (96, 6)]):
+        torch.manual_seed(i)
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, ffn_dim=4 * h, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=h)
+        OPTForCausalLM(cfg).save_pretrained(f"{root}/tiny-opt-{h}")
+        paths.append(f"{root}/tiny-opt-{h}")
+    return paths
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=OPT_MODELS)
+    ap.add_argument("--data", default="wikitext2", help="wikitext2 (test split), embedded, or text files")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2")
+    ap.add_argument("--streaming-above", type=float, default=3e9)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default="results/scaling_opt")
+    ap.add_argument("--tiny", action="store_true", help="offline smoke run on random tiny checkpoints")
+    args = ap.parse_args()
+    models = args.models
+    if args.tiny:
+        models = tiny_checkpoints(tempfile.mkdtemp())
+        args.data, args.window, args.max_tokens = "embedded", 64, 4096
+
+    def make_batches(model):
+        tokenizer = None if args.tiny else model.tokenizer()
+        docs, tokenizer = load_text_source(args.data, tokenizer)
+        ids, mask, score = perplexity_windows(tokenize(docs, tokenizer)[:args.max_tokens], args.window)
+        b = args.batch_size
+        chunks = [slice(i, i + b) for i in range(0, len(ids), b)]
+        return [(ids[c], mask[c]) for c in chunks], [(ids[c], mask[c], score[c]) for c in chunks]
+
+    rows = run_scaling(models, make_batches, args.out, thresholds=[float(t) for t in args.thresholds.split(",")],
+                       streaming_above=args.streaming_above, dtype=args.dtype, data_name=args.data)
+    for r in rows:
+        print(f"{r['model']:<32}{r['num_params'] / 1e6:>10.0f}M  median ratio_out {r['median_ratio_out']:.4f}")
+    print(f"results in {args.out}/ (results.json, results.csv, scaling.png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Text sources: the embedded offline corpus, WikiText-2 raw from the hub, local files; an offline tokenizer.
+
+* ``embedded_corpus()``: Python's own documentation topics (``pydoc_data.topics``,
+  shipped with every CPython), about 465k characters of English technical
+  prose: the offline default, needs no download.
+* ``offline_tokenizer(vocab_size)``: a byte-level BPE trained deterministically
+  on that corpus with the ``tokenizers`` library, cached under
+  ``~/.cache/radial_jax/tokenizers`` and returned as a transformers
+  ``PreTrainedTokenizerFast`` with OPT's special ids (``<s>``=0, ``<pad>``=1,
+  ``</s>``=2 used as BOS and EOS, ``<unk>``=3).
+* ``wikitext2(split)``: WikiText-2 raw (``Salesforce/wikitext``,
+  ``wikitext-2-raw-v1``) from the hub's parquet files through huggingface_hub
+  (its cache and ``HF_HUB_OFFLINE`` are honoured); ``repo_dir=`` reads a local
+  copy in hub layout instead.
+* ``perplexity_windows``: the usual WikiText-2 evaluation windows.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+WIKITEXT_REPO = "Salesforce/wikitext"
+WIKITEXT_FILES = {split: f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet" for split in ("train", "validation", "test")}
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, OPT's convention
+CACHE_DIR = Path(os.environ.get("RADIAL_JAX_CACHE", Path.home() / ".cache" / "radial_jax"))
+
+
+def embedded_corpus() -> List[str]:
+    """Documents of the offline corpus: one per pydoc topic, in sorted topic order."""
+    from pydoc_data.topics import topics
+    return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+
+
+def offline_tokenizer(vocab_size: int = 2048):
+    """A byte-level BPE trained on ``embedded_corpus()`` (deterministic; cached)."""
+    if not 260 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be in [260, 65536] (256 bytes + 4 specials at least), got {vocab_size}")
+    from transformers import PreTrainedTokenizerFast
+    path = CACHE_DIR / "tokenizers" / f"pydoc-bpe-{vocab_size}" / "tokenizer.json"
+    if not path.exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(embedded_corpus(), trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            f.write(tok.to_str())
+        os.replace(f.name, path)  # atomic: a half-written tokenizer is never read
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="</s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", name_or_path=f"offline-pydoc-bpe-{vocab_size}")
+
+
+def wikitext2(split: str = "test", *, repo_dir: Optional[Union[str, Path]] = None) -> List[str]:
+    """WikiText-2 raw lines of ``split`` (empty lines kept out), from the hub or a local hub-layout copy."""
+    if split not in WIKITEXT_FILES:
+        raise ValueError(f"WikiText-2 split {split!r} is unknown; allowed: {sorted(WIKITEXT_FILES)}")
+    if repo_dir is not None:
+        path = Path(repo_dir) / WIKITEXT_FILES[split]
+        if not path.exists():
+            raise ValueError(f"no WikiText-2 parquet file at {path}")
+    else:
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(WIKITEXT_REPO, WIKITEXT_FILES[split], repo_type="dataset")
+        except Exception as e:
+            raise ValueError(f"could not get WikiText-2 from the hub ({type(e).__name__}: {e}); "
+                             "check the network, or the cache when HF_HUB_OFFLINE=1, or pass repo_dir=") from e
+    import pyarrow.parquet as pq
+    lines = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return ["".join(lines)]  # the usual evaluation joins the split into one text
+
+
+def read_text_files(path: Union[str, Path]) -> List[str]:
+    """A ``.txt`` file, or every ``.txt`` file under a directory (sorted), as documents."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.rglob("*.txt")) if p.is_dir() else []
+    if not files:
+        raise ValueError(f"no text at {path!s}: give a .txt file or a directory holding .txt files")
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def load_text_source(source: str = "embedded", tokenizer=None):
+    """``(documents, tokenizer)``: ``"embedded"``, ``"wikitext2"`` (test split), or a file/directory.
+
+    The tokenizer defaults to ``offline_tokenizer()``; pass the model's own for a real checkpoint.
+    """
+    if source == "embedded":
+        return embedded_corpus(), tokenizer or offline_tokenizer()
+    if source in ("wikitext2", "wikitext-2"):
+        return wikitext2("test"), tokenizer or offline_tokenizer()
+    return read_text_files(source), tokenizer or offline_tokenizer()
+
+
+def tokenize(documents: Sequence[str], tokenizer) -> np.ndarray:
+    """One token stream, documents separated by EOS (no BOS: windows add their own)."""
+    ids: List[int] = []
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return np.asarray(ids, np.int32)
+
+
+def perplexity_windows(tokens: np.ndarray, window: int, stride: Optional[int] = None):
+    """Sliding windows as in the usual WikiText-2 evaluation (transformers' perplexity guide).
+
+    Window ``i`` covers ``tokens[begin : begin + window]`` with ``begin = i * stride``;
+    only its last ``end - previous_end`` tokens are scored, so every token is
+    predicted once, with up to ``window - stride`` tokens of context before it.
+    A window's first token is never scored (nothing in the window predicts it):
+    the stream's first token, and with ``stride == window`` the first of each
+    window, exactly as the shifted loss of the usual evaluation drops them. Returns ``(ids[n, window],
+    attention_mask[n, window], score_mask[n, window])``; the last window is
+    right-padded.
+    """
+    tokens = np.asarray(tokens)
+    stride = window if stride is None else stride
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    if len(tokens) < 2:
+        raise ValueError(f"the text has {len(tokens)} tokens; at least 2 are needed to score anything")
+    ids, attn, score = [], [], []
+    prev_end = 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + window, len(tokens))
+        chunk = tokens[begin:end]
+        row = np.full(window, 1, np.int32)
+        row[:len(chunk)] = chunk
+        m = np.zeros(window, bool)
+        m[:len(chunk)] = True
+        s = np.zeros(window, bool)
+        new = end - max(prev_end, begin + 1)  # tokens scored here (the stream's first one never is)
+        s[len(chunk) - new:len(chunk)] = True
+        s[0] = False
+        ids.append(row), attn.append(m), score.append(s)
+        prev_end = end
+        if end == len(tokens):
+            break
+    return np.stack(ids), np.stack(attn), np.stack(score)

@@ -1,0 +1,246 @@
+"""Load Hugging Face checkpoints (hub id or local directory in hub layout) into radial_jax.
+
+Weights are read from ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) tensor by tensor: no torch, and
+bf16/fp16 tensors load as they are (``ml_dtypes``). A checkpoint that only has
+``pytorch_model.bin`` loads through ``torch.load(weights_only=True)`` when torch
+is installed. Names are mapped by the one table per family in
+``radial_jax.models.hf_names``; a missing, unexpected or mis-shaped tensor is an
+error that names it.
+
+``CheckpointReader`` reads one layer at a time (for streaming models larger than
+memory); ``load`` reads everything into a ``Model``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from radial_jax.api import Model, example_inputs
+from radial_jax.models.hf_names import NAMES, convert
+from radial_jax.models.registry import config_from_hf, module_for, resolve_dtype
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.json"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names what is wrong."""
+
+
+def _safetensors_tensors(path: Path) -> Dict[str, callable]:
+    """name -> zero-argument reader of one tensor of a safetensors file.
+
+    Each reader reads just its tensor's bytes (``np.fromfile`` at its offset), so
+    streaming a checkpoint layer by layer never holds more than what was asked
+    for (a memory map would keep every touched page resident).
+    """
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    readers = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        readers[name] = (lambda s=start, e=end, d=dtype, sh=shape: np.fromfile(
+            path, dtype=np.uint8, count=e - s, offset=8 + header_len + s).view(d).reshape(sh))
+    return readers
+
+
+def _torch_tensors(paths) -> Dict[str, callable]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            "this checkpoint only has pytorch_model.bin weights, which need torch to read; install it with "
+            "`pip install 'radial_jax[torch]'`, or convert the checkpoint to safetensors") from e
+    readers = {}
+    for p in paths:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        for name, t in state.items():
+            readers[name] = (lambda t=t: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
+    return readers
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A local directory in hub layout, downloading a hub id through huggingface_hub if needed.
+
+    huggingface_hub's cache and ``HF_HUB_OFFLINE=1`` are honoured.
+    """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{name_or_path} is a file; give the checkpoint directory (with config.json)")
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise CheckpointError(f"no checkpoint directory at {name_or_path}")
+    from huggingface_hub import snapshot_download
+    try:
+        local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):  # older repos: PyTorch weights only
+            local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin*"]))
+    except Exception as e:  # network, auth, offline cache miss: say which and how
+        raise CheckpointError(
+            f"could not get {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Check the id, your network, or that it is in the cache when HF_HUB_OFFLINE=1; "
+            "or pass a local directory with config.json and model.safetensors") from e
+    return local
+
+
+class CheckpointReader:
+    """Lazy, name-mapped access to a checkpoint directory in hub layout."""
+
+    def __init__(self, name_or_path: str, *, with_classifier: Optional[bool] = None):
+        self.path = resolve_checkpoint(name_or_path)
+        config_file = self.path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{self.path} has no config.json")
+        self.hf_config = json.loads(config_file.read_text())
+        if self.hf_config.get("model_type") == "vit" and with_classifier is not None:
+            from radial_jax.models.vit import ViTConfig
+            self.config = ViTConfig.from_hf(self.hf_config, with_classifier=with_classifier)
+        else:
+            self.config = config_from_hf(self.hf_config)
+        self.names = NAMES[self.config.model_type]
+        raw = self._tensor_readers()
+        self._readers = {self.names.normalise(k): v for k, v in raw.items()}
+        self._expected = self._expected_shapes()
+
+    def _tensor_readers(self):
+        p = self.path
+        if (p / "model.safetensors.index.json").exists():
+            shards = sorted(set(json.loads((p / "model.safetensors.index.json").read_text())["weight_map"].values()))
+            readers = {}
+            for shard in shards:
+                if not (p / shard).exists():
+                    raise CheckpointError(f"{p} lists shard {shard} in model.safetensors.index.json but it is missing")
+                readers.update(_safetensors_tensors(p / shard))
+            return readers
+        if (p / "model.safetensors").exists():
+            return _safetensors_tensors(p / "model.safetensors")
+        if (p / "pytorch_model.bin.index.json").exists():
+            index = json.loads((p / "pytorch_model.bin.index.json").read_text())
+            return _torch_tensors(sorted(p / s for s in set(index["weight_map"].values())))
+        if (p / "pytorch_model.bin").exists():
+            return _torch_tensors([p / "pytorch_model.bin"])
+        raise CheckpointError(
+            f"{p} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+    def _expected_shapes(self):
+        module = module_for(self.config)
+        abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(self.config)))
+        flat = traverse_util.flatten_dict(nn.unbox(abstract)["params"])
+        return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(s) for s in self._expected.values()))
+
+    def param_bytes(self, dtype=jnp.float32) -> dict:
+        """Bytes of ``{"layer": one layer, "non_layer": embeddings, norms and heads}`` in ``dtype``."""
+        size = jnp.dtype(resolve_dtype(dtype)).itemsize
+        layer = sum(int(np.prod(s[1:])) for p, s in self._expected.items() if p[0] == "layers")
+        other = sum(int(np.prod(s)) for p, s in self._expected.items() if p[0] != "layers")
+        return {"layer": layer * size, "non_layer": other * size}
+
+    def _rule_for(self, ours: tuple, layer: bool):
+        rules = self.names.layer_rules if layer else self.names.rules
+        for rule in rules:
+            if rule.ours == ours:
+                return rule
+        raise CheckpointError(f"no Hugging Face name is known for our parameter {'/'.join(ours)}")
+
+    def _read(self, hf_name: str, transform: str, expected_shape: tuple, ours: str) -> np.ndarray:
+        if hf_name not in self._readers:
+            raise CheckpointError(f"{self.path}: missing tensor {hf_name!r} (needed for parameter {ours})")
+        array = convert(self._readers[hf_name](), transform)
+        if tuple(array.shape) != tuple(expected_shape):
+            raise CheckpointError(
+                f"{self.path}: tensor {hf_name!r} has shape {tuple(array.shape)} after conversion, "
+                f"expected {tuple(expected_shape)} for parameter {ours}")
+        return array
+
+    def non_layer_params(self, dtype=jnp.float32) -> dict:
+        """Every parameter outside the layer stack (embeddings, norms, heads), as numpy."""
+        dtype = resolve_dtype(dtype)
+        flat = {}
+        for path, shape in self._expected.items():
+            if path[0] == "layers":
+                continue
+            rule = self._rule_for(path, layer=False)
+            flat[path] = self._read(rule.hf, rule.transform, shape, "/".join(path)).astype(dtype, copy=False)
+        return traverse_util.unflatten_dict(flat)
+
+    def layer_params(self, index: int, dtype=jnp.float32) -> dict:
+        """The parameters of layer ``index`` (no layer axis), as numpy."""
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer index {index} out of range [0, {self.num_layers})")
+        dtype = resolve_dtype(dtype)
+        flat = {}
+        for path, shape in self._expected.items():
+            if path[0] != "layers":
+                continue
+            rule = self._rule_for(path[1:], layer=True)
+            flat[path[1:]] = self._read(rule.hf.format(i=index), rule.transform, shape[1:],
+                                        f"layers/{index}/" + "/".join(path[1:])).astype(dtype, copy=False)
+        return traverse_util.unflatten_dict(flat)
+
+    def check_unexpected(self) -> None:
+        """Raise if the checkpoint holds tensors that no rule of this config uses."""
+        used = set()
+        for path in self._expected:
+            if path[0] == "layers":
+                rule = self._rule_for(path[1:], layer=True)
+                used.update(rule.hf.format(i=i) for i in range(self.num_layers))
+            else:
+                used.add(self._rule_for(path, layer=False).hf)
+        unexpected = sorted(set(self._readers) - used - set(self.names.ignorable))
+        if unexpected:
+            raise CheckpointError(
+                f"{self.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
+                f"({len(unexpected)} in all) for a {type(self.config).__name__} with {self.num_layers} layers")
+
+    def params(self, dtype=jnp.float32) -> dict:
+        """All parameters, layers stacked along a leading axis, as jax arrays."""
+        self.check_unexpected()
+        params = self.non_layer_params(dtype)
+        per_layer = [self.layer_params(i, dtype) for i in range(self.num_layers)]
+        params["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_layer)
+        return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def load(name_or_path: str, *, dtype=jnp.float32, with_classifier: Optional[bool] = None) -> Model:
+    """Load a Hugging Face checkpoint (hub id or local directory) as a ``Model``.
+
+    Args:
+      name_or_path: e.g. ``"facebook/opt-125m"`` or a directory with ``config.json``
+        and ``model.safetensors`` (or shards with ``model.safetensors.index.json``).
+      dtype: parameter and compute dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+      with_classifier: ViT only: load the classification head (default: if the
+        checkpoint's architecture is ``ViTForImageClassification``).
+    """
+    dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
+    reader = CheckpointReader(name_or_path, with_classifier=with_classifier)
+    return Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
+                 tokenizer_path=str(reader.path))

@@ -1,0 +1,101 @@
+"""``radial-jax profile`` and ``radial-jax simulate``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id (e.g. facebook/opt-125m) or local checkpoint directory")
+    p.add_argument("--data", default=None,
+                   help="text: 'embedded' (offline), 'wikitext2', a .txt file or directory; "
+                        "ViT: an image folder or 'coco' (default: wikitext2 / coco)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (text)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of the text")
+    p.add_argument("--max-images", type=int, default=256, help="use at most this many images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<command>/<model>)")
+
+
+def load_model_and_data(args, with_scores: bool = False, load_weights: bool = True):
+    """The model and its batches, all validated before any forward pass.
+
+    ``load_weights=False`` (streaming) builds the bundle from the embeddings and heads only.
+    """
+    import radial_jax as rj
+    from radial_jax.data import coco_validation, image_folder, load_text_source, perplexity_windows, tokenize
+    if load_weights:
+        model = rj.load(args.model, dtype=args.dtype)
+    else:
+        reader = rj.CheckpointReader(args.model)
+        model = rj.Model(reader.config, reader.non_layer_params(args.dtype), dtype=args.dtype, name=str(args.model),
+                         tokenizer_path=str(reader.path))
+    if model.is_decoder:
+        tokenizer = model.tokenizer() if (Path(model.tokenizer_path or "") / "tokenizer_config.json").exists() else None
+        source = args.data or "wikitext2"
+        docs, tokenizer = load_text_source(source, tokenizer)
+        tokens = tokenize(docs, tokenizer)[:args.max_tokens]
+        window = min(args.window, model.config.max_length)
+        if len(tokens) < window:
+            raise ValueError(f"{source} gives {len(tokens)} tokens, shorter than one window of {window}; "
+                             "use a smaller --window or more text")
+        ids, mask, score = perplexity_windows(tokens, window, args.stride)
+        batches = [tuple(a[i:i + args.batch_size] for a in ((ids, mask, score) if with_scores else (ids, mask)))
+                   for i in range(0, len(ids), args.batch_size)]
+        return model, batches, source
+    size = model.config.image_size
+    if args.data in (None, "coco"):
+        return model, list(coco_validation(size, limit=args.max_images, batch_size=args.batch_size)), "coco-2017-val"
+    return model, list(image_folder(args.data, size, limit=args.max_images, batch_size=args.batch_size)), args.data
+
+
+def _out_dir(args, command: str) -> Path:
+    return Path(args.out or Path("runs") / command / str(args.model).strip("/").replace("/", "--"))
+
+
+def run_profile(args) -> int:
+    import radial_jax as rj
+    model, batches, data_name = load_model_and_data(args, load_weights=not args.streaming)
+    if args.streaming:
+        from radial_jax.profiling.streaming import profile_streaming
+        result = profile_streaming(args.model, batches, dtype=args.dtype, data_name=data_name,
+                                   keep_raw=args.save_raw, exact_limit=args.exact_limit)
+    else:
+        result = rj.profile(model, batches, data_name=data_name, keep_raw=args.save_raw,
+                            exact_limit=args.exact_limit)
+    out = result.save(_out_dir(args, "profile"))
+    print(result.table())
+    print(f"wrote {out}/profile.json, per_layer.csv, per_layer.png")
+    return 0
+
+
+def run_simulate(args) -> int:
+    import radial_jax as rj
+    from radial_jax.profiling.skipping import check_thresholds
+    thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])  # before loading anything
+    model, batches, data_name = load_model_and_data(args, with_scores=True)
+    sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)
+    out = sim.save(_out_dir(args, "simulate"))
+    print(sim.table())
+    print(f"wrote {out}/simulation.json, simulation.png")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="residual ratios per token, block and layer (DESIGN.md §2)")
+    add_data_args(p)
+    p.add_argument("--streaming", action="store_true",
+                   help="load one layer at a time from the checkpoint (models larger than memory)")
+    p.add_argument("--save-raw", action="store_true", help="also save raw per-token ratios (raw.npz)")
+    p.add_argument("--exact-limit", type=int, default=5_000_000,
+                   help="values kept for exact quantiles; beyond it a log-histogram sketch (bound stated)")
+    p.set_defaults(func=run_profile)
+    s = sub.add_parser("simulate", help="oracle layer skipping over a threshold sweep (DESIGN.md §3)")
+    add_data_args(s)
+    s.add_argument("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", help="comma-separated values in [0, 1]")
+    s.add_argument("--ratio", default="out", choices=("out", "in"), help="which ratio the threshold applies to")
+    s.set_defaults(func=run_simulate)

@@ -1,0 +1,83 @@
+"""Device mesh and the one table of logical-axis rules (DESIGN.md §6).
+
+Parameters carry logical axis names (``layers``, ``embed``, ``mlp``, ``heads``,
+``kv``, ``vocab``); activations use ``batch``. ``AXIS_RULES`` maps them to the mesh
+axes ``data``, ``fsdp``, ``tensor``. Change the mapping here and only here (or pass
+``rules=`` for an experiment, e.g. ``override_rules(layers="fsdp")`` to shard the
+layer pool like an expert axis).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+AXIS_RULES: tuple = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def override_rules(**changes) -> tuple:
+    """``AXIS_RULES`` with some logical axes remapped, e.g. ``override_rules(layers="fsdp")``."""
+    unknown = set(changes) - {name for name, _ in AXIS_RULES}
+    if unknown:
+        raise ValueError(f"unknown logical axes {sorted(unknown)}; known: {[n for n, _ in AXIS_RULES]}")
+    return tuple((name, changes.get(name, mesh)) for name, mesh in AXIS_RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); ``-1`` takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into fsdp*tensor={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_specs(module: nn.Module, *example_args, rules=AXIS_RULES, **example_kwargs):
+    """PartitionSpecs of the module's params (a tree like ``params``), resolved through ``rules``."""
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args, **example_kwargs))
+    logical = nn.get_partition_spec(abstract)["params"]
+    return nn.logical_to_mesh(logical, rules)
+
+
+def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dimension (small vocabularies, odd sizes)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if size and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def shard_params(params, specs, mesh: Mesh):
+    """Place ``params`` on ``mesh`` by ``specs`` (from ``logical_specs``)."""
+    return jax.tree_util.tree_map(
+        lambda p, s: jax.device_put(p, NamedSharding(mesh, _fit(s, p.shape, mesh))), params, specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shard the leading (batch) axis over ``data`` and ``fsdp``, the rest replicated."""
+    axis = dict(AXIS_RULES)["batch"]
+    return NamedSharding(mesh, PartitionSpec(axis, *([None] * (ndim - 1))))

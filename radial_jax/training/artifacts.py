@@ -1,0 +1,64 @@
+"""Final artifacts of a run (not the resumable checkpoints): a model directory with
+``config.json`` (family config + extras) and ``params.msgpack`` (flax serialisation)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import flax.serialization
+import jax
+import numpy as np
+
+from radial_jax.api import Model
+from radial_jax.models.opt import OPTConfig
+
+
+def save_params(directory, params, config, kind: str, **extra) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "params.msgpack").write_bytes(flax.serialization.msgpack_serialize(jax.device_get(params)))
+    (d / "config.json").write_text(json.dumps({"kind": kind, "model": dataclasses.asdict(config), **extra}, indent=2))
+    return d
+
+
+def load_params(directory, kind: str):
+    """``(params, config, meta)``; ``kind`` is ``"lm"`` or ``"radial_student"``."""
+    d = Path(directory)
+    if not (d / "config.json").is_file() or not (d / "params.msgpack").is_file():
+        raise ValueError(f"{d} is not a radial_jax training artifact (needs config.json and params.msgpack)")
+    meta = json.loads((d / "config.json").read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{d} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
+    params = flax.serialization.msgpack_restore((d / "params.msgpack").read_bytes())
+    params = jax.tree_util.tree_map(np.asarray, params)
+    return params, OPTConfig(**meta["model"]), meta
+
+
+def save_model(model: Model, directory, **extra) -> Path:
+    return save_params(directory, model.params, model.config, "lm", name=model.name, **extra)
+
+
+def load_model(directory) -> Model:
+    """A model saved by ``save_model`` (``radial-jax train``) or, failing that, a hub-layout checkpoint."""
+    d = Path(directory)
+    if (d / "params.msgpack").is_file():
+        params, config, meta = load_params(d, "lm")
+        return Model(config, params, name=meta.get("name"))
+    from radial_jax.loading import load
+    return load(str(d))
+
+
+def save_student(student, directory, **extra) -> Path:
+    """A trained ``RadialModel`` (its base config, ``RadialConfig`` and params)."""
+    return save_params(directory, student.params, student.config, "radial_student",
+                       radial=dataclasses.asdict(student.radial), **extra)
+
+
+def load_student(directory):
+    """``(RadialModel, meta)`` saved by ``save_student`` (``radial-jax distill``)."""
+    from radial_jax.radial import RadialConfig, RadialModel
+    params, config, meta = load_params(directory, "radial_student")
+    if "radial" not in meta:
+        raise ValueError(f"{directory}/config.json has no 'radial' settings; it was not written by save_student")
+    return RadialModel(config, RadialConfig(**meta["radial"]), params), meta

@@ -1,0 +1,164 @@
+"""``radial-jax train | distill | eval`` (registered by ``radial_jax.cli``).
+
+Offline default pipeline::
+
+    radial-jax train   --run-dir runs/teacher                 # small OPT on the embedded corpus
+    radial-jax distill --teacher runs/teacher/model --run-dir runs/student
+    radial-jax eval    --student runs/student/student --out runs/eval   # eval.json + curve.png
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+SIZES = {  # OPT-shaped presets (vocab is set from the tokenizer)
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2),
+    "small": dict(hidden_size=64, num_hidden_layers=4, ffn_dim=256, num_attention_heads=4),
+    "base": dict(hidden_size=128, num_hidden_layers=6, ffn_dim=512, num_attention_heads=4),
+}
+
+
+def _common(p, steps):
+    p.add_argument("--data", default="embedded", help="'embedded', 'wikitext2', a .txt file or a directory")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--debug", action="store_true", help="chex shape/finite checks after every step")
+    p.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard; resumed if present")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser("train", help="train a sequential OPT-shaped LM (the teacher)")
+    _common(t, 600)
+    t.add_argument("--size", choices=sorted(SIZES), default="small")
+    t.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. '2,2,2' (default: no sharding)")
+    t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (pods)")
+    t.set_defaults(func=cmd_train)
+
+    d = subparsers.add_parser("distill", help="distil a sequential model into a Radial Network")
+    _common(d, 300)
+    d.add_argument("--teacher", required=True, help="a 'radial-jax train' model dir or a hub-layout checkpoint")
+    d.add_argument("--train", choices=("router", "all"), default="router", help="what is trained")
+    d.add_argument("--temperature", type=float, default=2.0)
+    d.add_argument("--hidden-weight", type=float, default=0.0)
+    d.add_argument("--router-weight", type=float, default=0.5)
+    d.add_argument("--oracle-threshold", type=float, default=0.2)
+    d.add_argument("--compute-weight", type=float, default=0.1)
+    d.add_argument("--mode", choices=("ordered", "radial"), default="ordered",
+                   help="routing mode of the student (ordered: use or skip each layer in order)")
+    d.add_argument("--capacity-factor", type=float, default=1.0, help="fraction of dense compute per step")
+    d.add_argument("--radial-steps", type=int, default=0,
+                   help="after the ordered phase, continue this many steps in radial mode (any layer, exit)")
+    d.set_defaults(func=cmd_distill)
+
+    e = subparsers.add_parser("eval", help="perplexity, mean depth, FLOPs kept, curve vs the oracle (PNG)")
+    e.add_argument("--student", required=True, help="the 'student' dir written by 'radial-jax distill'")
+    e.add_argument("--data", default="embedded")
+    e.add_argument("--seq-len", type=int, default=64)
+    e.add_argument("--max-windows", type=int, default=256)
+    e.add_argument("--out", required=True, help="directory for eval.json and curve.png")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
+def _train_config(args):
+    from radial_jax.training.loop import TrainConfig
+    from radial_jax.training.optim import OptimConfig
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                       optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup),
+                       checkpoint_every=args.checkpoint_every, debug=args.debug)
+
+
+def cmd_train(args) -> int:
+    import jax
+    if args.distributed:
+        jax.distributed.initialize()
+    import radial_jax as rj
+    from radial_jax.training.artifacts import save_model
+    from radial_jax.training.lm import train_lm
+    from radial_jax.training.pipeline import text_data
+    data = text_data(args.data)
+    train = _train_config(args)
+    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(128, args.seq_len),
+                          **SIZES[args.size])
+    mesh = None
+    if args.mesh:
+        from radial_jax.sharding import make_mesh
+        sizes = [int(s) for s in args.mesh.split(",")]
+        if len(sizes) != 3:
+            raise ValueError(f"--mesh needs three sizes data,fsdp,tensor; got {args.mesh!r}")
+        mesh = make_mesh(*sizes)
+    model, history = train_lm(config, data, train=train, run_dir=args.run_dir, mesh=mesh,
+                              progress=not args.no_progress)
+    if jax.process_index() == 0:
+        save_model(model, Path(args.run_dir) / "model", data=data.source)
+        print(json.dumps({"model": str(Path(args.run_dir) / "model"), "final": history[-1] if history else None}))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from radial_jax.training.artifacts import load_model, save_student
+    from radial_jax.training.distill import DistillConfig, distill
+    from radial_jax.training.pipeline import text_data
+    if args.radial_steps and args.mode != "ordered":
+        raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
+    teacher = load_model(args.teacher)
+    data = text_data(args.data)
+    cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
+                        router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
+                        compute_weight=args.compute_weight, train=args.train)
+    radial_kwargs = {"capacity_factor": args.capacity_factor}
+    student, history = distill(teacher, data, cfg=cfg, mode=args.mode, train=_train_config(args),
+                               run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs)
+    if args.radial_steps:
+        train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
+        start = student.replace(mode="radial").params  # keeps the trained router (same shapes)
+        student, more = distill(teacher, data, cfg=cfg, mode="radial", start_params=start, train=train,
+                                run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress,
+                                radial_kwargs=radial_kwargs)
+        history = history + more
+    out = save_student(student, Path(args.run_dir) / "student", distill=dataclasses.asdict(cfg), data=data.source,
+                       teacher=str(Path(args.teacher).resolve()))
+    print(json.dumps({"student": str(out), "final": history[-1] if history else None}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from radial_jax.training.artifacts import load_model, load_student
+    from radial_jax.training.evaluate import evaluate
+    from radial_jax.training.pipeline import text_data
+    student, meta = load_student(args.student)
+    if not meta.get("teacher") or not Path(meta["teacher"]).exists():
+        raise ValueError(f"the teacher of {args.student} ({meta.get('teacher')!r}) was not found; it is needed "
+                         "for the comparison (teacher perplexity and the oracles)")
+    teacher = load_model(meta["teacher"])
+    data = text_data(args.data)
+    windows = data.dataset(args.seq_len, 1, split="eval").all_windows(args.max_windows)
+    out = Path(args.out)
+    result = evaluate(student, teacher, windows, png=out / "curve.png", out_json=out / "eval.json",
+                      progress=not args.no_progress)
+    s, t = result["student"], result["teacher"]
+    print(json.dumps({"teacher_ppl": t["ppl"], "student_ppl": s["ppl"], "mean_depth": s["depth"],
+                      "flops_kept_layers": s["flops_kept_layers"],
+                      "ppl_increase_vs_teacher": result["ppl_increase_vs_teacher"],
+                      "oracle_ppl_at_student_depth": result["oracle_ppl_at_student_depth"],
+                      "png": result.get("png")}, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="radial-jax")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Distillation of a sequential model into a Radial Network (DESIGN.md §5).
+
+Teacher: a sequential OPT (``rj.Model``). Student:
+``RadialNetwork.from_sequential(teacher)``: the teacher's layers as the pool, a
+fresh router, real fixed-capacity dispatch and the global KV cache (*propagate*
+policy, so a skipped token still leaves K/V for later tokens).
+
+``mode="ordered"`` (start here): step ``s`` may use layer ``s`` or skip it; the keep
+logit is ``router_logits[s, ..., s] - router_logits[s, ..., L]``. Loss per batch::
+
+    kl_weight      * T^2 KL(teacher/T || student/T)
+  + hidden_weight  * |h_s - h_t|^2 / |h_t|^2               (final hidden states; optional)
+  + router_weight  * BCE(keep logits, oracle keep labels)   (the network's own routing="oracle"
+                                                             at ``oracle_threshold``: §3 per layer)
+  + compute_weight * E[depth] / L,  E[depth] = sum_s sigmoid(keep logit)
+
+``mode="radial"`` (optionally continuing from the ordered phase: ``start_params=``):
+KL (+ hidden) + compute penalty on the expected layer visits (layer probabilities
+summed over active steps) + ``balance_weight`` * load balance over layers +
+``z_weight`` * router z-loss.
+
+Gradients reach the router through the network's straight-through gate (value 1,
+gradient of the router probability). ``train="router"`` freezes everything but
+``params["router"]`` (the teacher's logits then come from the student's own,
+unchanged, layers); ``train="all"`` fine-tunes the layers too, against the frozen
+teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radial_jax.api import Model
+from radial_jax.training import losses
+from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.optim import make_optimizer
+from radial_jax.training.pipeline import TextData
+from radial_jax.training.state import TrainState
+from radial_jax.training.steps import make_train_step, to_host
+
+TRAIN_MODES = ("router", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Loss weights and what is trained (see the module docstring)."""
+
+    temperature: float = 2.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 0.0
+    router_weight: float = 0.5
+    oracle_threshold: float = 0.3
+    compute_weight: float = 0.1
+    balance_weight: float = 0.01  # radial mode
+    z_weight: float = 1e-3  # radial mode
+    train: str = "router"  # "router": layers frozen; "all": everything
+    router_hidden: int = 16
+
+    def __post_init__(self):
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("kl_weight", "hidden_weight", "router_weight", "compute_weight", "oracle_threshold",
+                     "balance_weight", "z_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.router_hidden < 1:
+            raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+
+
+def make_student(teacher: Model, cfg: DistillConfig = DistillConfig(), mode: str = "ordered", seed: int = 0,
+                 **radial_kwargs):
+    """``RadialNetwork.from_sequential(teacher)`` with the distillation defaults (*propagate* cache policy)."""
+    from radial_jax.radial import RadialNetwork
+    kwargs = dict(mode=mode, cache_policy="propagate", router_hidden=cfg.router_hidden)
+    kwargs.update(radial_kwargs)
+    return RadialNetwork.from_sequential(teacher, seed=seed, **kwargs)
+
+
+def keep_logits_ordered(router_logits_sbtk):
+    """Ordered mode: ``logit[s, ..., s] - logit[s, ..., L]`` (use layer s vs skip), ``[S, b, t]``."""
+    s = router_logits_sbtk.shape[0]
+    idx = jnp.broadcast_to(jnp.arange(s)[:, None, None, None], router_logits_sbtk.shape[:3] + (1,))
+    return jnp.take_along_axis(router_logits_sbtk, idx, -1)[..., 0] - router_logits_sbtk[..., -1]
+
+
+def expected_layer_visits(router_out, ordered: bool, num_layers: int):
+    """Soft depth per token ``[b, t]`` (differentiable in the router): ordered mode, the keep
+    probabilities summed over steps; radial mode, the layer probabilities of active steps."""
+    if ordered:
+        return jnp.sum(jax.nn.sigmoid(keep_logits_ordered(router_out.logits)), 0)
+    active = (router_out.choice >= 0).astype(jnp.float32)[..., None]
+    return jnp.sum(router_out.probs[..., :num_layers] * active, (0, 3))
+
+
+def without_router(params) -> dict:
+    """The sequential model's parameters inside a Radial Network's."""
+    return {k: v for k, v in params.items() if k != "router"}
+
+
+def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
+    """``loss(params, ids_bt, key) -> (loss, metrics)`` for a ``RadialModel`` student."""
+    module = student.module
+    ordered = student.radial.mode == "ordered"
+    oracle_module = student.replace(routing="oracle").module if ordered else None
+    teacher_params = jax.tree_util.tree_map(jnp.asarray, teacher.params)
+    L = teacher.config.num_layers
+
+    def loss(params, ids_bt, key):
+        del key
+        tparams = teacher_params if cfg.train == "all" else jax.lax.stop_gradient(without_router(params))
+        t_out = teacher.module.apply({"params": tparams}, ids_bt)
+        s_out = module.apply({"params": params}, ids_bt)
+        kl = losses.distill_kl(s_out.logits, t_out.logits, temperature=cfg.temperature)
+        total, metrics = cfg.kl_weight * kl, {"kl": kl, "hard_depth": s_out.metrics.compute_fraction}
+        if cfg.hidden_weight:
+            hm = losses.hidden_match(s_out.hidden, t_out.hidden)
+            total += cfg.hidden_weight * hm
+            metrics["hidden"] = hm
+        r = s_out.router
+        if ordered:
+            keep = keep_logits_ordered(r.logits)
+            if cfg.router_weight:
+                oracle = oracle_module.apply(
+                    {"params": {**tparams, "router": jax.lax.stop_gradient(params["router"])}}, ids_bt,
+                    threshold=cfg.oracle_threshold)
+                labels = jax.lax.stop_gradient(oracle.router.processed)
+                rl = losses.router_keep_bce(keep, labels)
+                total += cfg.router_weight * rl
+                metrics.update(router_bce=rl, oracle_depth=jnp.mean(labels))
+        else:
+            lb = losses.load_balance(r.probs, r.assign)
+            z = losses.router_z_loss(r.logits)
+            total += cfg.balance_weight * lb + cfg.z_weight * z
+            metrics.update(balance=lb, z=z)
+        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
+        total += cfg.compute_weight * depth
+        metrics["soft_depth"] = depth
+        return total, metrics
+
+    return loss
+
+
+def make_distill_eval(student, windows, teacher: Model, batch_size: int = 16):
+    """``params -> {"eval_loss" (KL to the teacher at T=1), "eval_nll", "eval_depth" (fraction of L)}``."""
+    @jax.jit
+    def stats(params, ids_bt):
+        t = teacher.module.apply({"params": teacher.params}, ids_bt)
+        s = student.module.apply({"params": params}, ids_bt)
+        nll, _ = losses.lm_cross_entropy(s.logits, ids_bt)
+        return losses.distill_kl(s.logits, t.logits), nll, s.metrics.compute_fraction
+
+    def evaluate(params):
+        rows = [stats(params, jnp.asarray(windows[i:i + batch_size]))
+                for i in range(0, len(windows) - batch_size + 1, batch_size)]
+        kl, nll, depth = (float(np.mean([float(r[j]) for r in rows])) for j in range(3))
+        return {"eval_loss": kl, "eval_nll": nll, "eval_depth": depth}
+
+    return evaluate
+
+
+def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg: DistillConfig = DistillConfig(),
+            mode: str = "ordered", start_params=None, train: Optional[TrainConfig] = None,
+            run_dir: Optional[Union[str, Path]] = None, progress: bool = True, callbacks=(),
+            radial_kwargs: Optional[dict] = None):
+    """Distil ``teacher`` into a Radial Network; returns ``(student, history)`` (``student.params`` trained).
+
+    ``start_params``: continue from earlier parameters (the ordered phase's, for ``mode="radial"``).
+    ``radial_kwargs``: further ``RadialConfig`` fields (capacity_factor, cache_policy, ...).
+    """
+    train = train or TrainConfig()
+    if steps is not None:
+        train = dataclasses.replace(train, steps=int(steps))
+    train = train.with_schedule()
+    if data.vocab_size > teacher.config.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size}) exceeds the teacher's "
+                         f"({teacher.config.vocab_size}); use the data the teacher was trained on")
+    student = make_student(teacher, cfg, mode=mode, seed=train.seed, **(radial_kwargs or {}))
+    params = student.params
+    if start_params is not None:
+        want = jax.tree_util.tree_map(np.shape, student.params)
+        got = jax.tree_util.tree_map(np.shape, start_params)
+        if want != got:
+            raise ValueError("start_params do not match the Radial Network's parameters (structure or shapes "
+                             "differ); continue only from a student of the same teacher and router width")
+        params = start_params
+    trainable = None if cfg.train == "all" else (lambda path: path.startswith("router"))
+    tx = make_optimizer(train.optim, trainable=trainable, params=params)
+    state = TrainState.create(params, tx, seed=train.seed)
+    step_fn = make_train_step(distill_loss_fn(student, teacher, cfg), tx)
+    dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    windows = data.dataset(train.seq_len, 1, split="eval").all_windows(train.eval_batches * 16)
+    eval_fn = make_distill_eval(student, windows, teacher) if len(windows) >= 16 else None
+    run_config = {"train": train.to_dict(), "distill": dataclasses.asdict(cfg), "mode": mode,
+                  "radial": dataclasses.asdict(student.radial), "model": dataclasses.asdict(teacher.config),
+                  "data": data.source}
+    state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config, eval_fn=eval_fn,
+                         progress=progress, callbacks=callbacks, desc=f"distill-{mode}")
+    return student.replace(params=to_host(state.params)), history

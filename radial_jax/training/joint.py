@@ -1,0 +1,149 @@
+"""Joint training from scratch of a Radial Network's layers and router (DESIGN.md §5).
+
+The network (``RadialNetwork``, real fixed-capacity dispatch, ``gate="prob"``:
+a processed token's update is scaled by its router probability, MoE style, so
+the LM loss reaches the router) starts from random layers. Loss per batch::
+
+    LM cross-entropy
+  + compute_weight * E[layer visits] / L      (soft depth, the router's probabilities)
+  + balance_weight * load balance over layers (radial mode)
+  + z_weight       * router z-loss
+
+Schedule (stage-wise, because capacity is static under ``jit``: one compiled
+step per stage, chosen on the host by the update count):
+
+* warm-up, ``route_start`` updates: ``routing="identity"`` (every token through
+  every layer, in order): a sequential model learns first, since a random layer
+  hurts at first and a closed route would starve it of gradient;
+* then learned routing with the skip/exit bias lowered by ``router_bias_init``
+  (start with almost every layer open), the capacity factor falling from
+  ``capacity_start`` to ``capacity_end`` in ``capacity_stages`` equal steps over
+  ``capacity_steps`` updates, and staying there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import jax
+import numpy as np
+
+from radial_jax.api import init_params
+from radial_jax.radial import RadialModel, RadialConfig
+from radial_jax.radial.router import with_keep_offset
+from radial_jax.training import losses
+from radial_jax.training.distill import expected_layer_visits
+from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.optim import make_optimizer
+from radial_jax.training.pipeline import TextData
+from radial_jax.training.state import TrainState
+from radial_jax.training.steps import make_train_step, to_host
+
+
+@dataclasses.dataclass(frozen=True)
+class JointConfig:
+    """Loss weights and the routing / capacity schedule (see the module docstring)."""
+
+    mode: str = "ordered"
+    compute_weight: float = 0.05
+    balance_weight: float = 0.01
+    z_weight: float = 1e-3
+    capacity_start: float = 1.0
+    capacity_end: float = 0.75
+    capacity_steps: int = 200
+    capacity_stages: int = 3
+    route_start: int = 100
+    router_hidden: int = 64
+    router_bias_init: float = 2.0
+
+    def __post_init__(self):
+        if not (0 < self.capacity_end <= 1 and 0 < self.capacity_start <= 1):
+            raise ValueError(f"capacities must be in (0, 1], got {self.capacity_start}, {self.capacity_end}")
+        for name in ("capacity_steps", "capacity_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.route_start < 0:
+            raise ValueError(f"route_start must be >= 0, got {self.route_start}")
+        for name in ("compute_weight", "balance_weight", "z_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def stage(self, step: int) -> tuple:
+        """``(routing, capacity_factor)`` at update ``step``."""
+        if step < self.route_start:
+            return "identity", 1.0
+        k = min(self.capacity_stages - 1, (step - self.route_start) * self.capacity_stages // self.capacity_steps)
+        if self.capacity_stages == 1:
+            return "learned", float(self.capacity_end)
+        frac = k / (self.capacity_stages - 1)
+        return "learned", float(self.capacity_start + (self.capacity_end - self.capacity_start) * frac)
+
+
+def joint_loss_fn(network: RadialModel, cfg: JointConfig):
+    """``loss(params, ids_bt, key) -> (loss, metrics)`` for one stage's network."""
+    module, ordered = network.module, network.radial.mode == "ordered"
+    L = network.config.num_layers
+
+    def loss(params, ids_bt, key):
+        del key
+        out = module.apply({"params": params}, ids_bt)
+        lm, _ = losses.lm_cross_entropy(out.logits, ids_bt)
+        r = out.router
+        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
+        z = losses.router_z_loss(r.logits)
+        total = lm + cfg.z_weight * z
+        metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.compute_fraction,
+                   "dropped": out.metrics.total_dropped}
+        if network.radial.routing == "learned":
+            total += cfg.compute_weight * depth
+            if not ordered:
+                lb = losses.load_balance(r.probs, r.assign)
+                total += cfg.balance_weight * lb
+                metrics["balance"] = lb
+        return total, metrics
+
+    return loss
+
+
+def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: JointConfig = JointConfig(),
+                train: Optional[TrainConfig] = None, run_dir: Optional[Union[str, Path]] = None,
+                progress: bool = True, radial_kwargs: Optional[dict] = None):
+    """Train a Radial Network over ``config`` (``OPTConfig``) from scratch; returns ``(network, history)``
+    with ``network.params`` trained and ``network.radial`` the final stage's settings."""
+    train = train or TrainConfig()
+    if steps is not None:
+        train = dataclasses.replace(train, steps=int(steps))
+    train = train.with_schedule()
+    if data.vocab_size > config.vocab_size:
+        raise ValueError(f"the data's vocabulary ({data.vocab_size}) exceeds the model's ({config.vocab_size})")
+    rc = RadialConfig(**{"mode": cfg.mode, "gate": "prob", "router_hidden": cfg.router_hidden,
+                         **(radial_kwargs or {})})
+    base = init_params(config, seed=train.seed)
+    network = RadialModel(config, rc, {}).replace(params=base, seed=train.seed)
+    params = {**network.params, "router": with_keep_offset(network.params["router"], cfg.router_bias_init)}
+    tx = make_optimizer(train.optim)
+    state = TrainState.create(params, tx, seed=train.seed)
+
+    compiled = {}
+
+    def stage_network(step):
+        routing, capacity = cfg.stage(step)
+        return network.replace(routing=routing, capacity_factor=capacity)
+
+    def step_fn(state, batch):
+        net = stage_network(int(state.step))
+        key = (net.radial.routing, net.radial.capacity_factor)
+        if key not in compiled:
+            compiled[key] = make_train_step(joint_loss_fn(net, cfg), tx)
+        new, metrics = compiled[key](state, batch)
+        return new, {**metrics, "capacity": np.float32(net.radial.capacity_factor)}
+
+    dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    run_config = {"train": train.to_dict(), "joint": dataclasses.asdict(cfg), "radial": dataclasses.asdict(rc),
+                  "model": dataclasses.asdict(config), "data": data.source}
+    state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config,
+                         progress=progress, desc="joint")
+    final = stage_network(max(train.steps - 1, 0))
+    return final.replace(params=to_host(state.params)), history

@@ -1,0 +1,101 @@
+"""Language-model training of a sequential model (the "teacher" of the offline pipeline).
+
+``train_lm(OPTConfig(...), text_data("embedded"), steps=300)`` builds the model
+with ``rj.build``, trains it with next-token cross-entropy and returns a
+trained ``rj.Model`` plus the history of metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radial_jax.api import Model, build, example_inputs
+from radial_jax.training.losses import lm_cross_entropy
+from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.optim import make_optimizer
+from radial_jax.training.pipeline import TextData
+from radial_jax.training.state import TrainState
+from radial_jax.training.steps import make_sharded_train_step, make_train_step, to_host
+
+
+def lm_loss_fn(module):
+    """``loss(params, ids_bt, key) -> (nll, {"tokens": n})`` for a causal LM module (OPTForCausalLM)."""
+
+    def loss(params, ids_bt, key):
+        del key
+        out = module.apply({"params": params}, ids_bt)
+        nll, n = lm_cross_entropy(out.logits, ids_bt)
+        return nll, {"tokens": n}
+
+    return loss
+
+
+def make_lm_eval(module, windows: np.ndarray, batch_size: int = 16):
+    """``params -> {"eval_loss", "eval_ppl"}`` over fixed eval windows (token-weighted mean NLL)."""
+    @jax.jit
+    def nll_sum(params, ids_bt):
+        out = module.apply({"params": params}, ids_bt)
+        nll, n = lm_cross_entropy(out.logits, ids_bt)
+        return nll * n, n
+
+    def evaluate(params):
+        tot = cnt = 0.0
+        for i in range(0, len(windows) - batch_size + 1, batch_size):
+            s, n = nll_sum(params, jnp.asarray(windows[i:i + batch_size]))
+            tot, cnt = tot + float(s), cnt + float(n)
+        loss = tot / max(cnt, 1.0)
+        return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
+
+    return evaluate
+
+
+def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Optional[TrainConfig] = None,
+             run_dir: Optional[Union[str, Path]] = None, model: Optional[Model] = None, mesh=None,
+             progress: bool = True, callbacks=(), async_checkpoints: bool = True):
+    """Train a sequential causal LM from scratch (or continue ``model``) on ``data``.
+
+    Args:
+      config: the model config (e.g. ``OPTConfig``); its ``vocab_size`` must cover the tokenizer's.
+      data: ``TextData`` (``pipeline.text_data("embedded")``).
+      steps: number of updates (overrides ``train.steps``).
+      train: ``TrainConfig`` (batch, window, optimiser, checkpoints).
+      run_dir: checkpoints + metrics; an existing run there is resumed exactly.
+      mesh: optional device mesh: parameters sharded by the axis rules, batch over data x fsdp.
+
+    Returns:
+      ``(model, history)``: the trained ``rj.Model`` and the list of logged metrics.
+    """
+    train = train or TrainConfig()
+    if steps is not None:
+        train = dataclasses.replace(train, steps=int(steps))
+    train = train.with_schedule()
+    if config.vocab_size < data.vocab_size:
+        raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer vocab {data.vocab_size}")
+    if train.seq_len > config.max_length:
+        raise ValueError(f"seq_len {train.seq_len} exceeds the model's {config.max_length} positions")
+    model = model or build(config, seed=train.seed)
+    tx = make_optimizer(train.optim)
+    state = TrainState.create(model.params, tx, seed=train.seed)
+    loss_fn = lm_loss_fn(model.module)
+    if mesh is None:
+        step_fn = make_train_step(loss_fn, tx)
+        pi, pc = 0, 1
+    else:
+        from radial_jax.sharding import logical_specs
+        specs = logical_specs(model.module, *example_inputs(config))
+        step_fn, state = make_sharded_train_step(loss_fn, tx, state, mesh, specs)
+        pi, pc = jax.process_index(), jax.process_count()
+    dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=pi, process_count=pc)
+    eval_windows = data.dataset(train.seq_len, 1, split="eval").all_windows(train.eval_batches * 16)
+    eval_fn = make_lm_eval(model.module, eval_windows) if len(eval_windows) >= 16 else None
+    run_config = {"train": train.to_dict(), "model": dataclasses.asdict(config), "data": data.source}
+    state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config, eval_fn=eval_fn,
+                         mesh=mesh, progress=progress, callbacks=callbacks, desc="train-lm",
+                         async_checkpoints=async_checkpoints)
+    trained = Model(config, to_host(state.params), dtype=model.dtype, name=f"{config.model_type}-trained")
+    return trained, history

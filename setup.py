@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="radial_jax",
+    version="0.1.0",
+    description="Radial Networks in JAX/Flax: residual-ratio profiling, oracle layer skipping, "
+                "token-level layer routing with a global KV cache, distillation and joint training.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["radial_jax", "radial_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.6",
+        "chex>=0.1.87",
+        "transformers>=4.45",
+        "tokenizers",
+        "huggingface_hub>=0.24",
+        "safetensors>=0.4",
+        "tensorflow-datasets>=4.9",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyarrow",
+        "tensorboardX",
+    ],
+    extras_require={
+        # torch is test-only; pinned to the CPU build that is installed from a local wheel.
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow"],
+        "torch": ["torch==2.13.0"],
+    },
+    entry_points={"console_scripts": ["radial-jax=radial_jax.cli:main"]},
+)

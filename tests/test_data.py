@@ -1,0 +1,90 @@
+"""Data sources: offline corpus and tokenizer, perplexity windows, WikiText-2 from local hub-layout parquet,
+image folders; and the profile/simulate commands on the offline default with HF_HUB_OFFLINE=1."""
+import json
+
+import numpy as np
+import pytest
+
+from radial_jax.data import (embedded_corpus, image_folder, offline_tokenizer, perplexity_windows, read_text_files,
+                             tokenize, wikitext2)
+
+
+def test_offline_tokenizer_round_trips_and_is_deterministic(tmp_path, monkeypatch):
+    tok = offline_tokenizer()
+    text = embedded_corpus()[3][:500]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text) / 2  # BPE merges happened
+    assert (tok.pad_token_id, tok.eos_token_id) == (1, 2)
+    monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path)  # train again from scratch
+    assert offline_tokenizer()(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_perplexity_windows_score_every_token_once():
+    tokens = np.arange(3, 103)
+    for window, stride in ((16, 16), (16, 8), (16, 5), (7, 1)):
+        ids, mask, score = perplexity_windows(tokens, window, stride)
+        scored = []
+        for row in range(len(ids)):
+            assert not score[row, 0]
+            scored.extend(ids[row][score[row] & mask[row]])
+        if stride < window:  # overlap gives every token (but the very first) a context
+            assert sorted(scored) == list(tokens[1:])
+        else:  # disjoint windows: the first token of each window has no context
+            assert sorted(scored) == sorted(set(tokens) - set(tokens[::window]))
+    with pytest.raises(ValueError, match="stride"):
+        perplexity_windows(tokens, 8, 9)
+    with pytest.raises(ValueError, match="at least 2"):
+        perplexity_windows(tokens[:1], 8)
+
+
+def test_wikitext2_from_local_hub_layout(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "wikitext-2-raw-v1").mkdir()
+    lines = ["", " = Title = \n", "Some text .\n"]
+    pq.write_table(pa.table({"text": lines}), tmp_path / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet")
+    assert wikitext2("test", repo_dir=tmp_path) == ["".join(lines)]
+    with pytest.raises(ValueError, match="split 'dev' is unknown"):
+        wikitext2("dev", repo_dir=tmp_path)
+    with pytest.raises(ValueError, match="no WikiText-2 parquet"):
+        wikitext2("train", repo_dir=tmp_path)
+
+
+def test_text_files_and_images(tmp_path):
+    from PIL import Image
+    with pytest.raises(ValueError, match="no text"):
+        read_text_files(tmp_path / "none")
+    (tmp_path / "a.txt").write_text("hello")
+    assert read_text_files(tmp_path) == ["hello"]
+    img = np.zeros((20, 30, 3), np.uint8)
+    img[..., 0] = 255
+    Image.fromarray(img).save(tmp_path / "red.png")
+    (batch,) = list(image_folder(tmp_path, 8))
+    assert batch.shape == (1, 3, 8, 8)
+    np.testing.assert_allclose(batch[0, 0], 1.0)  # (1 - 0.5) / 0.5
+    np.testing.assert_allclose(batch[0, 1], -1.0)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*broken.jpg"):
+        list(image_folder(tmp_path, 8))
+
+
+def test_profile_and_simulate_commands_offline(tmp_path, monkeypatch):
+    """The offline default path: embedded corpus + offline tokenizer + a local checkpoint, no network."""
+    from conftest import make_opt
+    from radial_jax.cli import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_opt(tmp_path / "ckpt", seed=7, vocab_size=offline_tokenizer().vocab_size, max_position_embeddings=64)
+    common = ["--model", str(tmp_path / "ckpt"), "--data", "embedded", "--window", "32", "--max-tokens", "600"]
+    assert main(["profile", *common, "--out", str(tmp_path / "p")]) == 0
+    prof = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert prof["data"] == "embedded" and prof["model"] == str(tmp_path / "ckpt") and prof["tokens"] == 600
+    assert main(["profile", *common, "--streaming", "--out", str(tmp_path / "ps")]) == 0
+    streamed = json.loads((tmp_path / "ps" / "profile.json").read_text())
+    assert streamed["median_ratio_out"] == pytest.approx(prof["median_ratio_out"], rel=1e-5)
+    assert main(["simulate", *common, "--thresholds", "0,0.5", "--out", str(tmp_path / "s")]) == 0
+    sim = json.loads((tmp_path / "s" / "simulation.json").read_text())
+    assert [r["threshold"] for r in sim["thresholds"]] == [0.0, 0.5]
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        main(["simulate", *common, "--thresholds", "-0.1"])
+    with pytest.raises(ValueError, match="shorter than one window"):
+        main(["profile", *common[:-2], "--max-tokens", "10"])
