@@ -7,8 +7,9 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
    or, with ``--model``, load a checkpoint instead (hub id or local directory).
 2. ``profile``: residual ratios of every block on the held-out text (§2).
 3. ``simulate``: oracle layer skipping over a threshold sweep (§3).
-4. ``distill``: distil the teacher into a Radial Network (ordered mode, router
-   only, layers frozen) with ``radial_jax.training``.
+4. ``distill``: distil the teacher into a Radial Network (ordered mode; router
+   and layers trained by default, ``--distill-train router`` freezes the layers)
+   with ``radial_jax.training``.
 5. ``evaluate``: perplexity and mean depth of the routed student against the
    teacher and the oracle at the same depth; the quality-against-compute PNG.
 
@@ -103,9 +104,11 @@ def run_pipeline(args) -> int:
         if not _done(out / "distill" / "eval.json"):
             from radial_jax.training.distill import DistillConfig, distill
             from radial_jax.training.evaluate import evaluate
-            cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight)
+            cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
+                                train=args.distill_train)
             train = TrainConfig(steps=args.distill_steps, batch_size=args.batch_size, seq_len=args.window,
-                                optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.distill_steps // 2))
+                                optim=OptimConfig(learning_rate=args.distill_lr),
+                                checkpoint_every=max(1, args.distill_steps // 2))
             student, _ = distill(teacher, data, cfg=cfg, train=train, run_dir=out / "distill_run")
             save_student(student, out / "distill" / "student", distill=dataclasses.asdict(cfg), data=data.source,
                          teacher=str(teacher_dir.resolve()) if not args.model else str(args.model))
@@ -121,6 +124,7 @@ def run_pipeline(args) -> int:
         "oracle": [{k: r[k] for k in ("threshold", "depth_fraction", "flops_kept", "perplexity")}
                    for r in simulation["thresholds"]],
         "radial_network": None if evaluation is None else {
+            "trained": args.distill_train, "steps": args.distill_steps,
             "perplexity": evaluation["student"]["ppl"], "mean_depth_fraction": evaluation["student"]["depth"],
             "teacher_perplexity": evaluation["teacher"]["ppl"],
             "perplexity_increase_vs_teacher": evaluation["ppl_increase_vs_teacher"],
@@ -136,7 +140,7 @@ def run_pipeline(args) -> int:
     if summary["radial_network"]:
         rn = summary["radial_network"]
         oracle_ppl = rn["oracle_perplexity_at_same_depth"]
-        print(f"Radial Network: depth {100 * rn['mean_depth_fraction']:.1f}% of layers, ppl {rn['perplexity']:.3f} "
+        print(f"Radial Network ({rn['trained']} trained, {rn['steps']} steps): depth {100 * rn['mean_depth_fraction']:.1f}% of layers, ppl {rn['perplexity']:.3f} "
               f"(teacher {rn['teacher_perplexity']:.3f}, {100 * rn['perplexity_increase_vs_teacher']:+.1f}%; "
               f"oracle at same depth {oracle_ppl if oracle_ppl is None else round(oracle_ppl, 3)})")
     print(f"results in {out}/ (summary.json, profile/, simulate/, distill/)")
@@ -156,6 +160,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-windows", type=int, default=256, help="held-out windows for profile/simulate/eval")
     p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
-    p.add_argument("--oracle-threshold", type=float, default=0.2, help="oracle labels for router supervision")
-    p.add_argument("--compute-weight", type=float, default=0.1)
+    p.add_argument("--oracle-threshold", type=float, default=0.35, help="oracle labels for router supervision")
+    p.add_argument("--compute-weight", type=float, default=0.3, help="weight of the expected-depth penalty")
+    p.add_argument("--distill-train", choices=("router", "all"), default="all",
+                   help="what distillation trains: the router only (layers frozen) or everything")
+    p.add_argument("--distill-lr", type=float, default=1e-3)
     p.set_defaults(func=run_pipeline)
