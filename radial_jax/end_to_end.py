@@ -140,7 +140,8 @@ def run_pipeline(args) -> int:
     if summary["radial_network"]:
         rn = summary["radial_network"]
         oracle_ppl = rn["oracle_perplexity_at_same_depth"]
-        print(f"Radial Network ({rn['trained']} trained, {rn['steps']} steps): depth {100 * rn['mean_depth_fraction']:.1f}% of layers, ppl {rn['perplexity']:.3f} "
+        print(f"Radial Network ({rn['trained']} trained, {rn['steps']} steps): depth "
+              f"{100 * rn['mean_depth_fraction']:.1f}% of layers, ppl {rn['perplexity']:.3f} "
               f"(teacher {rn['teacher_perplexity']:.3f}, {100 * rn['perplexity_increase_vs_teacher']:+.1f}%; "
               f"oracle at same depth {oracle_ppl if oracle_ppl is None else round(oracle_ppl, 3)})")
     print(f"results in {out}/ (summary.json, profile/, simulate/, distill/)")
@@ -157,7 +158,7 @@ def register(sub) -> None:
     p.add_argument("--distill-steps", type=int, default=300, help="0 skips distillation")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the teacher's training")
     p.add_argument("--max-windows", type=int, default=256, help="held-out windows for profile/simulate/eval")
     p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
     p.add_argument("--oracle-threshold", type=float, default=0.35, help="oracle labels for router supervision")

@@ -296,3 +296,32 @@ def test_joint_training_from_scratch_schedule_and_capacity(corpus):
     assert int(np.max(np.asarray(out.router.assign.sum(2)))) <= 5
     with pytest.raises(ValueError, match="capacities"):
         JointConfig(capacity_end=0.0)
+
+
+def test_pipeline_command_router_only_keeps_the_teachers_layers(tmp_path, capsys):
+    """``radial-jax pipeline`` end to end on tiny settings: every stage's output, the ``--distill-train`` flag
+    honoured (router-only: the saved student's layers are bitwise the saved teacher's), a rerun reuses them."""
+    from radial_jax.cli import main
+    from radial_jax.training.artifacts import load_model, load_student
+    out = tmp_path / "p"
+    argv = ["pipeline", "--out", str(out), "--size", "tiny", "--teacher-steps", "4", "--distill-steps", "2",
+            "--window", "16", "--batch-size", "4", "--max-windows", "32", "--thresholds", "0,0.3",
+            "--distill-train", "router"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["radial_network"]["trained"] == "router" and summary["radial_network"]["steps"] == 2
+    for f in ("profile/profile.json", "simulate/simulation.json", "distill/eval.json", "distill/curve.png"):
+        assert (out / f).is_file(), f
+    teacher = load_model(out / "teacher")
+    student, meta = load_student(out / "distill" / "student")
+    assert meta["distill"]["train"] == "router"
+    for a, b in zip(jax.tree_util.tree_leaves(without_router(student.params)),
+                    jax.tree_util.tree_leaves(teacher.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    before = {f: (out / f).stat().st_mtime_ns for f in ("teacher/params.msgpack", "distill/eval.json")}
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun finds every stage done and rewrites none
+    assert "reusing" in capsys.readouterr().out
+    assert {f: (out / f).stat().st_mtime_ns for f in before} == before
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["layers"])  # --distill-train allows only router / all
