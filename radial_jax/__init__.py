@@ -1,12 +1,21 @@
-"""radial_jax: transformers that spend compute token by token (Radial Networks in JAX/Flax)."""
-from radial_jax.api import Model, build, init_params
+"""radial_jax: transformers that spend compute token by token (Radial Networks in JAX/Flax).
+
+Every model family's config is exported here under its own name (``rj.OPTConfig``,
+``rj.LlamaConfig``, ...), found in ``radial_jax/models/families/``.
+"""
+from radial_jax.api import Bundle, Model, build, init_params
 from radial_jax.kv_cache import KVCache
-from radial_jax.models.opt import OPTConfig, OPTForCausalLM
-from radial_jax.models.vit import ViT, ViTConfig
+from radial_jax.models.decoder import CausalLM
+from radial_jax.models.family import families
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["Model", "build", "init_params", "KVCache", "OPTConfig", "OPTForCausalLM", "ViT", "ViTConfig"]
+__all__ = ["Bundle", "Model", "build", "init_params", "KVCache", "CausalLM", "families"]
+
+for _family in families().values():  # rj.OPTConfig, rj.ViTConfig, rj.LlamaConfig, ...
+    globals()[_family.config_cls.__name__] = _family.config_cls
+    __all__.append(_family.config_cls.__name__)
+del _family
 
 from radial_jax.loading import CheckpointError, CheckpointReader, load  # noqa: E402
 

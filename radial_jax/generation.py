@@ -1,4 +1,4 @@
-"""Autoregressive generation for decoder models (OPT) with the global KV cache.
+"""Autoregressive generation for language models with the global KV cache: one implementation.
 
 ``generate(model, input_ids, attention_mask, max_new_tokens=...)`` decodes new
 tokens for a batch of prompts of different lengths:
@@ -31,13 +31,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from radial_jax.kv_cache import KVCache
 
 
 @dataclasses.dataclass
@@ -51,6 +49,10 @@ class GenerationOutput:
     prompt_lengths: ``[b]`` unpadded prompt lengths.
     logits: ``[b, max_new_tokens, vocab]`` float32 raw logits that chose each new token
       (before temperature/top-k/top-p; zeros after a row stopped), only with ``output_logits=True``.
+    depth: ``[b, max_new_tokens]`` layer visits of the forward pass whose logits chose each new
+      token (new token 0: the last prompt token in the prefill; 0 after a row stopped).
+    step_flops: ``[max_new_tokens]`` FLOPs executed by each decode step (whole batch; entry 0 is 0,
+      that token came from the prefill); ``prefill_flops``: FLOPs of the prefill.
     """
 
     sequences: np.ndarray
@@ -59,6 +61,9 @@ class GenerationOutput:
     finished: np.ndarray
     prompt_lengths: np.ndarray
     logits: Optional[np.ndarray] = None
+    depth: Optional[np.ndarray] = None
+    step_flops: Optional[np.ndarray] = None
+    prefill_flops: Optional[float] = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -140,40 +145,68 @@ def sample_logits(logits_bv, key, *, do_sample: bool, temperature=1.0, top_k: Op
     return jax.random.categorical(key, warped_bv, axis=-1).astype(jnp.int32)
 
 
+# --------------------------------------------------------------------------- what a model provides
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Decoding:
+    """How a bundle decodes: pure functions of its params, traced inside one ``jit``.
+
+    init_cache(batch, max_len) -> cache (any pytree: the sequential ``KVCache``, a Radial Network's state).
+    prefill(params, ids_bt, valid_bt, cache) -> (logits_bv, cache, stats): right-padded prompts at slots
+      ``0 .. len_b - 1``; ``logits_bv`` of each row's last prompt token.
+    step(params, tok_b, pos_b, live_b, cache) -> (logits_bv, cache, stats): one token per row at slot ``pos_b``;
+      rows with ``live_b`` false are not processed.
+    ``stats``: ``{"depth": int32[b]`` layer visits of the token whose logits were returned, ``"flops": float32``
+    FLOPs executed by the call (whole batch, by construction from the shapes that ran)``}``.
+    """
+
+    init_cache: Callable
+    prefill: Callable
+    step: Callable
+
+
+def sequential_decoding(module) -> Decoding:
+    """``Decoding`` of a sequential ``CausalLM`` module: every token through every layer."""
+    from radial_jax.flops import dense_flops, head_flops
+    config = module.config
+    L = config.num_layers
+
+    def prefill(params, ids_bt, valid_bt, cache):
+        b, t = ids_bt.shape
+        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        out = module.apply({"params": params}, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache,
+                           compute_logits=False)
+        lengths_b = valid_bt.sum(1)
+        last_be = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
+        logits_bv = module.apply({"params": params}, last_be, method="logits")
+        flops = dense_flops(config, b * t, cache.max_len, with_head=False) + head_flops(config, b)
+        return logits_bv, out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
+
+    def step(params, tok_b, pos_b, live_b, cache):
+        b = tok_b.shape[0]
+        out = module.apply({"params": params}, tok_b[:, None], live_b[:, None], positions_bt=pos_b[:, None],
+                           cache=cache)
+        flops = dense_flops(config, b, cache.max_len)
+        return out.logits[:, 0], out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
+
+    return Decoding(init_cache=module.init_cache, prefill=prefill, step=step)
+
+
 # --------------------------------------------------------------------------- compiled core
 
-def lm_head(module, params, hidden_be):
-    """The LM head of ``OPTForCausalLM`` on selected hidden states (same arithmetic as the module).
-
-    Kept next to the module's own head so that prefill computes logits for the
-    last prompt token only (``[b, vocab]``, not ``[b, t, vocab]``); the decode-
-    equals-forward test checks that both agree.
-    """
-    c = module.config
-    x = hidden_be.astype(module.dtype)
-    if c.tie_word_embeddings:
-        w_ve = params["embed_tokens"]["embedding"].astype(module.dtype)
-        return jnp.dot(x, w_ve.T).astype(jnp.float32)
-    w_ev = params["lm_head"]["kernel"].astype(module.dtype)
-    return jnp.dot(x, w_ev).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "cache_len", "do_sample", "top_k",
-                                                   "output_logits"))
-def _generate_core(module, params, ids_bt, lengths_b, rng, temperature, top_p, eos_ids_n, pad_id, *,
+@functools.partial(jax.jit, static_argnames=("decoding", "max_new_tokens", "cache_len", "do_sample", "top_k",
+                                             "output_logits"))
+def _generate_core(decoding: Decoding, params, ids_bt, lengths_b, rng, temperature, top_p, eos_ids_n, pad_id, *,
                    max_new_tokens: int, cache_len: int, do_sample: bool, top_k: Optional[int],
                    output_logits: bool = False):
     """Prefill + compiled decode loop on right-padded prompts.
 
-    Returns ``(new_tokens [b, n], num_new [b], finished [b], logits [b, n, vocab] or None)``.
+    Returns ``(new_tokens [b, n], num_new [b], finished [b], logits [b, n, vocab] or None, depth [b, n],
+    step_flops [n], prefill_flops)``.
     """
-    c = module.config
     b, t = ids_bt.shape
-    lc = c.layer_config()
-    cache = KVCache.create(c.num_layers, b, cache_len, lc.kv_heads, lc.head_dim, module.dtype)
     slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid_bt = slots_bt < lengths_b[:, None]
-    variables = {"params": params}
 
     def choose(logits_bv, i):
         key = jax.random.fold_in(rng, i) if do_sample else None
@@ -184,11 +217,11 @@ def _generate_core(module, params, ids_bt, lengths_b, rng, temperature, top_p, e
         return jnp.any(tok_b[:, None] == eos_ids_n[None, :], axis=-1)
 
     # Prefill: fill the cache, logits of the last prompt token of each row.
-    out = module.apply(variables, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache, compute_logits=False)
-    last_be = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    logits_bv = lm_head(module, params, last_be)
+    logits_bv, cache, pre = decoding.prefill(params, ids_bt, valid_bt, decoding.init_cache(b, cache_len))
     tok_b = choose(logits_bv, 0)
     tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_b)
+    depth_bn = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(pre["depth"])
+    flops_n = jnp.zeros((max_new_tokens,), jnp.float32)
     logits_bnv = None
     if output_logits:
         logits_bnv = jnp.zeros((b, max_new_tokens, logits_bv.shape[-1]), jnp.float32).at[:, 0].set(logits_bv)
@@ -201,23 +234,23 @@ def _generate_core(module, params, ids_bt, lengths_b, rng, temperature, top_p, e
 
     def body(state):
         # Step i feeds token i-1 of each live row at slot len_b + i - 1 and picks token i.
-        i, cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv = state
+        i, cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n = state
         live_b = ~done_b
-        pos_b1 = (lengths_b + i - 1)[:, None]
-        step = module.apply(variables, tok_b[:, None], live_b[:, None], positions_bt=pos_b1, cache=cache)
-        new_b = choose(step.logits[:, 0], i)
-        new_b = jnp.where(live_b, new_b, pad_id)
+        step_logits_bv, cache, st = decoding.step(params, tok_b, lengths_b + i - 1, live_b, cache)
+        new_b = jnp.where(live_b, choose(step_logits_bv, i), pad_id)
         tokens_bn = jax.lax.dynamic_update_slice(tokens_bn, new_b[:, None], (0, i))
+        depth_bn = jax.lax.dynamic_update_slice(depth_bn, jnp.where(live_b, st["depth"], 0)[:, None], (0, i))
+        flops_n = jax.lax.dynamic_update_slice(flops_n, st["flops"][None], (i,))
         num_new_b = num_new_b + live_b.astype(jnp.int32)
         done_b = done_b | (live_b & is_eos(new_b))
         if output_logits:
-            step_logits = jnp.where(live_b[:, None], step.logits[:, 0], 0.0)
-            logits_bnv = jax.lax.dynamic_update_slice(logits_bnv, step_logits[:, None], (0, i, 0))
-        return i + 1, step.cache, new_b, tokens_bn, done_b, num_new_b, logits_bnv
+            step_logits_bv = jnp.where(live_b[:, None], step_logits_bv, 0.0)
+            logits_bnv = jax.lax.dynamic_update_slice(logits_bnv, step_logits_bv[:, None], (0, i, 0))
+        return i + 1, cache, new_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n
 
-    state = (jnp.int32(1), out.cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv)
-    _, _, _, tokens_bn, done_b, num_new_b, logits_bnv = jax.lax.while_loop(cond, body, state)
-    return tokens_bn, num_new_b, done_b, logits_bnv
+    state = (jnp.int32(1), cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n)
+    _, _, _, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n = jax.lax.while_loop(cond, body, state)
+    return tokens_bn, num_new_b, done_b, logits_bnv, depth_bn, flops_n, pre["flops"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -229,7 +262,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     """Generate up to ``max_new_tokens`` tokens after each prompt (see the module docstring).
 
     Args:
-      model: a decoder ``radial_jax.Model`` (``rj.load`` / ``rj.build`` of an OPT config).
+      model: a language-model bundle: ``radial_jax.Model`` (``rj.load`` / ``rj.build``) or a Radial
+        Network's ``RadialModel``; both decode through their ``decoding()`` functions here.
       input_ids: ``[b, t]`` integer token ids, left- or right-padded.
       attention_mask: ``[b, t]``, one contiguous run of ones per row (default: all ones).
       max_new_tokens: how many tokens to generate at most (>= 1).
@@ -249,9 +283,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     """
     config = model.config
     if not getattr(model, "is_decoder", False):
-        raise ValueError(f"generate needs a decoder model (OPT); got {type(config).__name__}")
-    from radial_jax.api import check_token_ids
-    check_token_ids(config, input_ids)
+        raise ValueError(f"generate needs a language model; got {type(config).__name__}")
+    model.check_inputs(input_ids, attention_mask)
     ids_bt = np.asarray(input_ids)
     b, t = ids_bt.shape
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
@@ -292,8 +325,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     src_bt = np.minimum(starts_b[:, None] + j_t[None, :], t - 1)
     ids_r = np.where(j_t[None, :] < lengths_b[:, None], np.take_along_axis(ids_bt, src_bt, axis=1), pad)
 
-    new_bn, num_new_b, finished_b, logits_bnv = _generate_core(
-        model.module, model.params, jnp.asarray(ids_r, jnp.int32), jnp.asarray(lengths_b, jnp.int32), key,
+    new_bn, num_new_b, finished_b, logits_bnv, depth_bn, flops_n, prefill_flops = _generate_core(
+        model.decoding(), model.params, jnp.asarray(ids_r, jnp.int32), jnp.asarray(lengths_b, jnp.int32), key,
         jnp.float32(temperature), None if top_p is None or not do_sample else jnp.float32(top_p),
         jnp.asarray(eos_n), jnp.int32(pad), max_new_tokens=max_new_tokens, cache_len=int(max_len),
         do_sample=bool(do_sample), top_k=top_k if do_sample else None, output_logits=bool(output_logits))
@@ -303,4 +336,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         return sequences
     return GenerationOutput(sequences=sequences, new_tokens=new_bn, num_new=np.asarray(num_new_b),
                             finished=np.asarray(finished_b), prompt_lengths=lengths_b,
-                            logits=None if logits_bnv is None else np.asarray(logits_bnv))
+                            logits=None if logits_bnv is None else np.asarray(logits_bnv),
+                            depth=np.asarray(depth_bn), step_flops=np.asarray(flops_n),
+                            prefill_flops=float(prefill_flops))

@@ -1,4 +1,4 @@
-"""The global KV cache of DESIGN.md §4, shared by the sequential models and the Radial Network.
+"""The global KV cache (docs/design.md §4), shared by the sequential models and the Radial Network.
 
 One preallocated array per K and V, ``[L, B, T_max, G, D]`` (layers, batch,
 slot = token position, kv heads, head dim), plus ``written_at[L, B, T_max]``:
@@ -10,10 +10,14 @@ where token ``p`` visits layer ``l`` exactly once, at step ``l``):
 1. A token processed by layer ``l`` at step ``s`` writes its K/V at ``(l, slot)``
    only if that entry is empty (first visit). Reuse never overwrites.
 2. A query at slot ``i``, step ``s``, sees entries ``(l, j)`` with ``j <= i``
-   (causal models) and ``written_at <= s``. ``EMPTY`` is the largest int32, so an
-   empty entry is never visible.
+   (causal models), ``i - j < window`` (a sliding-window layer) and
+   ``written_at <= s``. ``EMPTY`` is the largest int32, so an empty entry is
+   never visible.
 3. Skipped entries stay empty (policy *mask*) or are filled from the skipping
    token's current state (policy *propagate*); that policy lives with the router.
+
+A sliding window only narrows what a query sees: every slot stays in the cache,
+so decoding past the window reads exactly the keys the parallel forward reads.
 """
 from __future__ import annotations
 
@@ -48,39 +52,43 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    def layer(self, index):
+        """``(k [B, T, G, D], v, written_at [B, T])`` of layer ``index`` (may be traced)."""
+        return tuple(jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False)
+                     for a in (self.k, self.v, self.written_at))
 
-def write_first_visit(k_btgd, v_btgd, written_bt, slots_bq, k_new_bqgd, v_new_bqgd, valid_bq, step):
-    """Write new K/V of one layer at ``slots`` where ``valid`` and the entry is empty.
 
-    ``slots`` index the cache row of their batch row; invalid entries (padding,
-    unused capacity) are dropped. Returns the updated ``(k, v, written_at)``.
+def write_first_visit(cache: KVCache, layer_q, row_q, slot_q, k_qgd, v_qgd, valid_q, step) -> KVCache:
+    """Rule 1: write new K/V at ``(layer, row, slot)`` per entry, where ``valid`` and the entry is empty.
+
+    ``layer_q``, ``row_q``, ``slot_q``, ``valid_q`` share a leading shape ``q`` (any
+    number of axes; they broadcast), ``k_qgd``/``v_qgd`` add ``[G, D]``. Entries of
+    one call may go to different layers (radial mode) and cache rows (decoding
+    across the batch). Invalid entries and slots outside ``[0, T_max)`` are
+    dropped; only the touched entries are scattered, so inside a scan or while
+    loop XLA updates the cache buffers in place.
     """
-    k, v, written = write_first_visit_layer(k_btgd[None], v_btgd[None], written_bt[None], 0, slots_bq,
-                                            k_new_bqgd, v_new_bqgd, valid_bq, step)
-    return k[0], v[0], written[0]
+    t_max = cache.max_len
+    shape = jnp.broadcast_shapes(jnp.shape(slot_q), jnp.shape(valid_q), jnp.shape(layer_q), jnp.shape(row_q))
+    layer_q, row_q, slot_q = (jnp.broadcast_to(jnp.asarray(a, jnp.int32), shape) for a in (layer_q, row_q, slot_q))
+    valid_q = jnp.broadcast_to(valid_q, shape)
+    empty = cache.written_at[layer_q, row_q, jnp.clip(slot_q, 0, t_max - 1)] == EMPTY
+    target = jnp.where(valid_q & empty & (slot_q >= 0) & (slot_q < t_max), slot_q, t_max)
+    k = cache.k.at[layer_q, row_q, target].set(k_qgd.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[layer_q, row_q, target].set(v_qgd.astype(cache.v.dtype), mode="drop")
+    written = cache.written_at.at[layer_q, row_q, target].set(
+        jnp.broadcast_to(jnp.asarray(step, jnp.int32), shape), mode="drop")
+    return KVCache(k, v, written)
 
 
-def write_first_visit_layer(k_lbtgd, v_lbtgd, written_lbt, layer, slots_bq, k_new_bqgd, v_new_bqgd, valid_bq,
-                            step):
-    """``write_first_visit`` into layer ``layer`` (may be traced) of the whole cache, scattered in place.
-
-    Same rule as ``write_first_visit``; only the ``b x q`` new entries are touched,
-    so inside a scan or while loop XLA updates the cache buffers without copying them.
-    """
-    b_idx = jnp.arange(slots_bq.shape[0])[:, None]
-    t_max = k_lbtgd.shape[2]
-    written_bt = jax.lax.dynamic_index_in_dim(written_lbt, layer, 0, keepdims=False)
-    empty = jnp.take_along_axis(written_bt, jnp.clip(slots_bq, 0, t_max - 1), axis=1) == EMPTY
-    target = jnp.where(valid_bq & empty & (slots_bq < t_max) & (slots_bq >= 0), slots_bq, t_max)
-    k = k_lbtgd.at[layer, b_idx, target].set(k_new_bqgd.astype(k_lbtgd.dtype), mode="drop")
-    v = v_lbtgd.at[layer, b_idx, target].set(v_new_bqgd.astype(v_lbtgd.dtype), mode="drop")
-    step_bq = jnp.broadcast_to(jnp.asarray(step, jnp.int32), slots_bq.shape)
-    written = written_lbt.at[layer, b_idx, target].set(step_bq, mode="drop")
-    return k, v, written
+def window_mask(slots_q, slots_k, window):
+    """``[..., q, k]``: key within the query's sliding window (``window <= 0``: no window; may be traced)."""
+    window = jnp.asarray(window, jnp.int32)
+    return (window <= 0) | (slots_q[..., :, None] - slots_k[..., None, :] < window)
 
 
-def visible_mask(written_bt, slots_bq, step, *, causal: bool = True, exclude_self: bool = False):
-    """``mask[b, q, j]``: may the query at ``slots[b, q]`` (at ``step``) see entry ``j``."""
+def visible_mask(written_bt, slots_bq, step, *, causal: bool = True, exclude_self: bool = False, window=0):
+    """Rule 2, ``mask[b, q, j]``: may the query at ``slots[b, q]`` (at ``step``) see cache entry ``j``."""
     t_max = written_bt.shape[1]
     j = jnp.arange(t_max)
     mask = (written_bt <= step)[:, None, :]
@@ -88,4 +96,12 @@ def visible_mask(written_bt, slots_bq, step, *, causal: bool = True, exclude_sel
         mask = mask & (j[None, None, :] <= slots_bq[:, :, None])
     if exclude_self:
         mask = mask & (j[None, None, :] != slots_bq[:, :, None])
-    return mask
+    return mask & window_mask(slots_bq, j[None], window)
+
+
+def sequence_mask(slots_bt, valid_bt, *, causal: bool = True, window=0):
+    """``mask[b, i, j]`` of plain self-attention over a sequence (no cache): valid keys, causal, in window."""
+    mask = valid_bt[:, None, :]
+    if causal:
+        mask = mask & (slots_bt[:, None, :] <= slots_bt[:, :, None])
+    return mask & window_mask(slots_bt, slots_bt, window)

@@ -5,7 +5,7 @@ Weights are read from ``model.safetensors`` (or shards listed in
 bf16/fp16 tensors load as they are (``ml_dtypes``). A checkpoint that only has
 ``pytorch_model.bin`` loads through ``torch.load(weights_only=True)`` when torch
 is installed. Names are mapped by the one table per family in
-``radial_jax.models.hf_names``; a missing, unexpected or mis-shaped tensor is an
+the family's table (``radial_jax.models.families``); a missing, unexpected or mis-shaped tensor is an
 error that names it.
 
 ``CheckpointReader`` reads one layer at a time (for streaming models larger than
@@ -27,8 +27,8 @@ import numpy as np
 from flax import traverse_util
 
 from radial_jax.api import Model, example_inputs
-from radial_jax.models.hf_names import NAMES, convert
-from radial_jax.models.registry import config_from_hf, module_for, resolve_dtype
+from radial_jax.models.family import config_from_hf, family_of, module_for, resolve_dtype
+from radial_jax.models.names import convert
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -41,24 +41,53 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names what is wrong."""
 
 
+def _safetensors_header(path: Path) -> tuple:
+    """``(header dict, header length)`` of a safetensors file; a CheckpointError naming the file otherwise."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file: {size} bytes, shorter than its 8-byte header "
+                                  "length (truncated or empty)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path} is not a safetensors file (or is truncated): its first 8 bytes give a "
+                                  f"header of {header_len:,} bytes in a file of {size:,} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
+    return header, header_len
+
+
 def _safetensors_tensors(path: Path) -> Dict[str, callable]:
     """name -> zero-argument reader of one tensor of a safetensors file.
 
     Each reader reads just its tensor's bytes (``np.fromfile`` at its offset), so
     streaming a checkpoint layer by layer never holds more than what was asked
-    for (a memory map would keep every touched page resident).
+    for (a memory map would keep every touched page resident). The header is
+    checked up front: every tensor's dtype, shape and byte range must be
+    consistent and inside the file.
     """
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+    header, header_len = _safetensors_header(path)
+    data_size = path.stat().st_size - 8 - header_len
     readers = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the header entry of tensor {name} is malformed ({info!r})") from e
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}; supported: "
+                                  f"{sorted(SAFETENSORS_DTYPES)}")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise CheckpointError(f"{path}: tensor {name} ({dtype_name}{list(shape)}) claims bytes [{start}, {end}) "
+                                  f"of a {data_size:,}-byte data section: the file is truncated or corrupt")
         readers[name] = (lambda s=start, e=end, d=dtype, sh=shape: np.fromfile(
             path, dtype=np.uint8, count=e - s, offset=8 + header_len + s).view(d).reshape(sh))
     return readers
@@ -104,21 +133,48 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     return local
 
 
-class CheckpointReader:
-    """Lazy, name-mapped access to a checkpoint directory in hub layout."""
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; a CheckpointError naming the file and the problem otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name} ({what})")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); expected the {what}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}; expected an object (the {what})")
+    return value
 
-    def __init__(self, name_or_path: str, *, with_classifier: Optional[bool] = None):
+
+def load_tokenizer(path):
+    """``transformers.AutoTokenizer`` from a local directory (no network), without torch's import warning."""
+    import logging
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # "PyTorch was not found": irrelevant for a tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+class CheckpointReader:
+    """Lazy, name-mapped access to a checkpoint directory in hub layout.
+
+    ``config_kwargs`` go to the family config's ``from_hf`` (ViT: ``with_classifier``).
+    """
+
+    def __init__(self, name_or_path: str, **config_kwargs):
         self.path = resolve_checkpoint(name_or_path)
-        config_file = self.path / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{self.path} has no config.json")
-        self.hf_config = json.loads(config_file.read_text())
-        if self.hf_config.get("model_type") == "vit" and with_classifier is not None:
-            from radial_jax.models.vit import ViTConfig
-            self.config = ViTConfig.from_hf(self.hf_config, with_classifier=with_classifier)
-        else:
-            self.config = config_from_hf(self.hf_config)
-        self.names = NAMES[self.config.model_type]
+        self.hf_config = read_json(self.path / "config.json", "model configuration")
+        kwargs = {k: v for k, v in config_kwargs.items() if v is not None}
+        try:
+            self.config = config_from_hf(self.hf_config, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
+        self.family = family_of(self.config)
+        self.names = self.family.names
         raw = self._tensor_readers()
         self._readers = {self.names.normalise(k): v for k, v in raw.items()}
         self._expected = self._expected_shapes()
@@ -126,7 +182,10 @@ class CheckpointReader:
     def _tensor_readers(self):
         p = self.path
         if (p / "model.safetensors.index.json").exists():
-            shards = sorted(set(json.loads((p / "model.safetensors.index.json").read_text())["weight_map"].values()))
+            index = read_json(p / "model.safetensors.index.json", "shard index")
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{p / 'model.safetensors.index.json'} has no 'weight_map' object")
+            shards = sorted(set(index["weight_map"].values()))
             readers = {}
             for shard in shards:
                 if not (p / shard).exists():
@@ -136,7 +195,7 @@ class CheckpointReader:
         if (p / "model.safetensors").exists():
             return _safetensors_tensors(p / "model.safetensors")
         if (p / "pytorch_model.bin.index.json").exists():
-            index = json.loads((p / "pytorch_model.bin.index.json").read_text())
+            index = read_json(p / "pytorch_model.bin.index.json", "shard index")
             return _torch_tensors(sorted(p / s for s in set(index["weight_map"].values())))
         if (p / "pytorch_model.bin").exists():
             return _torch_tensors([p / "pytorch_model.bin"])
@@ -165,16 +224,16 @@ class CheckpointReader:
         return {"layer": layer * size, "non_layer": other * size}
 
     def _rule_for(self, ours: tuple, layer: bool):
-        rules = self.names.layer_rules if layer else self.names.rules
-        for rule in rules:
-            if rule.ours == ours:
-                return rule
-        raise CheckpointError(f"no Hugging Face name is known for our parameter {'/'.join(ours)}")
+        rule = self.names.rule_for(ours, layer)
+        if rule is None:
+            raise CheckpointError(f"no Hugging Face name is known for our parameter {'/'.join(ours)}")
+        return rule
 
-    def _read(self, hf_name: str, transform: str, expected_shape: tuple, ours: str) -> np.ndarray:
+    def _read(self, rule, index: Optional[int], expected_shape: tuple, ours: str) -> np.ndarray:
+        hf_name = rule.hf if index is None else rule.hf.format(i=index)
         if hf_name not in self._readers:
             raise CheckpointError(f"{self.path}: missing tensor {hf_name!r} (needed for parameter {ours})")
-        array = convert(self._readers[hf_name](), transform)
+        array = convert(self._readers[hf_name](), rule)
         if tuple(array.shape) != tuple(expected_shape):
             raise CheckpointError(
                 f"{self.path}: tensor {hf_name!r} has shape {tuple(array.shape)} after conversion, "
@@ -189,7 +248,7 @@ class CheckpointReader:
             if path[0] == "layers":
                 continue
             rule = self._rule_for(path, layer=False)
-            flat[path] = self._read(rule.hf, rule.transform, shape, "/".join(path)).astype(dtype, copy=False)
+            flat[path] = self._read(rule, None, shape, "/".join(path)).astype(dtype, copy=False)
         return traverse_util.unflatten_dict(flat)
 
     def layer_params(self, index: int, dtype=jnp.float32) -> dict:
@@ -202,7 +261,7 @@ class CheckpointReader:
             if path[0] != "layers":
                 continue
             rule = self._rule_for(path[1:], layer=True)
-            flat[path[1:]] = self._read(rule.hf.format(i=index), rule.transform, shape[1:],
+            flat[path[1:]] = self._read(rule, index, shape[1:],
                                         f"layers/{index}/" + "/".join(path[1:])).astype(dtype, copy=False)
         return traverse_util.unflatten_dict(flat)
 
@@ -215,11 +274,17 @@ class CheckpointReader:
                 used.update(rule.hf.format(i=i) for i in range(self.num_layers))
             else:
                 used.add(self._rule_for(path, layer=False).hf)
-        unexpected = sorted(set(self._readers) - used - set(self.names.ignorable))
+        unexpected = sorted(n for n in set(self._readers) - used if not self.names.is_ignorable(n))
         if unexpected:
             raise CheckpointError(
                 f"{self.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
                 f"({len(unexpected)} in all) for a {type(self.config).__name__} with {self.num_layers} layers")
+
+    def shell(self, dtype=jnp.float32, name: Optional[str] = None) -> Model:
+        """A bundle of the non-layer parameters only (embeddings, norms, heads; ``params["layers"]`` is
+        empty): it checks inputs, tokenizes and embeds, for work that streams the layers one at a time."""
+        params = {**self.non_layer_params(dtype), "layers": {}}
+        return Model(self.config, params, dtype=dtype, name=name or str(self.path), tokenizer_path=str(self.path))
 
     def params(self, dtype=jnp.float32) -> dict:
         """All parameters, layers stacked along a leading axis, as jax arrays."""

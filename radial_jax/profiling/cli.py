@@ -31,9 +31,7 @@ def load_model_and_data(args, with_scores: bool = False, load_weights: bool = Tr
     if load_weights:
         model = rj.load(args.model, dtype=args.dtype)
     else:
-        reader = rj.CheckpointReader(args.model)
-        model = rj.Model(reader.config, reader.non_layer_params(args.dtype), dtype=args.dtype, name=str(args.model),
-                         tokenizer_path=str(reader.path))
+        model = rj.CheckpointReader(args.model).shell(args.dtype, name=str(args.model))
     if model.is_decoder:
         tokenizer = model.tokenizer() if (Path(model.tokenizer_path or "") / "tokenizer_config.json").exists() else None
         source = args.data or "wikitext2"

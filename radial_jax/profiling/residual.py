@@ -59,11 +59,9 @@ def as_batches(model, data) -> List[tuple]:
     return batches
 
 
-def token_mask(model, inputs, mask) -> np.ndarray:
-    """``[b, t]``: the tokens that count (not padding; every patch and the class token for ViT)."""
-    if not model.is_decoder:
-        return np.ones((np.shape(inputs)[0], model.config.seq_len), bool)
-    return np.ones(np.shape(inputs), bool) if mask is None else np.asarray(mask, bool)
+def token_mask(mask, shape_bt) -> np.ndarray:
+    """``[b, t]``: the tokens that count: not padding (every patch and the class token of an image)."""
+    return np.ones(shape_bt, bool) if mask is None else np.asarray(mask, bool)
 
 
 def check_has_blocks(model) -> None:
@@ -184,7 +182,7 @@ def profile(model, data: Iterable, *, data_name: str = "data", exact_limit: int 
     bar = tqdm(batches, desc=f"profile {model.name}", unit="batch", disable=not progress)
     for inputs, mask in bar:
         out = model.forward(inputs, mask, compute_logits=False)
-        valid = token_mask(model, inputs, mask)
+        valid = token_mask(mask, out.stats.attn.x.shape[1:])
         accumulate(acc, raw, np.asarray(_ratios(out.stats)), valid, range(L))
         tokens += int(valid.sum())
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.0f}")

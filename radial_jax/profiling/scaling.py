@@ -45,8 +45,7 @@ def run_scaling(models: Sequence[str], make_batches: Callable, out, *, threshold
         d.mkdir(parents=True, exist_ok=True)
         reader = rj.CheckpointReader(name)
         size = reader.num_params
-        shell = rj.Model(reader.config, reader.non_layer_params(dtype), dtype=dtype, name=str(name),
-                         tokenizer_path=str(reader.path))
+        shell = reader.shell(dtype, name=str(name))
         prof_batches, sim_batches = make_batches(shell)
         if size > streaming_above:  # too big for memory: stream the layers; the oracle needs the whole model
             result = profile_streaming(name, prof_batches, dtype=dtype, data_name=data_name)

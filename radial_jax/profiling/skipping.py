@@ -120,11 +120,11 @@ def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, sco
     L = model.config.num_layers
     decoder = model.is_decoder
     lc = model.config.layer_config()
-    t_len = batches[0][0].shape[1] if decoder else model.config.seq_len
-    flops = lc.block_flops_per_token(t_len)
     reference = None
     if not decoder:  # the full model's predictions, for agreement and cosine
         reference = [model.forward(x, m) for x, m in batches]
+    t_len = batches[0][0].shape[1] if decoder else reference[0].hidden.shape[1]
+    flops = lc.block_flops_per_token(t_len)
     results, tokens = [], 0
     bar = tqdm(total=len(thresholds) * len(batches), desc=f"oracle {model.name}", unit="batch", disable=not progress)
     start = time.perf_counter()

@@ -1,0 +1,112 @@
+"""OPT (facebook/opt-125m ... opt-66b): config, Hugging Face names, family entry.
+
+Every configuration flag used by the published checkpoints is honoured:
+pre- or post-LayerNorm (``do_layer_norm_before``; OPT-350M is post-LN), the
+embedding projections when ``word_embed_proj_dim != hidden_size`` (OPT-350M),
+biases (``enable_bias``), learned positions with their offset of 2, the tied
+or untied LM head, the final LayerNorm (absent for post-LN and when
+``_remove_final_layer_norm``), its affine flag and the activation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.family import Family
+from radial_jax.models.layer import LayerConfig
+from radial_jax.models.names import FamilyNames, Rule, linear, norm
+from radial_jax.models.stack import layer_meta
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: Optional[int] = None  # None: hidden_size
+    activation_function: str = "relu"
+    layer_norm_elementwise_affine: bool = True
+    enable_bias: bool = True
+    remove_final_layer_norm: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+
+    model_type = "opt"
+    POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (fairseq legacy)
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.layer_config()  # validates heads / activation early
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "OPTConfig":
+        """From a Hugging Face ``config.json`` dict (or ``PretrainedConfig.to_dict()``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        if "_remove_final_layer_norm" in hf:
+            kwargs["remove_final_layer_norm"] = bool(hf["_remove_final_layer_norm"])
+        return cls(**kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table allows."""
+        return self.max_position_embeddings
+
+    def layer_config(self) -> LayerConfig:
+        return LayerConfig(
+            hidden_size=self.hidden_size, num_heads=self.num_attention_heads, ffn_dim=self.ffn_dim,
+            activation=self.activation_function, pre_norm=self.do_layer_norm_before,
+            qkv_bias=self.enable_bias, out_bias=self.enable_bias, mlp_bias=self.enable_bias, norm_eps=1e-5,
+            norm_scale=self.layer_norm_elementwise_affine, norm_bias=self.layer_norm_elementwise_affine)
+
+    def layer_meta(self) -> dict:
+        return layer_meta([0] * self.num_layers, [0] * self.num_layers)
+
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            embed_dim=self.word_embed_proj_dim, position_table=self.max_position_embeddings + self.POSITION_OFFSET,
+            position_offset=self.POSITION_OFFSET,
+            final_norm=self.do_layer_norm_before and not self.remove_final_layer_norm,
+            tie_embeddings=self.tie_word_embeddings)
+
+
+NAMES = FamilyNames(
+    strip_prefixes=("model.",),
+    rules=(
+        Rule("decoder.embed_tokens.weight", ("embed_tokens", "embedding")),
+        Rule("decoder.embed_positions.weight", ("embed_positions", "embedding")),
+        Rule("decoder.project_in.weight", ("project_in", "kernel"), "linear"),
+        Rule("decoder.project_out.weight", ("project_out", "kernel"), "linear"),
+        *norm("decoder.final_layer_norm", "final_norm"),
+        Rule("lm_head.weight", ("lm_head", "kernel"), "linear"),
+    ),
+    layer_rules=(
+        *linear("decoder.layers.{i}.self_attn.q_proj", "q_proj"),
+        *linear("decoder.layers.{i}.self_attn.k_proj", "k_proj"),
+        *linear("decoder.layers.{i}.self_attn.v_proj", "v_proj"),
+        *linear("decoder.layers.{i}.self_attn.out_proj", "out_proj"),
+        *norm("decoder.layers.{i}.self_attn_layer_norm", "attn_norm"),
+        *linear("decoder.layers.{i}.fc1", "fc1"),
+        *linear("decoder.layers.{i}.fc2", "fc2"),
+        *norm("decoder.layers.{i}.final_layer_norm", "mlp_norm"),
+    ),
+    ignorable=("lm_head.weight",),  # a copy of embed_tokens when the head is tied
+)
+
+FAMILY = Family(name="opt", model_types=("opt",), config_cls=OPTConfig, module_cls=CausalLM, names=NAMES)
