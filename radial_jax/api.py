@@ -74,11 +74,8 @@ class Model(Bundle):
         super().__init__(config, params, **kwargs)
         self.module = module_for(config, self.dtype)
 
-    @functools.cached_property
-    def _apply(self):
-        def forward(params, *args, **kwargs):
-            return self.module.apply({"params": params}, *args, **kwargs)
-        return jax.jit(forward, static_argnames=("ratio_kind", "compute_logits", "embeddings_only"))
+    def _apply(self, params, *args, **kwargs):
+        return _apply_module(self.module, params, *args, **kwargs)
 
     def forward(self, inputs, attention_mask=None, **kwargs):
         """The full ``ModelOutput`` (logits, final hidden states, residual statistics)."""
@@ -102,6 +99,12 @@ class Model(Bundle):
 
     def __repr__(self):
         return f"Model({self.name!r}, {type(self.config).__name__}, {self.num_params:,} params, {self.dtype.__name__})"
+
+
+@functools.partial(jax.jit, static_argnames=("module", "ratio_kind", "compute_logits", "embeddings_only"))
+def _apply_module(module, params, *args, **kwargs):
+    """``module.apply`` under jit, the module static: bundles with equal modules share compilations."""
+    return module.apply({"params": params}, *args, **kwargs)
 
 
 def example_inputs(config, batch: int = 1, length: int = 8) -> tuple:

@@ -1,4 +1,7 @@
-"""Radial Network: identity routing vs the sequential model and transformers, dispatch, cache, decoding."""
+"""Radial Network: identity routing vs transformers, the causal budget, training == serving, causality.
+
+Every routed test runs where the budget binds (visits are dropped), not only where everything runs.
+"""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,8 @@ from transformers import AutoModelForCausalLM, ViTForImageClassification
 
 import radial_jax as rj
 from radial_jax.models.layer import TransformerLayer
-from radial_jax.radial import RadialConfig, RadialNetwork, decode_tokens, generate_greedy
+from radial_jax.radial import RadialConfig, RadialNetwork, decode_tokens
+from radial_jax.radial import dispatch as dsp
 
 TOL = 1e-5
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
@@ -66,24 +70,35 @@ def _head_of_embeddings(model, ids):
     pos = np.arange(ids.shape[1]) + 2
     x = p["embed_tokens"]["embedding"][ids] + p["embed_positions"]["embedding"][pos][None]
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    x = (x - mu) / np.sqrt(var + 1e-5) * p["final_layer_norm"]["scale"] + p["final_layer_norm"]["bias"]
+    x = (x - mu) / np.sqrt(var + 1e-5) * p["final_norm"]["scale"] + p["final_norm"]["bias"]
     return x @ p["embed_tokens"]["embedding"].T
 
 
-def test_tokens_over_capacity_pass_unchanged(small):
-    """Ordered identity routing at capacity C < T: the first C tokens of each row run every layer,
-    the rest are never processed and never written (mask policy), so the first C positions equal the
-    sequential model on the truncated sequence and the others equal the head of their embeddings."""
+def test_tokens_over_budget_pass_unchanged(small):
+    """Ordered identity routing with capacity 0.5: token p goes through the layers iff fewer than
+    floor(0.5 (p + 1)) + 1 earlier tokens did (the same at every layer). The admitted tokens equal the
+    sequential model that sees only them (a cached call whose mask holds just them); the others are
+    never processed nor written (mask policy) and equal the head of their embeddings."""
     ids = np.random.default_rng(1).integers(3, 64, (2, 8))
     rm = RadialNetwork.from_sequential(small, mode="ordered", routing="identity", capacity_factor=0.5)
     out = rm.forward(ids)
-    c = 4
-    assert int(out.metrics.capacity) == c
+    admitted, count = [], 0
+    for p in range(8):
+        ok = count < int(np.floor(0.5 * (p + 1))) + 1
+        admitted.append(ok)
+        count += ok
+    admitted = np.asarray(admitted)
+    assert 0 < admitted.sum() < 8
+    L = SMALL.num_layers
+    np.testing.assert_array_equal(np.asarray(out.metrics.depth), np.broadcast_to(L * admitted, (2, 8)))
+    assert int(out.metrics.dropped.sum()) == 2 * (~admitted).sum() * L
+    slots = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    mask = jnp.broadcast_to(jnp.asarray(admitted), (2, 8))
+    ref = small.module.apply({"params": small.params}, jnp.asarray(ids), mask, positions_bt=slots,
+                             cache=small.module.init_cache(2, 8)).logits
     got = np.asarray(out.logits)
-    np.testing.assert_allclose(got[:, :c], np.asarray(small(ids[:, :c])), atol=TOL, rtol=0)
-    np.testing.assert_allclose(got[:, c:], _head_of_embeddings(small, ids)[:, c:], atol=1e-4, rtol=0)
-    assert (np.asarray(out.metrics.depth)[:, c:] == 0).all()
-    assert int(out.metrics.dropped.sum()) == 2 * (8 - c) * 3
+    np.testing.assert_allclose(got[:, admitted], np.asarray(ref)[:, admitted], atol=TOL, rtol=0)
+    np.testing.assert_allclose(got[:, ~admitted], _head_of_embeddings(small, ids)[:, ~admitted], atol=1e-4, rtol=0)
 
 
 def _reference_oracle(model, ids, threshold):
@@ -103,7 +118,7 @@ def _reference_oracle(model, ids, threshold):
         keep = ratio >= threshold
         depth += keep
         x = np.where(keep[..., None], np.asarray(y), np.asarray(x))
-    ln = p["final_layer_norm"]
+    ln = p["final_norm"]
     x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * ln["scale"] + ln["bias"]
     return x @ np.asarray(p["embed_tokens"]["embedding"]).T, depth
 
@@ -123,48 +138,69 @@ def test_oracle_router_matches_threshold_rule(small):
     assert int(rm.forward(ids, threshold=2.0).metrics.depth.sum()) == 0
 
 
+# Capacities that bind: ordered 0.5 of the tokens per layer; radial (S = 5, L = 3) phi = 1.5 * 3 / 15 = 0.3.
+# Two static sizes keep compilation short; the bucket sizes themselves are tested in test_flops.py.
 ROUTED = [
-    dict(mode="ordered", cache_policy="mask"),
-    dict(mode="ordered", cache_policy="propagate"),
-    dict(mode="radial", cache_policy="mask", max_steps=5),
-    dict(mode="radial", cache_policy="propagate", max_steps=5, router_last_layer=True),
+    dict(mode="ordered", cache_policy="mask", capacity_factor=0.5, prefill_buckets=2),
+    dict(mode="ordered", cache_policy="propagate", capacity_factor=0.5, prefill_buckets=2),
+    dict(mode="radial", cache_policy="mask", max_steps=5, capacity_factor=1.5, prefill_buckets=2),
+    dict(mode="radial", cache_policy="propagate", max_steps=5, capacity_factor=1.5, router_last_layer=True,
+         prefill_buckets=2),
 ]
+ROUTED_IDS = [f"{kw['mode']}-{kw['cache_policy']}" for kw in ROUTED]
 
 
-@pytest.mark.parametrize("kw", ROUTED, ids=lambda kw: f"{kw['mode']}-{kw['cache_policy']}")
-def test_parallel_forward_equals_incremental_decoding(small, kw):
-    # Capacity large enough that nothing is dropped in either path (capacity is per sequence in the
-    # parallel forward and across the batch when decoding).
-    cf = 1.0 if kw["mode"] == "ordered" else 5.0
-    rm = RadialNetwork.from_sequential(small, capacity_factor=cf, router_init_scale=1.5, seed=1, **kw)
-    ids = np.random.default_rng(5).integers(3, 64, (3, 10))
+@pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
+def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
+    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    ids = np.random.default_rng(5).integers(3, 64, (3, 12))
     par = rm.forward(ids)
     logits, choice, gate, _ = decode_tokens(rm, ids, prompt_len=3)
     np.testing.assert_array_equal(np.asarray(choice), np.asarray(par.router.choice))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(par.logits), atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(gate), np.asarray(par.router.gate), atol=TOL, rtol=0)
     ch = np.asarray(par.router.choice)
-    L = 3
-    assert int(par.metrics.dropped.sum()) == 0
+    L = SMALL.num_layers
+    assert int(par.metrics.dropped.sum()) > 0, "the budget must bind"
     assert ((ch >= 0) & (ch < L)).any() and (ch == L).any(), "routes must mix layers and skips/exits"
     if kw["mode"] == "radial":  # some token visits a layer twice (reuse)
-        visits = np.stack([(ch == l).sum(0) for l in range(L)])
-        assert (visits >= 2).any()
+        assign = np.asarray(par.router.assign)
+        assert (assign.sum(0) >= 2).any()
 
 
-def test_causality_by_value_and_gradient(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=4, capacity_factor=2.0,
-                                       router_init_scale=1.5, cache_policy="propagate")
-    ids = np.random.default_rng(6).integers(3, 40, (2, 8))
+def _early(rm, ids, n_early):
+    """Logits and routes of the first ``n_early`` tokens, in the parallel forward and in decoding."""
+    par = rm.forward(ids)
+    dec_logits, dec_choice, _, _ = decode_tokens(rm, ids, prompt_len=2)
+    return (np.asarray(par.logits[:, :n_early]), np.asarray(par.router.choice[:, :, :n_early]),
+            np.asarray(dec_logits[:, :n_early]), np.asarray(dec_choice[:, :, :n_early]))
+
+
+def _causal_pair():
+    ids = np.random.default_rng(6).integers(3, 40, (2, 10))
     ids2 = ids.copy()
-    ids2[:, 5:] = np.random.default_rng(7).integers(40, 64, (2, 3))  # later tokens changed
-    a, b = rm.forward(ids), rm.forward(ids2)
-    np.testing.assert_array_equal(np.asarray(a.logits[:, :5]), np.asarray(b.logits[:, :5]))
-    np.testing.assert_array_equal(np.asarray(a.router.choice[:, :, :5]), np.asarray(b.router.choice[:, :, :5]))
+    ids2[:, 6:] = np.random.default_rng(7).integers(40, 64, (2, 4))  # later tokens changed
+    return ids, ids2
+
+
+@pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
+def test_causality_by_value_in_forward_and_decoding_when_the_budget_binds(small, kw):
+    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    ids, ids2 = _causal_pair()
+    a, b = _early(rm, ids, 6), _early(rm, ids2, 6)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, atol=1e-6, rtol=0)
+    assert int(rm.forward(ids).metrics.dropped.sum()) > 0
+
+
+@pytest.mark.parametrize("kw", [ROUTED[1], ROUTED[2]], ids=[ROUTED_IDS[1], ROUTED_IDS[2]])
+def test_causality_by_gradient_when_the_budget_binds(small, kw):
+    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    ids, ids2 = _causal_pair()
 
     def early_loss(params, tokens):
         out = rm.module.apply({"params": params}, tokens)
-        return jnp.sum(out.logits[:, :5] ** 2)
+        return jnp.sum(out.logits[:, :6] ** 2)
 
     grad = jax.jit(jax.grad(early_loss))
     ga, gb = grad(rm.params, jnp.asarray(ids)), grad(rm.params, jnp.asarray(ids2))
@@ -172,12 +208,12 @@ def test_causality_by_value_and_gradient(small):
     jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-6,
                                                                    rtol=1e-5), ga, gb)
     pos_grad = np.abs(np.asarray(gb["embed_positions"]["embedding"]))
-    assert pos_grad[2 + 5:].max() == 0 and pos_grad[2:2 + 5].max() > 0
+    assert pos_grad[2 + 6:].max() == 0 and pos_grad[2:2 + 6].max() > 0
     assert np.abs(np.asarray(gb["router"]["fc2"]["kernel"])).max() > 0
 
 
 def test_grad_reaches_router_and_pool(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=3, capacity_factor=1.0)
+    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=3, capacity_factor=1.0, prefill_buckets=1)
     ids = jnp.asarray(np.random.default_rng(8).integers(3, 64, (2, 6)))
 
     def loss(params):
@@ -187,36 +223,39 @@ def test_grad_reaches_router_and_pool(small):
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(g))
     assert np.abs(np.asarray(g["router"]["fc2"]["kernel"])).max() > 0
     assert np.abs(np.asarray(g["layers"]["fc1"]["kernel"])).max() > 0
-    # vmap over a batch of inputs works too
-    vm = jax.vmap(lambda i: rm.module.apply({"params": rm.params}, i[None]).logits[0])(ids)
-    np.testing.assert_allclose(np.asarray(vm), np.asarray(rm(ids)), atol=TOL, rtol=0)
 
 
-def test_radial_capacity_load_and_expert_choice(small):
+def test_loads_respect_the_budget_and_metrics_recount_the_routes(small):
     ids = np.random.default_rng(9).integers(3, 64, (2, 12))
-    for dispatch in ("token", "expert"):
-        rm = RadialNetwork.from_sequential(small, mode="radial", capacity_factor=0.5, dispatch=dispatch,
-                                           router_init_scale=1.5)
-        out = rm.forward(ids)
-        cap = int(out.metrics.capacity)
-        assert cap == 2  # ceil(0.5 * 12 / 3)
-        assign = np.asarray(out.router.assign)  # [S, b, t, L]
-        assert assign.sum(2).max() <= cap  # per step, row and layer
-        np.testing.assert_array_equal(np.asarray(out.metrics.depth), assign.sum((0, 3)))
-        np.testing.assert_array_equal(np.asarray(out.metrics.layer_load), assign.sum((0, 1, 2)))
-        assert np.asarray(out.metrics.depth).sum() <= 0.5 * ids.size * 3
-    with pytest.raises(ValueError, match="causal"):
+    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=4, capacity_factor=1.0, router_init_scale=1.5)
+    out = rm.forward(ids)
+    assign = np.asarray(out.router.assign)  # [S, b, t, L]
+    phi = rm.radial.budget_fraction(3)
+    for s in range(4):
+        for b in range(2):
+            for l in range(3):
+                counts = np.cumsum(assign[s, b, :, l])
+                budgets = np.floor(np.float32(phi) * (np.arange(12) + 1)) + 1
+                assert (counts <= budgets).all()
+    np.testing.assert_array_equal(np.asarray(out.metrics.depth), assign.sum((0, 3)))
+    np.testing.assert_array_equal(np.asarray(out.metrics.layer_load), assign.sum((0, 1, 2)))
+    np.testing.assert_array_equal(np.asarray(out.metrics.step_layer_load), assign.sum((1, 2)))
+    exited = np.asarray(out.router.exited)
+    np.testing.assert_array_equal(np.asarray(out.metrics.exits), exited.sum((1, 2)))
+    assert int(out.metrics.dropped.sum()) > 0 and exited.any()
+
+
+def test_expert_choice_is_a_training_option_that_exits_and_reports_drops(small):
+    ids = np.random.default_rng(10).integers(3, 64, (2, 12))
+    rm = RadialNetwork.from_sequential(small, mode="radial", capacity_factor=0.5, dispatch="expert",
+                                       router_init_scale=1.5, seed=4)
+    out = rm.forward(ids)
+    cap = int(out.metrics.capacity)
+    assign = np.asarray(out.router.assign)
+    assert assign.sum(2).max() <= cap  # per step, row and layer: the top C_max
+    assert int(out.metrics.dropped.sum()) > 0 and np.asarray(out.router.exited).any()
+    with pytest.raises(ValueError, match="training-only"):
         rm.decode_step(ids[:, 0], np.zeros(2, np.int32), rm.init_cache(2, 4))
-
-
-def test_generate_greedy_identity_matches_sequential(small):
-    rm = RadialNetwork.from_sequential(small, mode="ordered", routing="identity")
-    ids = np.random.default_rng(10).integers(3, 64, (2, 4))
-    toks, depth = generate_greedy(rm, ids, 5)
-    ref = small.generate(ids, max_new_tokens=5)
-    ref = np.asarray(getattr(ref, "sequences", ref))[:, -5:]
-    np.testing.assert_array_equal(np.asarray(toks), ref)
-    assert (np.asarray(depth) == 3).all()
 
 
 def test_bad_input(small):
@@ -224,6 +263,8 @@ def test_bad_input(small):
         RadialNetwork.from_sequential(small, capacity_factor=0)
     with pytest.raises(ValueError, match="capacity_factor"):
         RadialConfig(capacity_factor=-1.0)
+    with pytest.raises(ValueError, match="capacity_slack"):
+        RadialConfig(capacity_slack=-1)
     with pytest.raises(ValueError, match="max_steps"):
         RadialNetwork.from_sequential(small, mode="radial", max_steps=0)
     with pytest.raises(ValueError, match="max_steps"):
@@ -240,7 +281,22 @@ def test_bad_input(small):
     Bare.params = {"layers": {}}
     with pytest.raises(ValueError, match="empty"):
         RadialNetwork.from_sequential(Bare())
-    with pytest.raises(ValueError, match="OPT or ViT"):
+    with pytest.raises(ValueError, match="rj.Model"):
         RadialNetwork.from_sequential(object())
     with pytest.raises(ValueError, match="oracle"):
         RadialNetwork.from_sequential(small, mode="radial", routing="oracle")
+    rm = RadialNetwork.from_sequential(small)
+    with pytest.raises(ValueError, match="attention_mask"):
+        rm.forward(np.ones((2, 4), np.int32), np.ones((2, 3), np.int32))
+    with pytest.raises(ValueError, match="token ids"):
+        rm.forward(np.full((1, 4), 64))
+
+
+def test_budget_helper_equals_config_capacity():
+    """``C_max`` (static, Python) is the budget of the last position (traced, float32) for many phi."""
+    for cf in (0.1, 0.3, 1 / 3, 0.5, 0.7, 1.0):
+        rc = RadialConfig(capacity_factor=cf)
+        for t in (1, 7, 64, 1000):
+            last = dsp.budget(jnp.asarray([[t - 1]]), jnp.asarray([[True]]), rc.budget_fraction(4),
+                              rc.capacity_slack)
+            assert rc.max_capacity(4, t) == min(t, int(last[0, 0]))

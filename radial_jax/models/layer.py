@@ -224,25 +224,39 @@ class TransformerLayer(nn.Module):
         ``positions_bt`` (RoPE families) are the tokens' positions; ``rope_index`` picks
         the layer's table among ``config.ropes`` (may be traced).
         """
+        return (self.query(x_bte, positions_bt, rope_index), *self.kv(x_bte, positions_bt, rope_index))
+
+    def query(self, x_bte, positions_bt=None, rope_index=0):
+        """Queries alone, ``[b, t, h, d]`` (when the keys/values come from elsewhere)."""
         c = self.config
-        hin = self.attn_norm(x_bte).astype(self.dtype) if c.pre_norm else x_bte
         b, t = x_bte.shape[:2]
-        q = self.q_proj(hin).reshape(b, t, c.num_heads, c.head_size)
+        q = self.q_proj(self._attention_input(x_bte)).reshape(b, t, c.num_heads, c.head_size)
+        if c.qk_norm:
+            q = self.q_norm(q).astype(self.dtype)
+        return self._rotate(q, positions_bt, rope_index)
+
+    def kv(self, x_bte, positions_bt=None, rope_index=0):
+        """Keys and values, ``[b, t, g, d]`` each (also the *propagate* cache policy's writes)."""
+        c = self.config
+        b, t = x_bte.shape[:2]
+        hin = self._attention_input(x_bte)
         k = self.k_proj(hin).reshape(b, t, c.kv_heads, c.head_size)
         v = self.v_proj(hin).reshape(b, t, c.kv_heads, c.head_size)
         if c.qk_norm:
-            q, k = self.q_norm(q).astype(self.dtype), self.k_norm(k).astype(self.dtype)
-        if c.ropes:
-            if positions_bt is None:
-                raise ValueError("this layer uses RoPE: qkv needs positions_bt")
-            inv_freq = jnp.asarray(inv_freq_table(c.ropes, c.head_size))[rope_index]
-            q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        return q, k, v
+            k = self.k_norm(k).astype(self.dtype)
+        return self._rotate(k, positions_bt, rope_index), v
 
-    def kv(self, x_bte, positions_bt=None, rope_index=0):
-        """Keys/values only (the *propagate* cache policy of skipped tokens)."""
-        _, k, v = self.qkv(x_bte, positions_bt, rope_index)
-        return k, v
+    def _attention_input(self, x_bte):
+        return self.attn_norm(x_bte).astype(self.dtype) if self.config.pre_norm else x_bte
+
+    def _rotate(self, x_bthd, positions_bt, rope_index):
+        c = self.config
+        if not c.ropes:
+            return x_bthd
+        if positions_bt is None:
+            raise ValueError("this layer uses RoPE: it needs positions_bt")
+        inv_freq = jnp.asarray(inv_freq_table(c.ropes, c.head_size))[rope_index]
+        return apply_rope(x_bthd, positions_bt, inv_freq)
 
     def finish(self, x_bte, ctx_bthd, threshold=None, ratio_kind: str = "out"):
         """Complete the layer from the attention context.

@@ -1,103 +1,113 @@
-"""Fixed-capacity token dispatch (DESIGN.md §4): select, gather, run on ``[C, e]``, scatter-add back.
+"""Dispatch primitives (docs/design.md §4): the causal budget, bucket sizes, select, gather, scatter-add.
 
 Tokens live in *groups* ``[G, N]``: in the parallel forward a group is one
-sequence (``G = B``, ``N = T``; every token of group ``g`` reads cache row ``g``);
-in decoding one group holds the new token of every batch row (``G = 1``,
-``N = B``; token ``n`` reads cache row ``n``), so that a layer's capacity is shared
-across the batch and a routed decode step really computes fewer tokens.
+sequence (``G = B``, ``N = T``: its tokens are in position order and read cache
+row ``g``); in decoding one group holds the new token of every batch row
+(``G = 1``, ``N = B``: token ``n`` is row ``n``'s, reads cache row ``n``). ``K`` is the
+number of layers a step considers (1 ordered, ``L`` radial). No Python loop over
+tokens; every shape is static.
 
-For each of ``K`` layers run at a step (``K = 1`` in ordered mode, ``K = L`` in radial
-mode) and each group, at most ``C`` tokens are chosen; their indices ``idx[K, G, C]``
-are in position order, and an unused capacity slot holds ``N`` (out of range, so
-gathers are clipped and scatters with ``mode="drop"`` ignore it). No Python loop
-over tokens; every shape is static.
+The causal budget: token ``p`` (position) may be admitted to a layer at a step if
+fewer than ``budget(p) = floor(phi * (p + 1)) + slack`` earlier tokens of its own
+sequence were admitted there. Along a sequence this is the recurrence
+``c[n+1] = c[n] + admitted[n]``, ``admitted[n] = want[n] & (c[n] < B[n])``, which
+(with ``B`` nondecreasing) is ``c[n+1] = min(c[n] + want[n], B[n])`` and so has the
+closed form ``c[n] = S[n] + min(c[0], min_{m<n} (B[m] - S[m+1]))`` with ``S`` the
+prefix sums of ``want``: a cumulative sum and a cumulative minimum, parallel over
+the sequence. Decoding replays it one token at a time from per-row counters.
 """
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 
-from radial_jax.kv_cache import EMPTY
+NO_LIMIT = 2 ** 30  # the budget of padding: it never constrains anyone
 
 
-def capacity_for(num_tokens: int, capacity_factor: float, num_layers: int, max_steps: int,
-                 layers_per_step: int) -> int:
-    """Static per-layer, per-step capacity ``C`` (tokens of one group).
+def budget(positions_gn, valid_gn, phi: float, slack: int):
+    """``floor(phi * (p + 1)) + slack`` per token (float32, as ``RadialConfig.max_capacity``); padding: ``NO_LIMIT``."""
+    b = jnp.floor(jnp.float32(phi) * (positions_gn + 1).astype(jnp.float32)).astype(jnp.int32) + slack
+    return jnp.where(valid_gn, b, NO_LIMIT)
 
-    The budget is ``capacity_factor`` times the dense compute (``num_layers`` layer
-    visits per token), spread evenly over ``max_steps * layers_per_step`` layer
-    slots: ``C = ceil(cf * N * L / (S * K))``, clipped to ``[1, N]``. Ordered mode
-    (``S = L``, ``K = 1``): ``C = ceil(cf * N)``, so ``cf = 1`` lets every token through
-    every layer. Radial mode (``K = L`` layers run at every step): with ``S = L``,
-    ``C = ceil(cf * N / L)``, so all layers together take ``cf * N`` tokens a step.
+
+def admit_in_order(want_kgn, budget_gn, count0_kg):
+    """The causal budget along each group's ``N`` tokens (one sequence, in position order).
+
+    Args:
+      want_kgn: bool, the router sends token ``n`` of group ``g`` to layer ``k``.
+      budget_gn: ``budget(...)`` of each token.
+      count0_kg: tokens of the sequence admitted before this call (a cache's counters).
+
+    Returns:
+      ``(admitted_kgn, count_kg)``: who is admitted, and the counters after the call.
     """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    c = math.ceil(capacity_factor * num_tokens * num_layers / (max_steps * layers_per_step) - 1e-9)
-    return int(max(1, min(num_tokens, c)))
+    w = want_kgn.astype(jnp.int32)
+    inclusive = jnp.cumsum(w, axis=-1)  # S[n + 1]
+    exclusive = inclusive - w  # S[n]
+    slack_left = jax.lax.cummin(budget_gn[None] - inclusive, axis=w.ndim - 1)  # min_{m<=n} (B[m] - S[m+1])
+    before = jnp.concatenate([jnp.full(w.shape[:-1] + (1,), NO_LIMIT, jnp.int32), slack_left[..., :-1]], axis=-1)
+    count_before = exclusive + jnp.minimum(count0_kg[..., None], before)
+    admitted = want_kgn & (count_before < budget_gn[None])
+    count = inclusive[..., -1] + jnp.minimum(count0_kg, slack_left[..., -1])
+    return admitted, count
 
 
-def _select_row(want_n, capacity: int):
-    n = want_n.shape[0]
-    rank = jnp.cumsum(want_n.astype(jnp.int32)) - 1
-    keep = want_n & (rank < capacity)
-    idx = jnp.full((capacity,), n, jnp.int32).at[jnp.where(keep, rank, capacity)].set(
-        jnp.arange(n, dtype=jnp.int32), mode="drop")
-    return idx, keep
+def admit_each(want_kgn, budget_gn, count_kgn):
+    """Decoding: every token is a different sequence, with its own counter ``count_kgn``."""
+    return want_kgn & (count_kgn < budget_gn[None])
 
 
-def select_token_choice(want_kgn, capacity: int):
-    """Token choice: the first ``capacity`` tokens (in position order) that want each layer.
+def prefill_sizes(c_max: int, buckets: int) -> Tuple[int, ...]:
+    """Static sizes of the parallel forward: ``0`` then multiples of ``c_max / buckets`` up to ``c_max``."""
+    return (0,) + tuple(sorted({math.ceil(c_max * k / buckets) for k in range(1, buckets + 1)}))
 
-    Priority by position makes the choice causal: whether a token is dropped
-    depends only on earlier tokens. Returns ``(idx[K, G, C], keep[K, G, N])``.
+
+def decode_sizes(batch: int) -> Tuple[int, ...]:
+    """Static sizes of decoding: ``0``, powers of two below ``batch``, and ``batch``."""
+    return (0,) + tuple(sorted({2 ** i for i in range(max(batch - 1, 0).bit_length()) if 2 ** i < batch} | {batch}))
+
+
+def size_index(sizes: Tuple[int, ...], load):
+    """Index of the smallest of ``sizes`` that holds ``load`` (a traced count; ``sizes[0] = 0``)."""
+    return jnp.sum(jnp.asarray(sizes, jnp.int32) < load).astype(jnp.int32)
+
+
+def select(admitted_gn, capacity: int):
+    """``idx[G, C]``: the admitted tokens of each group in position order; unused slots hold ``N``.
+
+    At most ``capacity`` tokens of a group may be admitted (the bucket was chosen so).
     """
-    return jax.vmap(jax.vmap(lambda w: _select_row(w, capacity)))(want_kgn)
+    n = admitted_gn.shape[-1]
+    rank = jnp.cumsum(admitted_gn.astype(jnp.int32), axis=-1) - 1
+    target = jnp.where(admitted_gn, rank, capacity)
+    g = jnp.arange(admitted_gn.shape[0])[:, None]
+    return jnp.full(admitted_gn.shape[:-1] + (capacity,), n, jnp.int32).at[g, target].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), admitted_gn.shape), mode="drop")
 
 
-def select_expert_choice(score_kgn, capacity: int):
-    """Expert choice: each layer takes its ``capacity`` highest-scoring tokens.
+def select_top(score_gn, capacity: int):
+    """Expert choice: each group's ``capacity`` highest-scoring tokens (``-inf``: ineligible), in position order.
 
-    Ineligible tokens carry score ``-inf``. Looks at the whole group (future tokens
-    included), so it is *not causal*: a training option only. Returns
-    ``(idx[K, G, C], keep[K, G, N])`` with ``idx`` sorted by position.
+    Looks at the whole group (future tokens included): *not causal*, a training option only.
+    Returns ``(idx[G, C], taken_gn)``.
     """
-    n = score_kgn.shape[-1]
-    vals, idx = jax.lax.top_k(score_kgn, capacity)
+    n = score_gn.shape[-1]
+    vals, idx = jax.lax.top_k(score_gn, capacity)
     idx = jnp.sort(jnp.where(jnp.isfinite(vals), idx, n).astype(jnp.int32), axis=-1)
-    keep = jax.vmap(jax.vmap(lambda i: jnp.zeros((n,), bool).at[i].set(True, mode="drop")))(idx)
-    return idx, keep
+    taken = jax.vmap(lambda i: jnp.zeros((n,), bool).at[i].set(True, mode="drop"))(idx)
+    return idx, taken
 
 
-def gather(a_gn, idx_kgc):
-    """``a[g, idx[k, g, c]]`` -> ``[K, G, C, ...]`` (unused slots read token ``N - 1``; mask them)."""
-    g = jnp.arange(a_gn.shape[0])[None, :, None]
-    return a_gn[g, jnp.clip(idx_kgc, 0, a_gn.shape[1] - 1)]
+def gather(a_gn, idx_gc):
+    """``a[g, idx[g, c]]`` -> ``[G, C, ...]`` (unused slots read token ``N - 1``; mask them)."""
+    g = jnp.arange(a_gn.shape[0])[:, None]
+    return a_gn[g, jnp.clip(idx_gc, 0, a_gn.shape[1] - 1)]
 
 
-def scatter_add(x_gne, idx_kgc, upd_kgce):
-    """``x[g, idx[k, g, c]] += upd[k, g, c]``; unused slots (``idx = N``) are dropped."""
-    g = jnp.broadcast_to(jnp.arange(x_gne.shape[0])[None, :, None], idx_kgc.shape)
-    return x_gne.at[g, idx_kgc].add(upd_kgce.astype(x_gne.dtype), mode="drop")
-
-
-def write_first_visit_at(k_lbtgd, v_lbtgd, written_lbt, layer_q, row_q, slot_q, k_qgd, v_qgd, valid_q, step):
-    """First-visit write (``radial_jax.kv_cache`` rule 1) at explicit ``(layer, row, slot)`` per entry.
-
-    The same rule as ``kv_cache.write_first_visit_layer``, generalised so that the
-    entries of one call may go to different layers (radial mode) and different
-    cache rows (decoding across the batch). Invalid entries and slots out of
-    ``[0, T_max)`` are dropped. ``layer_q ... valid_q`` share any leading shape ``q``.
-    """
-    t_max = k_lbtgd.shape[2]
-    shape = slot_q.shape
-    layer_q, row_q = jnp.broadcast_to(layer_q, shape), jnp.broadcast_to(row_q, shape)
-    empty = written_lbt[layer_q, row_q, jnp.clip(slot_q, 0, t_max - 1)] == EMPTY
-    target = jnp.where(valid_q & empty & (slot_q >= 0) & (slot_q < t_max), slot_q, t_max)
-    k = k_lbtgd.at[layer_q, row_q, target].set(k_qgd.astype(k_lbtgd.dtype), mode="drop")
-    v = v_lbtgd.at[layer_q, row_q, target].set(v_qgd.astype(v_lbtgd.dtype), mode="drop")
-    written = written_lbt.at[layer_q, row_q, target].set(
-        jnp.broadcast_to(jnp.asarray(step, jnp.int32), shape), mode="drop")
-    return k, v, written
+def scatter_add(x_gn, idx_gc, upd_gc):
+    """``x[g, idx[g, c]] += upd[g, c]``; unused slots (``idx = N``) are dropped."""
+    g = jnp.broadcast_to(jnp.arange(x_gn.shape[0])[:, None], idx_gc.shape)
+    return x_gn.at[g, idx_gc].add(upd_gc.astype(x_gn.dtype), mode="drop")

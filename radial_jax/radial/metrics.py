@@ -1,9 +1,21 @@
-"""Routing metrics reported by every Radial Network forward (per-token depth, load, drops, exits)."""
+"""What a Radial Network forward (or decode step) reports: depth, load, drops, exits, executed FLOPs.
+
+Executed FLOPs are counted by construction from the shapes that ran
+(``radial_jax.flops``): for every step that ran, the router on every token, and
+each layer at the static size its load was rounded up to (``G`` groups of that
+many tokens, attending to the whole cache plus their own K/V), the *propagate*
+writes (ordered: K/V of every token at every step; radial: K/V of every layer
+for the exiting tokens' size). The oracle's probe is a simulation device and is
+not counted. ``dense_flops`` is the sequential model on the same tokens and
+cache; ``compute_fraction`` is their ratio (FLOPs, not visits).
+"""
 from __future__ import annotations
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from radial_jax.flops import kv_flops, layer_flops, router_flops
 
 
 @flax.struct.dataclass
@@ -13,11 +25,13 @@ class RadialMetrics:
     depth: ``[b, t]`` int32 layer visits per token (reuse counts again).
     layer_load: ``[L]`` tokens processed by each layer, summed over steps.
     step_layer_load: ``[S, L]`` tokens processed by each layer at each step.
-    dropped: ``[S]`` tokens that wanted a layer but were over capacity, per step.
+    dropped: ``[S]`` tokens that wanted a layer but were over budget, per step.
     exits: ``[S]`` tokens that exited at each step.
-    mean_depth: mean of ``depth`` over valid tokens.
-    compute_fraction: layer visits / (L x valid tokens): the dense model's is 1.
-    capacity: the static per-layer, per-step capacity ``C``.
+    mean_depth: mean of ``depth`` over valid tokens; depth_fraction: ``mean_depth / L``.
+    executed_flops, dense_flops, compute_fraction: see the module docstring.
+    layer_sizes: ``[S, L]`` the static size each layer ran at (0: did not run).
+    steps_run: steps the loop ran (decoding stops when every row has exited).
+    capacity: ``C_max``, the most tokens of a sequence a layer may admit at a step.
     """
 
     depth: jax.Array
@@ -26,7 +40,12 @@ class RadialMetrics:
     dropped: jax.Array
     exits: jax.Array
     mean_depth: jax.Array
+    depth_fraction: jax.Array
+    executed_flops: jax.Array
+    dense_flops: jax.Array
     compute_fraction: jax.Array
+    layer_sizes: jax.Array
+    steps_run: jax.Array
     capacity: jax.Array
 
     @property
@@ -34,28 +53,46 @@ class RadialMetrics:
         return self.dropped.sum()
 
 
-def compute_metrics(assign_sbtl, dropped_sbt, exited_sbt, valid_bt, capacity: int) -> RadialMetrics:
-    num_layers = assign_sbtl.shape[-1]
-    valid = valid_bt[None, :, :]
-    assign = assign_sbtl & valid[..., None]
+def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: int):
+    """FLOPs of what ran (see the module docstring), from the step records of ``steps.run_steps``."""
+    lc, L, rc = plan.lc, plan.num_layers, plan.rc
+    ran = records["ran"].astype(jnp.float32)
+    per_visit = layer_flops(lc, 1, cache_len + 1)  # one token at a layer: all cache slots plus its own K/V
+    total = num_groups * jnp.sum(records["layer_sizes"].astype(jnp.float32)) * per_visit
+    total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 1, num_groups * num_tokens)
+    if rc.cache_policy == "propagate":
+        if rc.ordered:
+            total += jnp.sum(ran) * kv_flops(lc, num_groups * num_tokens)
+        else:
+            total += num_groups * jnp.sum(records["exit_size"].astype(jnp.float32)) * L * kv_flops(lc, 1)
+    return total
+
+
+def compute_metrics(plan, records, valid_bt, num_groups: int, num_tokens: int, cache_len: int,
+                    capacity: int) -> RadialMetrics:
+    """``records``: the step loop's, with router fields laid out ``[S, b, t, ...]``."""
+    L = plan.num_layers
+    assign = records["assign"] & valid_bt[None, :, :, None]
     depth = assign.sum(axis=(0, 3)).astype(jnp.int32)
     n_valid = jnp.maximum(valid_bt.sum(), 1)
     step_load = assign.sum(axis=(1, 2)).astype(jnp.int32)
+    executed = executed_flops(plan, records, num_groups, num_tokens, cache_len)
+    dense = L * layer_flops(plan.lc, num_groups * num_tokens, cache_len)
     return RadialMetrics(
-        depth=depth,
-        layer_load=step_load.sum(0),
-        step_layer_load=step_load,
-        dropped=(dropped_sbt & valid).sum(axis=(1, 2)).astype(jnp.int32),
-        exits=(exited_sbt & valid).sum(axis=(1, 2)).astype(jnp.int32),
-        mean_depth=depth.sum() / n_valid,
-        compute_fraction=depth.sum() / (n_valid * num_layers),
-        capacity=jnp.asarray(capacity, jnp.int32),
-    )
+        depth=depth, layer_load=step_load.sum(0), step_layer_load=step_load,
+        dropped=(records["dropped"] & valid_bt[None]).sum(axis=(1, 2)).astype(jnp.int32),
+        exits=(records["exited"] & valid_bt[None]).sum(axis=(1, 2)).astype(jnp.int32),
+        mean_depth=depth.sum() / n_valid, depth_fraction=depth.sum() / (n_valid * L),
+        executed_flops=executed, dense_flops=jnp.float32(dense), compute_fraction=executed / dense,
+        layer_sizes=records["layer_sizes"], steps_run=records["ran"].sum().astype(jnp.int32),
+        capacity=jnp.asarray(capacity, jnp.int32))
 
 
 def summary(metrics: RadialMetrics) -> dict:
     """Plain-Python summary (for logs and JSON)."""
     m = jax.device_get(metrics)
-    return {"mean_depth": float(m.mean_depth), "compute_fraction": float(m.compute_fraction),
-            "layer_load": [int(v) for v in m.layer_load], "dropped": int(m.dropped.sum()),
-            "exits_per_step": [int(v) for v in m.exits], "capacity": int(m.capacity)}
+    return {"mean_depth": float(m.mean_depth), "depth_fraction": float(m.depth_fraction),
+            "compute_fraction": float(m.compute_fraction), "executed_flops": float(m.executed_flops),
+            "dense_flops": float(m.dense_flops), "layer_load": [int(v) for v in m.layer_load],
+            "dropped": int(m.dropped.sum()), "exits_per_step": [int(v) for v in m.exits],
+            "steps_run": int(m.steps_run), "capacity": int(m.capacity)}

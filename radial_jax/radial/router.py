@@ -1,4 +1,4 @@
-"""The router of a Radial Network (DESIGN.md §4).
+"""The router of a Radial Network (docs/design.md §4).
 
 A small MLP on the normalised hidden state of each token plus a learned
 embedding of the step index (and, optionally, of the last layer visited). It
@@ -7,6 +7,8 @@ mode step ``s`` compares only column ``s`` (use layer ``s``) with the last colum
 which then means *skip this step* (the token stays active).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import flax.struct
@@ -57,8 +59,8 @@ class RouterOutput:
       ``-1`` for tokens not active at that step (exited earlier, or padding).
     gate: ``[S, b, t]`` the gate multiplying the applied update (0 where not processed).
     assign: ``[S, b, t, L]`` bool: layer ``l`` processed the token at step ``s``.
-    dropped: ``[S, b, t]`` bool: wanted a layer but it was over capacity.
-    exited: ``[S, b, t]`` bool: exited at this step (radial token choice).
+    dropped: ``[S, b, t]`` bool: wanted a layer but was over its budget (or, expert choice, not taken).
+    exited: ``[S, b, t]`` bool: exited at this step (radial mode).
     ratio: ``[S, b, t]`` whole-layer residual ratio ``|F| / |x + F|`` of the visit
       (0 where not processed); with ``routing="oracle"`` it is the probe's ratio of
       every active token, the quantity the threshold rule compares.
@@ -76,6 +78,9 @@ class RouterOutput:
     @property
     def processed(self) -> jax.Array:
         return self.assign.any(-1)
+
+
+ROUTER_FIELDS = tuple(f.name for f in dataclasses.fields(RouterOutput))
 
 
 def with_keep_offset(router_params, offset: float):

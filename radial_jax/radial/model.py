@@ -1,0 +1,139 @@
+"""``RadialModel``: the bundle of a Radial Network (what ``Model`` is to a sequential model).
+
+``RadialModel.from_sequential(model, **radial_settings)`` takes any family's
+``rj.Model``: the pool, embedder and head are the model's, the router is fresh.
+It shares ``radial_jax.api.Bundle`` with ``Model`` (input checks, ``generate``,
+the tokenizer), so ``rm.generate(...)`` is ``radial_jax.generation.generate``,
+the same code path as the sequential model's, with per-token depth and executed
+FLOPs in its ``GenerationOutput``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from radial_jax.api import Bundle
+from radial_jax.models.stack import num_pool_layers
+from radial_jax.radial.config import RadialConfig
+from radial_jax.radial.network import RadialNetwork, RadialOutput, init_router
+from radial_jax.radial.steps import RadialCache
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_len", "compute_logits"))
+def _forward(module, params, inputs, attention_mask_bt=None, *, positions_bt=None, cache=None, max_len=None,
+             threshold=None, compute_logits=True):
+    return module.apply({"params": params}, inputs, attention_mask_bt, positions_bt=positions_bt, cache=cache,
+                        max_len=max_len, threshold=threshold, compute_logits=compute_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _decode_step(module, params, ids_b, slots_b, cache, live_b):
+    return module.apply({"params": params}, ids_b, slots_b, cache, live_b, method="decode_step")
+
+
+class RadialModel(Bundle):
+    """Bundle: ``.module`` (RadialNetwork), ``.params``, ``.config`` (the base family's), ``.radial``.
+
+    ``forward(...)`` -> RadialOutput (jit); ``model(inputs, mask)`` -> logits; ``generate(...)``;
+    ``decode_step(ids_b, slots_b, cache)``; ``init_cache(batch, max_len)``;
+    ``replace(**radial_changes)`` -> a bundle sharing the params (e.g. ``routing="identity"``); the
+    router is re-initialised (``seed``) only when its shapes change (max_steps, router width).
+    """
+
+    def __init__(self, config, radial: RadialConfig, params, dtype=jnp.float32, *, name: Optional[str] = None,
+                 tokenizer_path: Optional[str] = None):
+        super().__init__(config, params, dtype=dtype, name=name or f"radial-{config.model_type}",
+                         tokenizer_path=tokenizer_path)
+        self.radial = radial
+        self.module = RadialNetwork(config, radial, self.dtype)
+
+    @staticmethod
+    def from_sequential(model, *, seed: int = 0, **radial_kwargs) -> "RadialModel":
+        """A ``RadialModel`` whose pool, embedder and head are ``model``'s, plus a fresh router.
+
+        ``model``: an ``rj.Model`` (``rj.build`` / ``rj.load``) of any family.
+        ``radial_kwargs``: fields of ``RadialConfig`` (mode, capacity_factor, max_steps,
+        cache_policy, routing, dispatch, gate, router_hidden, ...).
+        """
+        config, params = getattr(model, "config", None), getattr(model, "params", None)
+        if not isinstance(params, dict) or not hasattr(config, "layer_config"):
+            raise ValueError(f"from_sequential needs an rj.Model (with .config and .params); got "
+                             f"{type(model).__name__}")
+        if "layers" not in params:
+            raise ValueError(f"the model's params have no stacked 'layers' to build the pool from "
+                             f"(top-level keys: {sorted(params)})")
+        L = num_pool_layers(params["layers"])
+        if L < 1:
+            raise ValueError("the model's layer pool is empty (0 layers)")
+        if L != config.num_layers:
+            raise ValueError(f"the stacked 'layers' hold {L} layers but the config says {config.num_layers}")
+        rc = RadialConfig(**radial_kwargs)
+        router = init_router(L, rc.steps(L), rc, config.hidden_size)(jax.random.key(seed))
+        return RadialModel(config, rc, {**params, "router": router}, dtype=model.dtype,
+                           name=f"radial-{getattr(model, 'name', config.model_type)}",
+                           tokenizer_path=getattr(model, "tokenizer_path", None))
+
+    def replace(self, params=None, seed: int = 0, **radial_changes) -> "RadialModel":
+        rc = dataclasses.replace(self.radial, **radial_changes)
+        L = self.config.num_layers
+        params = dict(self.params if params is None else params)
+        fresh = init_router(L, rc.steps(L), rc, self.config.hidden_size)
+        want = jax.eval_shape(fresh, jax.random.key(0))
+        have = params.get("router")
+        if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(have) or any(
+                a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(have))):
+            params["router"] = fresh(jax.random.key(seed))  # the router's shapes changed (steps, width)
+        return RadialModel(self.config, rc, params, self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
+
+    def forward(self, inputs, attention_mask=None, **kwargs) -> RadialOutput:
+        """The parallel forward (``RadialNetwork.__call__``): ``positions_bt``, ``cache``, ``max_len``,
+        ``threshold``, ``compute_logits`` as keywords."""
+        self.check_inputs(inputs, attention_mask)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return _forward(self.module, self.params, jnp.asarray(inputs), mask, **kwargs)
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> RadialCache:
+        return self.module.init_cache(batch, max_len)
+
+    def decode_step(self, ids_b, slots_b, cache: RadialCache, live_b=None) -> RadialOutput:
+        """One new token per row (``RadialNetwork.decode_step``), jit-compiled."""
+        live_b = jnp.ones(np.shape(ids_b), bool) if live_b is None else jnp.asarray(live_b, bool)
+        return _decode_step(self.module, self.params, jnp.asarray(ids_b), jnp.asarray(slots_b), cache, live_b)
+
+    def decoding(self):
+        """``radial_jax.generation.Decoding`` of this network (prefill = the parallel forward)."""
+        return self._decoding
+
+    @functools.cached_property
+    def _decoding(self):  # one object per bundle: generation's compiled loop is keyed on it
+        from radial_jax.flops import head_flops
+        from radial_jax.generation import Decoding
+        module, config = self.module, self.config
+
+        def prefill(params, ids_bt, valid_bt, cache):
+            b, t = ids_bt.shape
+            slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            out = module.apply({"params": params}, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache,
+                               compute_logits=False)
+            last_b = valid_bt.sum(1) - 1
+            last_be = jnp.take_along_axis(out.hidden, last_b[:, None, None], axis=1)[:, 0]
+            logits_bv = module.apply({"params": params}, last_be, method="logits")
+            depth_b = jnp.take_along_axis(out.metrics.depth, last_b[:, None], axis=1)[:, 0]
+            flops = out.metrics.executed_flops + head_flops(config, b)
+            return logits_bv, out.cache, {"depth": depth_b, "flops": jnp.float32(flops)}
+
+        def step(params, tok_b, pos_b, live_b, cache):
+            out = module.apply({"params": params}, tok_b, pos_b, cache, live_b, method="decode_step")
+            flops = out.metrics.executed_flops + head_flops(config, tok_b.shape[0])
+            return out.logits[:, 0], out.cache, {"depth": out.metrics.depth[:, 0], "flops": jnp.float32(flops)}
+
+        return Decoding(init_cache=module.init_cache, prefill=prefill, step=step)
+
+    def __repr__(self):
+        return f"RadialModel({self.name!r}, {type(self.config).__name__}, {self.radial})"

@@ -1,0 +1,346 @@
+"""The step loop of a Radial Network, shared by the parallel forward and decoding.
+
+One step ``s`` (``run_step``), in named parts:
+
+1. ``route``: the router scores every token; ``routing.decide`` says which layer each
+   eligible token wants (the oracle's probe runs here);
+2. ``admit``: the causal budget (``dispatch``) admits wanted visits; the per-row
+   counters live in the cache, so decoding replays the parallel forward's drops;
+3. ``propagate_skips`` (ordered mode, *propagate* policy): K/V of layer ``s`` for
+   every eligible token, from its current state (a processed token's are the same);
+4. ``run_layer`` for each layer the step considers: the smallest static size that
+   holds the admitted tokens of every group is chosen by ``lax.switch`` (under XLA
+   only the chosen branch runs; size 0 runs nothing); the branch gathers the
+   tokens in position order, writes first-visit K/V, attends to the global cache
+   (entries written at a step ``<= s``, causal, in the layer's window) plus its own
+   fresh K/V, and scatter-adds the update times the gate;
+5. ``propagate_exits`` (radial mode, *propagate*): tokens that exit fill every still
+   empty layer of their slot with K/V of their final state, visible from step
+   ``s + 1`` on (written after this step's layers ran: a token decoded later must
+   not see at step ``s`` what the parallel forward only writes after step ``s``);
+6. bookkeeping: who is still active, the last layer visited, what ran.
+
+Every layer reads the state the step started from and updates add, so the
+order of layers inside a step does not matter (expert choice may send a token to
+several). Group layout (``G`` groups of ``N`` tokens) is that of ``dispatch``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
+from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
+from radial_jax.models.stack import layer_forward, meta_at
+from radial_jax.radial import dispatch as dsp
+from radial_jax.radial.config import RadialConfig
+from radial_jax.radial.router import Router
+from radial_jax.radial.routing import decide, gate
+
+
+@flax.struct.dataclass
+class RadialCache:
+    """The decoding state of a Radial Network: the global KV cache and the causal budget's counters."""
+
+    kv: KVCache
+    admitted: jax.Array  # [B, S, L] int32: tokens of row b admitted to layer l at step s so far
+
+    @classmethod
+    def create(cls, num_layers: int, steps: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> "RadialCache":
+        return cls(kv=KVCache.create(num_layers, batch, max_len, kv_heads, head_dim, dtype),
+                   admitted=jnp.zeros((batch, steps, num_layers), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.max_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static facts of one call of the step loop."""
+
+    rc: RadialConfig
+    lc: LayerConfig
+    dtype: object
+    num_layers: int
+    causal: bool
+    decoding: bool  # one group of one token per batch row (else: one group per sequence)
+    sizes: Tuple[int, ...]  # the static sizes a layer's load is rounded up to (sizes[0] = 0)
+    phi: float  # the budget fraction
+    hidden_size: int
+
+    @property
+    def steps(self) -> int:
+        return self.rc.steps(self.num_layers)
+
+
+@flax.struct.dataclass
+class Tokens:
+    """The tokens of one call, ``[G, N]`` each (see ``dispatch``)."""
+
+    rows: jax.Array  # cache row
+    slots: jax.Array  # cache slot = causal order
+    positions: jax.Array  # position (RoPE, the budget)
+    valid: jax.Array  # false: padding
+    budget: jax.Array  # the causal budget of each token
+
+
+def _layer(plan: Plan) -> TransformerLayer:
+    return TransformerLayer(plan.lc, plan.dtype, parent=None)  # applied functionally on pool slices
+
+
+# --------------------------------------------------------------------------- 1. route
+
+def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s, threshold):
+    """Router logits ``[G, N, L+1]``, the decision, and the oracle probe's ratios (or None)."""
+    rc, L = plan.rc, plan.num_layers
+    router = Router(L, plan.steps, rc.router_hidden, rc.router_last_layer, rc.router_init_scale, parent=None)
+    logits = router.apply({"params": router_params}, x, s, last).astype(jnp.float32)
+    eligible = active & tok.valid
+    probe = None
+    if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
+        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
+                                 tok.valid, causal=plan.causal)
+        probe = stats.layer.ratio(rc.ratio_kind)
+    return logits, decide(rc, logits, s, L, eligible, probe, threshold), probe
+
+
+# --------------------------------------------------------------------------- 2. admit
+
+def admit(plan: Plan, decision, admitted_bsl, tok: Tokens, s, layer_ids):
+    """``(admitted_kgn, counters)``: token choice under the causal budget; expert choice: top ``C_max``."""
+    rc = plan.rc
+    if rc.dispatch == "expert":
+        c_max = plan.sizes[-1]
+        score = jnp.where(decision.choice_gn[None] >= 0, decision.prob_kgn, -jnp.inf)
+        score = jnp.where(decision.exiting_gn[None], -jnp.inf, score)
+        taken = jax.vmap(lambda sc: dsp.select_top(sc, c_max)[1])(score)
+        return taken, admitted_bsl
+    if plan.decoding:
+        count_kgn = admitted_bsl[tok.rows[None], s, layer_ids[:, None, None]]
+        admitted = dsp.admit_each(decision.want_kgn, tok.budget, count_kgn)
+        counters = admitted_bsl.at[tok.rows[None], s, layer_ids[:, None, None]].add(admitted.astype(jnp.int32))
+        return admitted, counters
+    rows_g = tok.rows[:, 0]
+    count0_kg = admitted_bsl[rows_g[None, :], s, layer_ids[:, None]]
+    admitted, count_kg = dsp.admit_in_order(decision.want_kgn, tok.budget, count0_kg)
+    return admitted, admitted_bsl.at[rows_g[None, :], s, layer_ids[:, None]].set(count_kg)
+
+
+# --------------------------------------------------------------------------- 3. propagate skips (ordered)
+
+def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: KVCache, s):
+    """Ordered *propagate*: layer ``s``'s K/V of every eligible token from its current state, written first-visit."""
+    k, v = _layer(plan).apply({"params": params_s}, x, tok.positions, meta_s["rope"], method="kv")
+    return write_first_visit(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
+
+
+# --------------------------------------------------------------------------- 4. run a layer
+
+def _attend(plan: Plan, kv: KVCache, l, q, k, v, slot_gc, row_gc, s, window):
+    """Attention of the gathered queries to layer ``l`` of the cache plus their own fresh K/V."""
+    kc, vc, wc = kv.layer(l)
+    if plan.decoding:  # each query reads its own cache row: C groups of one query
+        g, c = q.shape[:2]
+        one = lambda a: a.reshape((g * c, 1) + a.shape[2:])  # noqa: E731
+        rows = row_gc.reshape(-1)
+        mask = visible_mask(wc[rows], slot_gc.reshape(-1, 1), s, causal=plan.causal, exclude_self=True,
+                            window=window)
+        ctx = attention(plan.lc, one(q), kc[rows], vc[rows], mask, self_kv=(one(k), one(v)))
+        return ctx.reshape(q.shape)
+    mask = visible_mask(wc, slot_gc, s, causal=plan.causal, exclude_self=True, window=window)
+    return attention(plan.lc, q, kc, vc, mask, self_kv=(k, v))
+
+
+def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, tok: Tokens, s, state,
+              skip_kv=None):
+    """Layer ``l`` on its admitted tokens at the smallest static size that holds them.
+
+    ``state = (x_acc, kv, ratio_gn)``; returns it updated and the size that ran (0: nothing).
+    ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
+    """
+    layer = _layer(plan)
+    N = x_start.shape[1]
+    t_max = state[1].max_len
+    expert = plan.rc.dispatch == "expert"
+    load = jnp.max(jnp.sum(admitted_gn, axis=-1))
+    sizes = plan.sizes[-1:] if expert else plan.sizes
+
+    def branch(size):
+        def run(st):
+            x_acc, kv, ratio_gn = st
+            if size == 0:
+                return st
+            idx = dsp.select(admitted_gn, size)
+            ok = idx < N
+            x_gc = dsp.gather(x_start, idx)
+            pos_gc = dsp.gather(tok.positions, idx)
+            slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx), t_max)
+            row_gc = dsp.gather(tok.rows, idx)
+            if skip_kv is None:
+                q, k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="qkv")
+                kv = write_first_visit(kv, l, row_gc, slot_gc, k, v, ok, s)
+            else:
+                q = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="query")
+                k, v = dsp.gather(skip_kv[0], idx), dsp.gather(skip_kv[1], idx)
+            ctx = _attend(plan, kv, l, q, k, v, slot_gc, row_gc, s, meta_l["window"])
+            y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
+            g_gc = jnp.where(ok, dsp.gather(gate_gn, idx), 0.0)
+            upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
+            x_acc = dsp.scatter_add(x_acc, idx, upd)
+            r = jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
+            ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
+            return x_acc, kv, ratio_gn
+        return run
+
+    if expert:  # a static C_max: expert choice has no load to follow
+        return branch(sizes[0])(state), jnp.int32(sizes[0])
+    index = dsp.size_index(sizes, load)
+    state = jax.lax.switch(index, [branch(size) for size in sizes], state)
+    return state, jnp.asarray(sizes, jnp.int32)[index]
+
+
+# --------------------------------------------------------------------------- 5. propagate exits (radial)
+
+def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv: KVCache, s):
+    """Radial *propagate*: an exiting token fills every still-empty layer of its slot from its final state
+    (``written_at = s + 1``: see the module docstring)."""
+    layer = _layer(plan)
+    N = x.shape[1]
+    t_max = kv.max_len
+    load = jnp.max(jnp.sum(exiting_gn, axis=-1))
+
+    def branch(size):
+        def run(kv):
+            if size == 0:
+                return kv
+            idx = dsp.select(exiting_gn, size)
+            ok = idx < N
+            x_gc, pos_gc = dsp.gather(x, idx), dsp.gather(tok.positions, idx)
+            slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx), t_max)
+            row_gc = dsp.gather(tok.rows, idx)
+
+            def one_layer(kv, xs):
+                params_l, meta_l, l = xs
+                k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="kv")
+                return write_first_visit(kv, l, row_gc, slot_gc, k, v, ok, s + 1), None
+
+            L = plan.num_layers
+            return jax.lax.scan(one_layer, kv, (pool, {k: jnp.asarray(v) for k, v in meta.items()},
+                                                jnp.arange(L, dtype=jnp.int32)))[0]
+        return run
+
+    index = dsp.size_index(plan.sizes, load)
+    kv = jax.lax.switch(index, [branch(size) for size in plan.sizes], kv)
+    return kv, jnp.asarray(plan.sizes, jnp.int32)[index]
+
+
+# --------------------------------------------------------------------------- one step
+
+@flax.struct.dataclass
+class Carry:
+    x: jax.Array  # [G, N, e]
+    active: jax.Array  # [G, N] not exited
+    last: jax.Array  # [G, N] last layer visited (L: none)
+    kv: KVCache
+    admitted: jax.Array  # [B, S, L] the budget's counters
+
+
+def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s, threshold):
+    """One step ``s``: returns the new carry and the step's record (router fields and what ran)."""
+    rc, L = plan.rc, plan.num_layers
+    x = carry.x
+    logits, decision, probe = route(plan, router_params, pool, meta, x, carry.active, carry.last, tok, s, threshold)
+    eligible = carry.active & tok.valid
+    layer_ids = jnp.reshape(s, (1,)).astype(jnp.int32) if rc.ordered else jnp.arange(L, dtype=jnp.int32)
+    admitted_kgn, counters = admit(plan, decision, carry.admitted, tok, s, layer_ids)
+    gate_kgn = gate(rc, decision.prob_kgn)
+    kv = carry.kv
+    ratio_gn = jnp.zeros(eligible.shape, jnp.float32)
+    state = (x, kv, ratio_gn)
+    if rc.ordered:
+        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        meta_s = meta_at(meta, s)
+        skip_kv = None
+        if rc.cache_policy == "propagate":
+            kv, skip_kv = propagate_skips(plan, params_s, meta_s, x, eligible, tok, kv, s)
+            state = (x, kv, ratio_gn)
+        state, size = run_layer(plan, s, params_s, meta_s, x, admitted_kgn[0], gate_kgn[0], tok, s, state, skip_kv)
+        sizes_l = jnp.zeros((L,), jnp.int32).at[s].set(size)
+    else:
+        def one_layer(l, st):
+            state, sizes_l = st
+            params_l = jax.tree_util.tree_map(lambda a: a[l], pool)
+            state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok, s,
+                                    state)
+            return state, sizes_l.at[l].set(size)
+        state, sizes_l = jax.lax.fori_loop(0, L, one_layer, (state, jnp.zeros((L,), jnp.int32)))
+    x_new, kv, ratio_gn = state
+    exit_size = jnp.int32(0)
+    if not rc.ordered and rc.cache_policy == "propagate":
+        kv, exit_size = propagate_exits(plan, pool, meta, x_new, decision.exiting_gn, tok, kv, s)
+    if probe is not None:
+        ratio_gn = jnp.where(eligible, probe, 0.0)
+
+    processed = admitted_kgn.any(0)
+    if rc.ordered:
+        assign = admitted_kgn[0][..., None] & (jnp.arange(L) == s)
+    else:
+        assign = jnp.moveaxis(admitted_kgn, 0, -1)
+    visited = jnp.where(assign, jnp.arange(L), -1).max(-1)
+    record = dict(
+        logits=logits, probs=jax.nn.softmax(logits, axis=-1), choice=decision.choice_gn,
+        gate=jnp.where(admitted_kgn, gate_kgn, 0.0).sum(0), assign=assign,
+        dropped=(decision.want_kgn & ~admitted_kgn).any(0), exited=decision.exiting_gn, ratio=ratio_gn,
+        layer_sizes=sizes_l, exit_size=exit_size, ran=jnp.bool_(True))
+    new = Carry(x=x_new, active=carry.active & ~decision.exiting_gn,
+                last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters)
+    return new, record
+
+
+# --------------------------------------------------------------------------- the loops
+
+def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: RadialCache,
+              threshold=None) -> tuple:
+    """All ``S`` steps: ``(x, cache, records)`` with records stacked ``[S, ...]``.
+
+    The parallel forward scans every step (differentiable); decoding runs a
+    ``while_loop`` that ends as soon as no token of the batch is left (every row
+    exited) or ``S`` steps ran, and fills the records of the steps that did not run
+    with ``choice = -1`` and zeros.
+    """
+    S, L = plan.steps, plan.num_layers
+    G, N = tok.valid.shape
+    carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
+                  admitted=cache.admitted)
+
+    if not plan.decoding:
+        def body(carry, s):
+            return run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
+        carry, records = jax.lax.scan(body, carry, jnp.arange(S, dtype=jnp.int32), unroll=bool(plan.rc.scan_unroll))
+        return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
+
+    template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, jnp.int32(0), threshold)[1],
+                              carry)
+    records = jax.tree_util.tree_map(lambda a: jnp.zeros((S,) + a.shape, a.dtype), template)
+    records["choice"] = jnp.full_like(records["choice"], -1)
+
+    def cond(state):
+        s, carry, _ = state
+        return (s < S) & jnp.any(carry.active & tok.valid)
+
+    def body(state):
+        s, carry, records = state
+        carry, rec = run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
+        records = jax.tree_util.tree_map(lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, s, 0),
+                                         records, rec)
+        return s + 1, carry, records
+
+    _, carry, records = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, records))
+    return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
