@@ -8,6 +8,9 @@ different tables (Gemma 3: local layers theta 1e4, global layers 1e6 scaled)
 stacks them (``inv_freq_table``) and gives each layer an index, so that a layer
 chosen by a traced index (a Radial Network's pool) finds its own table.
 
+``RoPE.from_hf_config`` reads a family's one table from a Hugging Face config
+(``rope_parameters``, or the older ``rope_theta`` + ``rope_scaling``).
+
 Rotation follows transformers' ``rotate_half`` convention (the two halves of
 the head dimension, not interleaved pairs); angles are computed in float32.
 """
@@ -57,6 +60,53 @@ class RoPE:
             raise ValueError(f"RoPE scaling type {kind!r} is not supported; supported: {SCALINGS}")
         fields = {f.name for f in dataclasses.fields(cls)} - {"theta", "scaling"}
         return cls(theta=theta, scaling=kind, **{k: v for k, v in p.items() if k in fields and v is not None})
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, default_theta: float = 10000.0) -> "RoPE":
+        """The one RoPE table of a whole Hugging Face config dict, in either format, as transformers reads it.
+
+        * transformers >= 5: ``rope_parameters`` ``{"rope_type", "rope_theta", ...}``;
+        * older hub checkpoints: top-level ``rope_theta`` and ``rope_scaling``
+          (``{"type" | "rope_type": ..., "factor": ...}`` or null).
+
+        As in transformers: a non-null ``rope_scaling`` takes the place of ``rope_parameters``;
+        a ``rope_theta`` inside the dict wins over the top-level one (``default_theta`` when
+        neither is given); ``llama3`` without ``original_max_position_embeddings`` uses the
+        config's top-level one, else ``max_position_embeddings``. Partial rotation
+        (``partial_rotary_factor`` < 1) and per-layer-type tables are a ValueError.
+        """
+        key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        params = hf.get(key) or {}
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"{key} must be one flat dict of RoPE settings (per-layer-type tables are not "
+                             f"supported here), got {params!r}")
+        p = dict(params)
+        p.setdefault("rope_theta", hf.get("rope_theta") or default_theta)
+        partial = p.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+        if partial is not None and float(partial) != 1.0:
+            raise ValueError(f"partial_rotary_factor {partial} is not supported; supported: 1.0 (the whole head "
+                             "dimension rotated)")
+        kind = p.get("rope_type", p.get("type", "default")) or "default"
+        if kind not in SCALINGS:
+            raise ValueError(f"{key} rope_type {kind!r} is not supported; supported: {SCALINGS}")
+        if kind == "llama3":
+            if hf.get("original_max_position_embeddings") is not None:
+                p["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+            elif p.get("original_max_position_embeddings") is None and hf.get("max_position_embeddings"):
+                p["original_max_position_embeddings"] = hf["max_position_embeddings"]
+        return cls.from_hf(p, default_theta)
+
+    @classmethod
+    def coerce(cls, value, max_position_embeddings: Optional[int] = None) -> "RoPE":
+        """A config field that holds one table: a ``RoPE``, its ``dataclasses.asdict`` form (a config
+        saved as JSON) or an HF ``rope_parameters`` dict (``from_hf_config``); anything else is a ValueError."""
+        if isinstance(value, RoPE):
+            return value
+        if isinstance(value, dict) and "scaling" in value:
+            return cls(**value)
+        if isinstance(value, dict):
+            return cls.from_hf_config({"rope_parameters": value, "max_position_embeddings": max_position_embeddings})
+        raise ValueError(f"a RoPE setting must be a RoPE or a dict, got {type(value).__name__}")
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """``[head_dim // 2]`` float32 inverse frequencies after scaling."""

@@ -1,0 +1,175 @@
+"""Qwen2 / Qwen2.5 and Qwen3: config, Hugging Face names, family entry.
+
+Llama's architecture (pre-RMSNorm, SwiGLU MLP, RoPE, grouped-query attention)
+with:
+
+* Qwen2: biases on q, k and v only (none on o or the MLP);
+* Qwen3: RMSNorm of q and k over the head dimension (before RoPE), an explicit
+  ``head_dim`` (transformers' default 128), biases on q, k, v and o only with
+  ``attention_bias``.
+
+Sliding windows, as transformers >= 5 reads them: ``layer_types``
+(``full_attention`` / ``sliding_attention`` per layer) when given, else derived
+from the older settings: layer ``i`` slides iff ``use_sliding_window`` and
+``i >= max_window_layers``; ``sliding_window`` counts only with
+``use_sliding_window`` (real Qwen2.5 checkpoints carry ``sliding_window: 32768``
+with ``use_sliding_window: false``: full attention). RoPE in either config format
+(``RoPE.from_hf_config``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.family import Family
+from radial_jax.models.layer import ACTIVATIONS, LayerConfig
+from radial_jax.models.names import FamilyNames, Rule, linear, norm
+from radial_jax.models.rope import RoPE
+from radial_jax.models.stack import layer_meta
+
+MODEL_TYPES = ("qwen2", "qwen3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HF_DEFAULT_WINDOW = 4096  # transformers' default when config.json has no sliding_window
+QWEN3_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # None: num_attention_heads (no GQA)
+    head_dim: Optional[int] = None  # None: Qwen3 128, Qwen2 hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_parameters: RoPE = RoPE()  # a dict (HF's rope_parameters, or asdict's) is converted
+    attention_bias: bool = False  # Qwen3 only: biases on q, k, v and o (Qwen2 always has q, k, v biases)
+    use_sliding_window: bool = False
+    sliding_window: Optional[int] = None  # kept only with use_sliding_window (else None, as transformers does)
+    max_window_layers: int = 28  # without layer_types: layers >= this slide (with use_sliding_window)
+    layer_types: Optional[tuple] = None  # None: derived from the three settings above
+    tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Union[int, tuple, None] = None
+    model_type: str = "qwen2"  # the checkpoint's own: "qwen2" or "qwen3"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"QwenConfig.model_type {self.model_type!r} is not supported; allowed: {MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"QwenConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.model_type == "qwen3":
+                set_("head_dim", QWEN3_DEFAULT_HEAD_DIM)
+            elif self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                 f"{self.num_attention_heads}; give head_dim explicitly")
+            else:
+                set_("head_dim", self.hidden_size // self.num_attention_heads)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
+        set_("rope_parameters", RoPE.coerce(self.rope_parameters, self.max_position_embeddings))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        if self.model_type == "qwen2" and self.attention_bias:
+            raise ValueError("attention_bias is a Qwen3 setting; Qwen2 always has q, k, v biases and no o bias")
+        self._check_windows(set_)
+        self.layer_config()  # validates heads / head_dim early
+
+    def _check_windows(self, set_):
+        if not self.use_sliding_window:
+            set_("sliding_window", None)
+        elif self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be null or an integer >= 1, got {self.sliding_window!r}")
+        if self.layer_types is None:
+            set_("layer_types", tuple(
+                "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+                else "full_attention" for i in range(self.num_hidden_layers)))
+        set_("layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer_types {unknown} are not supported; allowed: {LAYER_TYPES}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but no sliding_window is set "
+                             "(use_sliding_window is false or sliding_window is null)")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "QwenConfig":
+        """From a Hugging Face ``config.json`` dict (either format; see the module docstring)."""
+        model_type = hf.get("model_type", "qwen2")
+        skip = {"rope_parameters", "model_type", "sliding_window", "attention_bias"}
+        names = {f.name for f in dataclasses.fields(cls)} - skip
+        kwargs = {k: hf[k] for k in names if k in hf}
+        for name in ("head_dim", "num_key_value_heads", "layer_types"):  # null: derived
+            if kwargs.get(name) is None:
+                kwargs.pop(name, None)
+        for name in ("use_sliding_window", "max_window_layers", "tie_word_embeddings"):  # null: default
+            if kwargs.get(name, 0) is None:
+                kwargs.pop(name)
+        kwargs["sliding_window"] = hf.get("sliding_window", HF_DEFAULT_WINDOW)
+        if model_type == "qwen3" and hf.get("attention_bias") is not None:
+            kwargs["attention_bias"] = hf["attention_bias"]
+        return cls(model_type=model_type, rope_parameters=RoPE.from_hf_config(hf), **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def max_length(self) -> int:
+        return self.max_position_embeddings
+
+    def layer_config(self) -> LayerConfig:
+        qwen3 = self.model_type == "qwen3"
+        return LayerConfig(
+            hidden_size=self.hidden_size, num_heads=self.num_attention_heads, ffn_dim=self.intermediate_size,
+            num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, activation=self.hidden_act,
+            gated_mlp=True, norm="rmsnorm", norm_eps=self.rms_norm_eps, qk_norm=qwen3,
+            qkv_bias=self.attention_bias if qwen3 else True, out_bias=self.attention_bias if qwen3 else False,
+            mlp_bias=False, ropes=(self.rope_parameters,))
+
+    def layer_meta(self) -> dict:
+        windows = [self.sliding_window if kind == "sliding_attention" else 0 for kind in self.layer_types]
+        return layer_meta(windows, [0] * self.num_layers)
+
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec(embed_dim=self.hidden_size, final_norm=True, tie_embeddings=self.tie_word_embeddings)
+
+
+NAMES = FamilyNames(
+    strip_prefixes=("model.",),
+    rules=(
+        Rule("embed_tokens.weight", ("embed_tokens", "embedding")),
+        *norm("norm", "final_norm"),
+        Rule("lm_head.weight", ("lm_head", "kernel"), "linear"),
+    ),
+    layer_rules=(
+        *linear("layers.{i}.self_attn.q_proj", "q_proj"),
+        *linear("layers.{i}.self_attn.k_proj", "k_proj"),
+        *linear("layers.{i}.self_attn.v_proj", "v_proj"),
+        *linear("layers.{i}.self_attn.o_proj", "out_proj"),
+        *norm("layers.{i}.self_attn.q_norm", "q_norm"),
+        *norm("layers.{i}.self_attn.k_norm", "k_norm"),
+        *norm("layers.{i}.input_layernorm", "attn_norm"),
+        *linear("layers.{i}.mlp.up_proj", "fc1"),
+        *linear("layers.{i}.mlp.gate_proj", "gate"),
+        *linear("layers.{i}.mlp.down_proj", "fc2"),
+        *norm("layers.{i}.post_attention_layernorm", "mlp_norm"),
+    ),
+    ignorable=("lm_head.weight",),  # a copy of embed_tokens when the head is tied
+)
+
+FAMILY = Family(name="qwen", model_types=MODEL_TYPES, config_cls=QwenConfig, module_cls=CausalLM, names=NAMES)
