@@ -16,6 +16,8 @@ parameters exist is decided by the module itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Optional, Tuple
 
 import numpy as np
@@ -40,7 +42,7 @@ class FamilyNames:
     strip_prefixes: tuple  # HF base-model prefixes that may or may not be present
     rules: tuple  # non-layer tensors
     layer_rules: tuple  # per-layer tensors, stacked along our leading layer axis
-    ignorable: tuple = ()  # HF tensors we knowingly do not use (prefix-stripped names)
+    ignorable: tuple = ()  # HF tensors we knowingly do not use (prefix-stripped names; ``{i}``: any layer)
     ignorable_prefixes: tuple = ()  # whole groups of HF tensors we do not use (e.g. a vision tower)
 
     def normalise(self, name: str) -> str:
@@ -50,13 +52,21 @@ class FamilyNames:
         return name
 
     def is_ignorable(self, name: str) -> bool:
-        return name in self.ignorable or name.startswith(self.ignorable_prefixes)
+        if name in self.ignorable or name.startswith(self.ignorable_prefixes):
+            return True
+        return any(_layer_pattern(p).fullmatch(name) for p in self.ignorable if "{i}" in p)
 
     def rule_for(self, ours: tuple, layer: bool) -> Optional[Rule]:
         for rule in (self.layer_rules if layer else self.rules):
             if rule.ours == ours:
                 return rule
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_pattern(name: str) -> "re.Pattern":
+    """``"h.{i}.attn.bias"`` -> a regex matching it for any layer index."""
+    return re.compile(re.escape(name).replace(re.escape("{i}"), r"\d+"))
 
 
 def linear(hf: str, *ours, bias: bool = True) -> tuple:
