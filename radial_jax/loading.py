@@ -108,6 +108,24 @@ def _torch_tensors(paths) -> Dict[str, callable]:
     return readers
 
 
+def resolve_gguf(name_or_path: str, gguf_file: Optional[str]) -> Optional[Path]:
+    """The GGUF file meant by ``rj.load(path.gguf)`` or ``rj.load(dir_or_hub_id, gguf_file=name)``, or None."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if gguf_file is None:
+        return path if path.is_file() and path.suffix == ".gguf" else None
+    if path.is_dir():
+        if not (path / gguf_file).is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise CheckpointError(f"{path} has no {gguf_file}; GGUF files there: {found or 'none'}")
+        return path / gguf_file
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(str(name_or_path), gguf_file))
+    except Exception as e:
+        raise CheckpointError(f"could not get {gguf_file} of {name_or_path!r} from the Hugging Face hub "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A local directory in hub layout, downloading a hub id through huggingface_hub if needed.
 
@@ -117,7 +135,8 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{name_or_path} is a file; give the checkpoint directory (with config.json)")
+        raise CheckpointError(f"{name_or_path} is a file; give the checkpoint directory (with config.json), "
+                              "or a .gguf file")
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise CheckpointError(f"no checkpoint directory at {name_or_path}")
     from huggingface_hub import snapshot_download
@@ -147,35 +166,51 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def load_tokenizer(path):
-    """``transformers.AutoTokenizer`` from a local directory (no network), without torch's import warning."""
+    """``transformers.AutoTokenizer`` from a local directory or ``.gguf`` file (no network), without
+    transformers' warning that PyTorch was not found (irrelevant to a tokenizer)."""
     import logging
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+    path = Path(path)
     previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(logging.ERROR)  # "PyTorch was not found": irrelevant for a tokenizer
+    hf_logging.set_verbosity(logging.ERROR)
     try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path))
     finally:
         hf_logging.set_verbosity(previous)
 
 
 class CheckpointReader:
-    """Lazy, name-mapped access to a checkpoint directory in hub layout.
+    """Lazy, name-mapped access to a checkpoint: a directory in hub layout, or a GGUF file.
 
+    ``gguf_file``: read that GGUF file of the directory (or hub repo) instead of its
+    safetensors, as transformers' ``gguf_file=`` does; a path ending in ``.gguf`` is
+    read as GGUF too (``radial_jax.gguf``: metadata to config, tensors dequantized).
     ``config_kwargs`` go to the family config's ``from_hf`` (ViT: ``with_classifier``).
     """
 
-    def __init__(self, name_or_path: str, **config_kwargs):
-        self.path = resolve_checkpoint(name_or_path)
-        self.hf_config = read_json(self.path / "config.json", "model configuration")
+    def __init__(self, name_or_path: str, *, gguf_file: Optional[str] = None, **config_kwargs):
+        gguf_path = resolve_gguf(name_or_path, gguf_file)
+        if gguf_path is not None:
+            from radial_jax.gguf import GGUFCheckpoint
+            self.gguf = GGUFCheckpoint(gguf_path)
+            self.path, self.source = gguf_path.parent, gguf_path
+            self.hf_config = self.gguf.hf_config
+        else:
+            self.gguf = None
+            self.path = resolve_checkpoint(name_or_path)
+            self.source = self.path / "config.json"
+            self.hf_config = read_json(self.source, "model configuration")
         kwargs = {k: v for k, v in config_kwargs.items() if v is not None}
         try:
             self.config = config_from_hf(self.hf_config, **kwargs)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
+            raise CheckpointError(f"{self.source}: {e}") from e
         self.family = family_of(self.config)
         self.names = self.family.names
-        raw = self._tensor_readers()
+        raw = self.gguf.tensor_readers() if self.gguf is not None else self._tensor_readers()
         self._readers = {self.names.normalise(k): v for k, v in raw.items()}
         self._expected = self._expected_shapes()
 
@@ -280,11 +315,16 @@ class CheckpointReader:
                 f"{self.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
                 f"({len(unexpected)} in all) for a {type(self.config).__name__} with {self.num_layers} layers")
 
+    @property
+    def tokenizer_path(self) -> str:
+        """Where ``load_tokenizer`` finds this checkpoint's tokenizer (the directory, or the GGUF file)."""
+        return str(self.source if self.gguf is not None else self.path)
+
     def shell(self, dtype=jnp.float32, name: Optional[str] = None) -> Model:
         """A bundle of the non-layer parameters only (embeddings, norms, heads; ``params["layers"]`` is
         empty): it checks inputs, tokenizes and embeds, for work that streams the layers one at a time."""
         params = {**self.non_layer_params(dtype), "layers": {}}
-        return Model(self.config, params, dtype=dtype, name=name or str(self.path), tokenizer_path=str(self.path))
+        return Model(self.config, params, dtype=dtype, name=name or str(self.path), tokenizer_path=self.tokenizer_path)
 
     def params(self, dtype=jnp.float32) -> dict:
         """All parameters, layers stacked along a leading axis, as jax arrays."""
@@ -295,17 +335,20 @@ class CheckpointReader:
         return jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def load(name_or_path: str, *, dtype=jnp.float32, with_classifier: Optional[bool] = None) -> Model:
-    """Load a Hugging Face checkpoint (hub id or local directory) as a ``Model``.
+def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = None,
+         with_classifier: Optional[bool] = None) -> Model:
+    """Load a Hugging Face checkpoint (hub id or local directory) or a GGUF file as a ``Model``.
 
     Args:
-      name_or_path: e.g. ``"facebook/opt-125m"`` or a directory with ``config.json``
-        and ``model.safetensors`` (or shards with ``model.safetensors.index.json``).
+      name_or_path: e.g. ``"Qwen/Qwen2.5-0.5B"``, ``"facebook/opt-125m"``, a directory with
+        ``config.json`` and ``model.safetensors`` (or shards with ``model.safetensors.index.json``),
+        or a ``.gguf`` file.
       dtype: parameter and compute dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+      gguf_file: a GGUF file in that directory or hub repo (as transformers' ``gguf_file=``).
       with_classifier: ViT only: load the classification head (default: if the
         checkpoint's architecture is ``ViTForImageClassification``).
     """
     dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
-    reader = CheckpointReader(name_or_path, with_classifier=with_classifier)
+    reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
     return Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
-                 tokenizer_path=str(reader.path))
+                 tokenizer_path=reader.tokenizer_path)

@@ -246,7 +246,7 @@ def test_evaluate_curves_meet_the_teacher_and_the_empty_network(tmp_path, teache
     t = windows.shape[1]
     x = p["embed_tokens"]["embedding"][windows] + p["embed_positions"]["embedding"][np.arange(t) + 2]
     x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
-    logits = (x * p["final_layer_norm"]["scale"] + p["final_layer_norm"]["bias"]) @ p["embed_tokens"]["embedding"].T
+    logits = (x * p["final_norm"]["scale"] + p["final_norm"]["bias"]) @ p["embed_tokens"]["embedding"].T
     logp = np_log_softmax(logits[:, :-1].astype(np.float64))
     ppl0 = float(np.exp(-np.mean(np.take_along_axis(logp, windows[:, 1:, None], -1))))
     for row in (o[2.0], s[-30.0], blocks[2.0]):

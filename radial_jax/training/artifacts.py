@@ -1,5 +1,5 @@
 """Final artifacts of a run (not the resumable checkpoints): a model directory with
-``config.json`` (family config + extras) and ``params.msgpack`` (flax serialisation)."""
+``config.json`` (the family's name and config, plus extras) and ``params.msgpack`` (flax serialisation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +11,15 @@ import jax
 import numpy as np
 
 from radial_jax.api import Model
-from radial_jax.models.opt import OPTConfig
+from radial_jax.models.family import families, family_of
 
 
 def save_params(directory, params, config, kind: str, **extra) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "params.msgpack").write_bytes(flax.serialization.msgpack_serialize(jax.device_get(params)))
-    (d / "config.json").write_text(json.dumps({"kind": kind, "model": dataclasses.asdict(config), **extra}, indent=2))
+    meta = {"kind": kind, "family": family_of(config).name, "model": dataclasses.asdict(config), **extra}
+    (d / "config.json").write_text(json.dumps(meta, indent=2))
     return d
 
 
@@ -30,9 +31,16 @@ def load_params(directory, kind: str):
     meta = json.loads((d / "config.json").read_text())
     if meta.get("kind") != kind:
         raise ValueError(f"{d} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
+    family = families().get(meta.get("family", "opt"))  # artifacts written before families were named: OPT
+    if family is None:
+        raise ValueError(f"{d}/config.json names family {meta.get('family')!r}; known: {sorted(families())}")
+    try:
+        config = family.config_cls(**meta["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{d}/config.json does not hold a valid {family.config_cls.__name__}: {e}") from e
     params = flax.serialization.msgpack_restore((d / "params.msgpack").read_bytes())
     params = jax.tree_util.tree_map(np.asarray, params)
-    return params, OPTConfig(**meta["model"]), meta
+    return params, config, meta
 
 
 def save_model(model: Model, directory, **extra) -> Path:

@@ -146,7 +146,7 @@ def cmd_eval(args) -> int:
                       progress=not args.no_progress)
     s, t = result["student"], result["teacher"]
     print(json.dumps({"teacher_ppl": t["ppl"], "student_ppl": s["ppl"], "mean_depth": s["depth"],
-                      "flops_kept_layers": s["flops_kept_layers"],
+                      "flops_fraction_layers": s["flops_fraction_layers"],
                       "ppl_increase_vs_teacher": result["ppl_increase_vs_teacher"],
                       "oracle_ppl_at_student_depth": result["oracle_ppl_at_student_depth"],
                       "png": result.get("png")}, indent=2))

@@ -106,6 +106,9 @@ def without_router(params) -> dict:
 
 def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
     """``loss(params, ids_bt, key) -> (loss, metrics)`` for a ``RadialModel`` student."""
+    # Training runs every layer at its full budget (one static size): the values are those of serving,
+    # which rounds loads to several sizes, and one size compiles fast.
+    student = student.replace(prefill_buckets=1)
     module = student.module
     ordered = student.radial.mode == "ordered"
     oracle_module = student.replace(routing="oracle").module if ordered else None
@@ -118,7 +121,8 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
         t_out = teacher.module.apply({"params": tparams}, ids_bt)
         s_out = module.apply({"params": params}, ids_bt)
         kl = losses.distill_kl(s_out.logits, t_out.logits, temperature=cfg.temperature)
-        total, metrics = cfg.kl_weight * kl, {"kl": kl, "hard_depth": s_out.metrics.compute_fraction}
+        total, metrics = cfg.kl_weight * kl, {"kl": kl, "hard_depth": s_out.metrics.depth_fraction,
+                                             "compute": s_out.metrics.compute_fraction}
         if cfg.hidden_weight:
             hm = losses.hidden_match(s_out.hidden, t_out.hidden)
             total += cfg.hidden_weight * hm
@@ -149,12 +153,14 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
 
 def make_distill_eval(student, windows, teacher: Model, batch_size: int = 16):
     """``params -> {"eval_loss" (KL to the teacher at T=1), "eval_nll", "eval_depth" (fraction of L)}``."""
+    module = student.replace(prefill_buckets=1).module
+
     @jax.jit
     def stats(params, ids_bt):
         t = teacher.module.apply({"params": teacher.params}, ids_bt)
-        s = student.module.apply({"params": params}, ids_bt)
+        s = module.apply({"params": params}, ids_bt)
         nll, _ = losses.lm_cross_entropy(s.logits, ids_bt)
-        return losses.distill_kl(s.logits, t.logits), nll, s.metrics.compute_fraction
+        return losses.distill_kl(s.logits, t.logits), nll, s.metrics.depth_fraction
 
     def evaluate(params):
         rows = [stats(params, jnp.asarray(windows[i:i + batch_size]))

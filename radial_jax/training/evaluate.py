@@ -3,8 +3,10 @@
 Everything runs the real networks:
 
 * teacher: the sequential model (``teacher.module``), every layer;
-* student: the Radial Network with real fixed-capacity dispatch; its depth is
-  ``metrics.compute_fraction`` (layer visits / L per token);
+* student: the Radial Network with its real dispatch; its depth is
+  ``metrics.depth_fraction`` (layer visits / L per token) and its compute
+  ``metrics.compute_fraction`` (executed FLOPs / the sequential model's, by
+  construction from the shapes that ran);
 * layer oracle (DESIGN.md §3 at layer granularity): the same Radial Network with
   ``routing="oracle"``, ``cache_policy="propagate"`` and the *teacher's* layers,
   swept over thresholds;
@@ -15,12 +17,9 @@ Everything runs the real networks:
   keep logit: the exit/skip column's bias minus ``offset``), showing what the
   same router buys at other depths.
 
-FLOPs are analytic multiply-adds x2 per token (``LayerConfig.block_flops_per_token``
-at the mean causal context ``(seq_len + 1) / 2``): a visited layer costs its
-attention and MLP blocks; a skipped one still costs its K/V projections (the
-*propagate* policy); every step costs the router; embeddings and the LM head
-cost the same for teacher and student and are included in ``flops_kept_total``
-only.
+FLOPs are counted by ``radial_jax.flops`` from the shapes that ran: the student's
+layers, router and *propagate* writes against the teacher's layers
+(``compute``); ``flops_fraction_total`` adds the LM head, the same for both.
 """
 from __future__ import annotations
 
@@ -34,26 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from radial_jax.flops import dense_flops, head_flops
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.training import losses
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8)
 DEFAULT_OFFSETS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
-
-
-def flops_per_token(config, router_hidden: int, depth_fraction: float, seq_len: int) -> dict:
-    """Analytic FLOPs per token of the teacher and of a student at ``depth_fraction`` (module docstring)."""
-    lc = config.layer_config()
-    blocks = lc.block_flops_per_token((seq_len + 1) / 2)
-    layer = blocks["attn"] + blocks["mlp"]
-    kv = 2 * 2 * lc.hidden_size * lc.kv_heads * lc.head_dim
-    L = config.num_layers
-    router = 2 * (lc.hidden_size * router_hidden + router_hidden * (L + 1)) + 10 * lc.hidden_size
-    head = 2 * config.word_embed_proj_dim * config.vocab_size
-    teacher = L * layer
-    routed = L * (depth_fraction * layer + (1 - depth_fraction) * kv + router)
-    return {"teacher_layers": teacher, "student_layers": routed, "head": head,
-            "flops_kept_layers": routed / teacher, "flops_kept_total": (routed + head) / (teacher + head)}
 
 
 def _batches(windows, batch_size):
@@ -89,10 +74,12 @@ def teacher_stats(teacher, windows, batch_size: int = 16) -> dict:
 
 def radial_stats(student, params, windows, batch_size: int = 16, threshold: Optional[float] = None,
                  fn=None) -> dict:
-    """Perplexity and mean depth (``compute_fraction``) of a ``RadialModel`` with ``params``."""
+    """Perplexity, mean depth (``depth_fraction``) and ``compute`` (executed FLOPs / dense) of a
+    ``RadialModel`` with ``params``."""
     fn = fn or _radial_fn(student)
     thr = jnp.float32(0.0 if threshold is None else threshold)
-    return _accumulate(lambda ids: fn(params, ids, thr), windows, batch_size)[0]
+    row, extra = _accumulate(lambda ids: fn(params, ids, thr), windows, batch_size)
+    return {**row, "compute": float(extra[0])}
 
 
 def _radial_fn(student):
@@ -101,7 +88,7 @@ def _radial_fn(student):
     @jax.jit
     def fn(params, ids, thr):
         out = student.module.apply({"params": params}, ids, threshold=thr if oracle else None)
-        return (*_nll(out.logits, ids), out.metrics.compute_fraction)
+        return (*_nll(out.logits, ids), out.metrics.depth_fraction, out.metrics.compute_fraction)
     return fn
 
 
@@ -175,7 +162,10 @@ def evaluate(student, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offset
     blocks = block_oracle_curve(teacher, windows, thresholds, batch_size, progress); bar.update()
     curve = student_offset_curve(student, windows, offsets, batch_size, progress); bar.update()
     bar.close()
-    flops = flops_per_token(student.config, student.radial.router_hidden, routed["depth"], windows.shape[1])
+    head = head_flops(student.config, 1)
+    dense = dense_flops(student.config, 1, windows.shape[1], with_head=False)
+    flops = {"flops_fraction_layers": routed["compute"],
+             "flops_fraction_total": (routed["compute"] * dense + head) / (dense + head)}
     oracle_ppl = interpolate_at_depth(oracle, routed["depth"])
     result = {
         "teacher": teacher_row, "student": {**routed, **flops},

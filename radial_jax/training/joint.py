@@ -82,7 +82,7 @@ class JointConfig:
 
 def joint_loss_fn(network: RadialModel, cfg: JointConfig):
     """``loss(params, ids_bt, key) -> (loss, metrics)`` for one stage's network."""
-    module, ordered = network.module, network.radial.mode == "ordered"
+    module, ordered = network.replace(prefill_buckets=1).module, network.radial.mode == "ordered"  # see distill
     L = network.config.num_layers
 
     def loss(params, ids_bt, key):
@@ -93,7 +93,7 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
         depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
         z = losses.router_z_loss(r.logits)
         total = lm + cfg.z_weight * z
-        metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.compute_fraction,
+        metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.depth_fraction,
                    "dropped": out.metrics.total_dropped}
         if network.radial.routing == "learned":
             total += cfg.compute_weight * depth
