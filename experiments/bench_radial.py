@@ -1,194 +1,230 @@
-"""Benchmark: routed forward and decoding of a Radial Network vs the dense (sequential) OPT.
+"""Benchmark: does routing save real compute and latency? Routed vs dense, side by side, interleaved.
 
-OPT-125M shapes by default (batch 8, length 512, 12 layers of width 768); on a
-small shared CPU pass smaller flags. Measured side by side in one run:
+OPT-125M shapes by default (random weights; 12 layers of width 768), on a small
+shared CPU pass smaller flags. Every timed pair is interleaved (dense, routed,
+dense, routed, ...); ratios are per round, reported as the median and spread.
 
-* forward (layers + final norm, no LM head; and with the head) at capacity factors
-  1, 0.5, 0.25, 0.125 in ordered and radial mode: XLA FLOPs from
-  ``jit(...).lower(...).compile().cost_analysis()`` and median wall time. XLA's cost
-  analysis counts a rolled loop body once, so the routed FLOPs come from a
-  compile with the step loop unrolled (``scan_unroll=True``) and the dense FLOPs
-  add ``L - 1`` times one layer's FLOPs to the scanned model's count;
-* decoding tokens/s, one token per row per step over a prefilled global cache,
-  routed (ordered mode, capacity 0.5 across the batch, router biased to keep, so
-  mean depth = 50 %) vs the dense OPT decode step, with and without the LM head.
+* **decoding** (one token per row per step over a prefilled cache, the layer
+  stack alone and with the LM head): batch 1 at 50 % and 25 % mean depth, batch 8
+  at 50 %, ordered mode; routes from a fresh router whose keep bias is calibrated
+  to the target depth (so depth comes from the router, not from the capacity);
+* **prefill** (parallel forward of ``batch x length``): ordered and radial mode at
+  capacity factor 0.5 and 0.25 with routes calibrated to want that depth (radial:
+  a router with random routes over all layers and exit, its exit bias calibrated);
+  executed FLOPs (by construction) against the dense model's;
+* **overhead** at capacity factor 1 where every route runs (ordered: keep
+  everything; radial: identity routes with a budget that drops nothing): the
+  routed forward's wall time against dense.
 
-The router is a fresh one with its keep/layer logits biased up, so every
-capacity binds (compute is static anyway: it is set by the capacity).
+XLA's FLOPs of the dense forward (``cost_analysis``, layer scan unrolled so every
+layer counts) cross-check the by-construction count.
 
-    python experiments/bench_radial.py --out bench_radial.json                # full shapes
-    python experiments/bench_radial.py --batch 2 --length 128 --repeats 2     # small CPU
+    python experiments/bench_radial.py                                       # 125M shapes
+    python experiments/bench_radial.py --hidden 256 --ffn 1024 --heads 4 --layers 6 --length 128 --quick
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
-from radial_jax.kv_cache import KVCache  # noqa: E402
 from radial_jax.radial import RadialNetwork  # noqa: E402
+from radial_jax.radial.router import with_keep_offset  # noqa: E402
 
 
-def dense_flops(model, ids, head):
-    """XLA counts a rolled scan body once: dense FLOPs = model (one layer counted) + (L - 1) x one layer."""
-    from radial_jax.models.layer import TransformerLayer
-    L = model.config.num_layers
-    b, t = ids.shape
-    total = flops_of(lambda p, x: model.module.apply({"params": p}, x, compute_logits=head), model.params, ids)
-    layer = TransformerLayer(model.config.layer_config())
-    p0 = jax.tree_util.tree_map(lambda a: a[0], model.params["layers"])
-    x = jnp.zeros((b, t, model.config.hidden_size))
-    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
-    one = flops_of(lambda p, x, m: layer.apply({"params": p}, x, m)[0], p0, x, mask)
-    return total + (L - 1) * one
-
-
-def flops_of(fn, *args):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
-
-
-def wall_of(fn, *args, repeats=3):
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def biased_router(params, num_layers):
-    """Push the layer logits above exit/skip so that capacity, not the router, limits depth."""
-    router = jax.tree_util.tree_map(lambda a: a, params["router"])
-    bias = router["fc2"]["bias"]
-    router["fc2"]["bias"] = bias.at[:num_layers].add(5.0)
-    return {**params, "router": router}
-
-
-def bench_decode(model, b, args):
-    cfg, L = model.config, model.config.num_layers
-    p_len, n = args.decode_prompt, args.decode_steps
-    total = p_len + n
-    prompt = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (b, p_len)))
-    feed = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (b, n)))
-    lc = cfg.layer_config()
-    slots = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
-    dense_cache = model.module.apply({"params": model.params}, prompt, positions_bt=slots,
-                                     cache=KVCache.create(L, b, total, lc.kv_heads, lc.head_dim),
-                                     compute_logits=False).cache
-    rm = RadialNetwork.from_sequential(model, mode="ordered", capacity_factor=0.5)
-    rparams = biased_router(rm.params, L)
-    routed_cache = rm.module.apply({"params": rparams}, prompt, positions_bt=slots,
-                                   cache=rm.init_cache(b, total), compute_logits=False).cache
-
-    def dense_decode(params, cache, toks, head):
-        def body(cache, i):
-            out = model.module.apply({"params": params}, toks[:, i][:, None],
-                                     positions_bt=jnp.full((b, 1), p_len + i, jnp.int32), cache=cache,
-                                     compute_logits=head)
-            return out.cache, out.hidden[:, 0, 0]
-        return jax.lax.scan(body, cache, jnp.arange(n))[1]
-
-    def routed_decode(params, cache, toks, head):
-        def body(cache, i):
-            out = rm.module.apply({"params": params}, toks[:, i], jnp.full((b,), p_len + i, jnp.int32), cache,
-                                  None, head, method="decode_step")
-            return out.cache, out.metrics.mean_depth
-        return jax.lax.scan(body, cache, jnp.arange(n))[1]
-
-    rows = {}
-    for head in (False, True):
-        key = "with_head" if head else "body"
-        td = wall_of(lambda p, c, t, head=head: dense_decode(p, c, t, head), model.params, dense_cache, feed,
-                     repeats=args.repeats)
-        tr = wall_of(lambda p, c, t, head=head: routed_decode(p, c, t, head), rparams, routed_cache, feed,
-                     repeats=args.repeats)
-        depth = float(np.mean(jax.jit(lambda p, c, t: routed_decode(p, c, t, False))(rparams, routed_cache, feed)))
-        rows[key] = dict(batch=b, dense_tokens_per_s=b * n / td, routed_tokens_per_s=b * n / tr,
-                         speedup=td / tr, routed_mean_depth_layers=depth, routed_depth_fraction=depth / L,
-                         target_met=bool(td / tr >= 1.6))
-        print("decode", key, json.dumps(rows[key]), flush=True)
-    return rows
-
-
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--ffn", type=int, default=3072)
     ap.add_argument("--vocab", type=int, default=50272)
-    ap.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    ap.add_argument("--modes", nargs="+", default=["ordered", "radial"])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-prompt", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8, help="prefill batch")
+    ap.add_argument("--length", type=int, default=512, help="prefill length")
+    ap.add_argument("--decode-prompt", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--decode-batch", type=int, nargs="+", default=None, help="default: --batch")
-    ap.add_argument("--skip-forward", action="store_true")
-    ap.add_argument("--out", default="bench_radial.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per pair")
+    ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
+    ap.add_argument("--out", default=str(benchlib.RESULTS / "bench_radial.json"))
+    return ap.parse_args(argv)
 
+
+def calibrate(rm, ids, target: float, field: str = "depth_fraction", lo: float = -15.0, hi: float = 15.0):
+    """The router's keep offset (``with_keep_offset``) that gives ``target`` mean depth on ``ids`` (bisection)."""
+    def measure(offset):
+        trial = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], offset)})
+        return float(getattr(trial.forward(ids, compute_logits=False).metrics, field))
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if measure(mid) < target else (lo, mid)
+    offset = (lo + hi) / 2
+    return rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], offset)}), offset
+
+
+def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
+    """Jitted teacher-forced decode loops (dense and routed) over prefilled caches, and their inputs."""
+    cfg = model.config
+    rng = np.random.default_rng(b)
+    prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, prompt_len)), jnp.int32)
+    feed = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, steps)), jnp.int32)
+    total = prompt_len + steps
+    slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
+    dense_cache = jax.jit(lambda p, x: model.module.apply({"params": p}, x, positions_bt=slots,
+                                                          cache=model.module.init_cache(b, total),
+                                                          compute_logits=False).cache)(model.params, prompt)
+    routed_cache = rm.forward(prompt, positions_bt=slots, max_len=total, compute_logits=False).cache
+
+    def make(head):
+        @jax.jit
+        def dense(params, cache, toks):
+            def body(cache, i):
+                out = model.module.apply({"params": params}, toks[:, i][:, None], positions_bt=jnp.full(
+                    (b, 1), prompt_len + i, jnp.int32), cache=cache, compute_logits=head)
+                return out.cache, out.hidden[:, 0, 0]
+            return jax.lax.scan(body, cache, jnp.arange(steps))[1]
+
+        @jax.jit
+        def routed(params, cache, toks):
+            def body(cache, i):
+                out = rm.module.apply({"params": params}, toks[:, i], jnp.full((b,), prompt_len + i, jnp.int32),
+                                      cache, None, head, method="decode_step")
+                return out.cache, (out.metrics.depth_fraction, out.metrics.compute_fraction)
+            return jax.lax.scan(body, cache, jnp.arange(steps))[1]
+        return dense, routed
+
+    return make, dense_cache, routed_cache, feed
+
+
+def bench_decode(model, b, depth, args, figures, details):
+    ids = jnp.asarray(np.random.default_rng(9).integers(3, model.config.vocab_size, (max(b, 4), args.decode_prompt)))
+    rm = RadialNetwork.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
+    rm, offset = calibrate(rm, ids, depth)
+    make, dense_cache, routed_cache, feed = decode_loops(model, rm, b, args.decode_prompt, args.decode_steps)
+    row = {"batch": b, "target_depth": depth, "keep_offset": offset}
+    for head in (False, True):
+        dense, routed = make(head)
+        frac = routed(rm.params, routed_cache, feed)
+        rounds = benchlib.interleave({"dense": lambda: dense(model.params, dense_cache, feed),
+                                      "routed": lambda: routed(rm.params, routed_cache, feed)}, args.repeats)
+        speedup = benchlib.ratio(rounds, "dense", "routed")
+        key = "with_head" if head else "layers"
+        row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(frac[0])),
+                    "compute_fraction": float(np.mean(frac[1])),
+                    "dense_tokens_per_s": benchlib.rate(rounds, "dense", b * args.decode_steps),
+                    "routed_tokens_per_s": benchlib.rate(rounds, "routed", b * args.decode_steps)}
+        target = {(1, 0.5): 1.6, (1, 0.25): 3.0, (8, 0.5): 1.5}.get((b, depth))
+        what = "layer stack" if not head else "with the LM head"
+        figures.append(benchlib.figure(
+            f"decode_b{b}_d{int(depth * 100)}_{key}",
+            f"routed decode vs dense, batch {b}, {100 * row[key]['mean_depth_fraction']:.0f} % depth, {what}",
+            speedup, unit="x", target=None if head or target is None else f">= {target}",
+            met=None if head or target is None else speedup["median"] >= target,
+            note=f"executed FLOPs {100 * row[key]['compute_fraction']:.0f} % of dense"))
+        print("decode", b, depth, key, speedup, flush=True)
+    details.setdefault("decode", []).append(row)
+
+
+def routed_forward(rm):
+    @jax.jit
+    def f(params, ids):
+        out = rm.module.apply({"params": params}, ids, compute_logits=False)
+        return out.hidden, out.metrics
+    return f
+
+
+def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
+    L = model.config.num_layers
+    if mode == "ordered":
+        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
+    else:  # random routes over every layer and exit: a balanced load
+        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
+    rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # routes that want about what the budget allows
+    f = routed_forward(rm)
+    _, m = f(rm.params, ids)
+    rounds = benchlib.interleave({"dense": lambda: dense_fwd(model.params, ids),
+                                  "routed": lambda: f(rm.params, ids)}, args.repeats)
+    speedup = benchlib.ratio(rounds, "dense", "routed")
+    row = {"mode": mode, "capacity_factor": cf, "keep_offset": offset, "speedup": speedup,
+           "depth_fraction": float(m.depth_fraction), "compute_fraction": float(m.compute_fraction),
+           "executed_flops": float(m.executed_flops), "dense_flops": float(m.dense_flops),
+           "dropped": int(m.dropped.sum()), "layer_sizes": np.asarray(m.layer_sizes).tolist()}
+    target = {0.5: 1.6, 0.25: 3.2}.get(cf)
+    figures.append(benchlib.figure(
+        f"prefill_{mode}_c{int(cf * 100)}", f"routed prefill vs dense, {mode} mode, capacity {cf}", speedup,
+        unit="x", target=f">= {target}" if target else None, met=speedup["median"] >= target if target else None,
+        note=f"depth {100 * row['depth_fraction']:.0f} %, executed FLOPs {100 * row['compute_fraction']:.0f} %"))
+    figures.append(benchlib.figure(
+        f"prefill_{mode}_c{int(cf * 100)}_flops", f"routed prefill executed FLOPs / dense, {mode}, capacity {cf}",
+        row["compute_fraction"], target=f"<= depth {row['depth_fraction']:.2f} + 0.05",
+        met=row["compute_fraction"] <= row["depth_fraction"] + 0.05))
+    details.setdefault("prefill", []).append(row)
+    print("prefill", mode, cf, speedup, row["depth_fraction"], row["compute_fraction"], flush=True)
+
+
+def bench_overhead(model, ids, dense_fwd, mode, args, figures, details):
+    L = model.config.num_layers
+    if mode == "ordered":  # learned router pushed to keep everything, nothing to drop at capacity 1
+        rm = RadialNetwork.from_sequential(model, mode="ordered", capacity_factor=1.0)
+        rm = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], 30.0)})
+    else:  # identity routes (layer s at step s) with a budget that drops nothing
+        rm = RadialNetwork.from_sequential(model, mode="radial", routing="identity", capacity_factor=float(L))
+    f = routed_forward(rm)
+    _, m = f(rm.params, ids)
+    assert float(m.depth_fraction) == 1.0 and int(m.dropped.sum()) == 0
+    rounds = benchlib.interleave({"dense": lambda: dense_fwd(model.params, ids),
+                                  "routed": lambda: f(rm.params, ids)}, args.repeats)
+    speed = benchlib.ratio(rounds, "dense", "routed")
+    figures.append(benchlib.figure(f"overhead_{mode}", f"routed forward at full depth vs dense, {mode} mode",
+                                   speed, unit="x", target=">= 0.95", met=speed["median"] >= 0.95,
+                                   note=f"executed FLOPs {100 * float(m.compute_fraction):.0f} % of dense"))
+    details.setdefault("overhead", []).append({"mode": mode, "speed": speed,
+                                               "compute_fraction": float(m.compute_fraction)})
+    print("overhead", mode, speed, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cfg = rj.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        ffn_dim=args.ffn, num_attention_heads=args.heads,
                        max_position_embeddings=max(2048, args.length, args.decode_prompt + args.decode_steps))
     model = rj.build(cfg, seed=0)
-    L = cfg.num_layers
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.length)))
-    result = {"device": str(jax.devices()[0]), "config": vars(args), "forward": [], "decode": {}}
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.length)), jnp.int32)
+    dense_fwd = jax.jit(lambda p, x: model.module.apply({"params": p}, x, compute_logits=False).hidden)
+    figures, details = [], {}
+    from radial_jax.flops import dense_flops
+    lc = cfg.layer_config()
+    xla_layer = benchlib.xla_flops(
+        lambda p, x: model.module.apply({"params": {**model.params, "layers": jax.tree_util.tree_map(
+            lambda a: a[:1], p)}}, x, compute_logits=False).hidden, model.params["layers"], ids)
+    details["flop_check"] = {"dense_by_construction": dense_flops(cfg, args.batch * args.length, args.length,
+                                                                  with_head=False),
+                             "xla_one_layer_model": xla_layer, "note": "XLA counts a one-layer model (embedding,"
+                             " final norm, one layer); the scanned body of an L-layer model is counted once"}
 
-    if not args.skip_forward:
-        def dense(params, x, head):
-            return model.module.apply({"params": params}, x, compute_logits=head).hidden
-        dense_rows = {}
-        for head in (False, True):
-            f = lambda p, x, head=head: model.module.apply({"params": p}, x, compute_logits=head)
-            dense_rows[head] = dict(flops=dense_flops(model, ids, head),
-                                    wall_s=wall_of(f, model.params, ids, repeats=args.repeats))
-        result["dense"] = {"body": dense_rows[False], "with_head": dense_rows[True]}
-        jobs = [(m, c) for m in args.modes for c in args.capacities]
-        for mode, c in tqdm(jobs, desc="routed forward"):
-            rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=c)
-            params = biased_router(rm.params, L)
-            row = {"mode": mode, "capacity": c}
-            for head in (False, True):
-                f = lambda p, x, head=head, rm=rm: rm.module.apply({"params": p}, x, compute_logits=head)
-                f_unrolled = lambda p, x, head=head, rm=rm: rm.replace(scan_unroll=True).module.apply(
-                    {"params": p}, x, compute_logits=head)
-                fl = flops_of(f_unrolled, params, ids)  # unrolled steps: every step counted
-                wt = wall_of(f, params, ids, repeats=args.repeats)
-                d = dense_rows[head]
-                key = "with_head" if head else "body"
-                row[key] = dict(flops=fl, wall_s=wt, flops_ratio=fl / d["flops"], speedup=d["wall_s"] / wt,
-                                flops_target_met=bool(fl <= (c + 0.03) * d["flops"]),
-                                speedup_target_met=(bool(d["wall_s"] / wt >= 0.8 / c) if c in (0.5, 0.25) else None))
-            out = jax.jit(lambda p, x, rm=rm: rm.module.apply({"params": p}, x, compute_logits=False))(params, ids)
-            row["mean_depth"] = float(out.metrics.mean_depth)
-            row["dropped"] = int(out.metrics.dropped.sum())
-            result["forward"].append(row)
-            print(json.dumps(row), flush=True)
-
-    # Decoding: dense OPT decode step vs routed (ordered, capacity 0.5 across the batch).
-    for b in (args.decode_batch or [args.batch]):
-        result["decode"][str(b)] = bench_decode(model, b, args)
-
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {args.out}")
+    jobs = [("overhead", m) for m in ("ordered", "radial")]
+    jobs += [("prefill", (m, c)) for m in ("ordered", "radial") for c in ((0.5,) if args.quick else (0.5, 0.25))]
+    jobs += [("decode", (b, d)) for b, d in (((1, 0.5),) if args.quick else ((1, 0.5), (1, 0.25), (8, 0.5)))]
+    for kind, job in tqdm(jobs, desc="bench_radial"):
+        if kind == "overhead":
+            bench_overhead(model, ids, dense_fwd, job, args, figures, details)
+        elif kind == "prefill":
+            bench_prefill(model, ids, dense_fwd, *job, args, figures, details)
+        else:
+            bench_decode(model, *job, args, figures, details)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    out = benchlib.write_result(args.out, "bench_radial", settings, figures, details)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
