@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import radial_jax as rj
-from radial_jax.profiling.residual import atomic_write_text
+from radial_jax.io import atomic_write_text
 from radial_jax.training.cli import SIZES
 from radial_jax.training.distill import DistillConfig, distill
 from radial_jax.training.evaluate import evaluate

@@ -35,7 +35,7 @@ def run_pipeline(args) -> int:
     import jax
     import radial_jax as rj
     from radial_jax.data import perplexity_windows
-    from radial_jax.profiling.residual import atomic_write_text
+    from radial_jax.io import atomic_write_text
     from radial_jax.profiling.skipping import check_thresholds
     from radial_jax.training.artifacts import load_model, save_model, save_student
     from radial_jax.training.cli import SIZES

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, ViTForImageClassification
 
 import radial_jax as rj
+from conftest import xla_flags
 from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator
 
 
@@ -223,7 +224,7 @@ def test_profile_on_8_devices_equals_1(tiny_opt_dir):
         eight = rj.profile(model, [(sharded_ids, None)], keep_raw=True, progress=False)
         print("MAXDIFF", max(float(np.abs(one.raw[k] - eight.raw[k]).max()) for k in one.raw))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("MAXDIFF ")[1].split()[0]) < 1e-5

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import xla_flags
+
 SCRIPT = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -24,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     assert specs["layers"]["fc1"]["kernel"][0] == "fsdp"
     for kw in (dict(mode="ordered", capacity_factor=0.5),
                dict(mode="radial", max_steps=6, capacity_factor=1.0, router_init_scale=1.5)):
-        rm = RadialNetwork.from_sequential(model, **kw)
+        rm = RadialNetwork.from_sequential(model, prefill_buckets=2, **kw)
         f = jax.jit(lambda p, x: rm.module.apply({"params": p}, x))
         one = f(jax.device_put(rm.params, jax.devices()[0]), ids)
         sharded = dict(shard_params({k: v for k, v in rm.params.items() if k != "router"}, specs, mesh))
@@ -39,7 +41,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_with_sharded_pool_equal_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -68,7 +70,7 @@ print("REPORT" + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def eight_device_report(tiny_opt_dir, tiny_vit_cls_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_opt_dir), str(tiny_vit_cls_dir)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
@@ -84,7 +86,7 @@ if jax.process_index() == 0:
 
 
 def test_train_step_8_devices_equals_1():
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(ENV, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     proc = subprocess.run([sys.executable, "-c", EIGHT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("REPORT"))[6:])

@@ -1,33 +1,14 @@
 """PNG plots of profiles and simulations (matplotlib, Agg backend, written atomically)."""
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
-
-def _figure(ncols: int, width: float = 5.0):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.8))
-    return plt, fig, np.atleast_1d(axes)
-
-
-def _save(plt, fig, path) -> None:
-    path = Path(path)
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
-        fig.savefig(f, dpi=110)
-    os.replace(f.name, path)
-    plt.close(fig)
+from radial_jax.io import figure, save_figure
 
 
 def plot_profile(result, path) -> None:
     """Per-layer median ratio_out (p10-p90 band) of attention and MLP blocks; model-level histogram."""
-    plt, fig, (ax, hx) = _figure(2)
+    plt, fig, (ax, hx) = figure(2)
     layers = np.arange(result.num_layers)
     for group, color in (("attn", "tab:blue"), ("mlp", "tab:orange"), ("layer", "tab:gray")):
         s = [result.acc[("out", group, i)].summary() for i in layers]
@@ -44,12 +25,12 @@ def plot_profile(result, path) -> None:
     hx.set(xscale="log", xlabel="ratio_out (attention and MLP blocks)", ylabel="tokens x blocks",
            title=f"{result.data_name}: {result.tokens:,} tokens")
     hx.legend(fontsize=8)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_simulation(sim, path) -> None:
     """Dynamic depth and quality against the oracle threshold."""
-    plt, fig, (ax, qx) = _figure(2)
+    plt, fig, (ax, qx) = figure(2)
     t = [r.threshold for r in sim.results]
     ax.plot(t, [100 * r.depth_fraction for r in sim.results], marker="o", label="depth (% of blocks)")
     ax.plot(t, [100 * r.flops_kept for r in sim.results], marker="s", label="block FLOPs kept (%)")
@@ -64,4 +45,4 @@ def plot_simulation(sim, path) -> None:
             qx.plot(t, [r.top1_agreement for r in sim.results], marker="s", label="top-1 agreement")
         qx.legend(fontsize=8)
     qx.set(xlabel=f"threshold on ratio_{sim.ratio_kind}", title=f"quality on {sim.data_name}")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)

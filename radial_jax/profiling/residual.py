@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from radial_jax.io import atomic_write_text
 from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator
 
 BLOCKS = ("attn", "mlp", "layer")
@@ -154,14 +155,6 @@ def _csv(rows) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: a reader never sees half a file."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def profile(model, data: Iterable, *, data_name: str = "data", exact_limit: int = 5_000_000,

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from radial_jax.profiling.residual import atomic_write_text
+from radial_jax.io import atomic_write_text
 
 EXTRAPOLATE_TO = (1.75e11, 1e12)
 
@@ -103,9 +103,9 @@ def collect(out, slugs: Optional[Sequence[str]] = None) -> List[dict]:
 
 
 def plot_scaling(summary: dict, path) -> None:
-    from radial_jax.profiling.plots import _figure, _save
+    from radial_jax.io import figure, save_figure
     rows = summary["models"]
-    plt, fig, axes = _figure(4, width=4.2)
+    plt, fig, axes = figure(4, width=4.2)
     params = np.array([r["num_params"] for r in rows], float)
     med = np.array([r["median_ratio_out"] for r in rows])
     ax = axes[0]
@@ -132,4 +132,4 @@ def plot_scaling(summary: dict, path) -> None:
     axes[3].set(xlabel="threshold", ylabel="perplexity (LM) / top-1 agreement (ViT)", title="oracle quality")
     for a in axes[1:]:
         a.legend(fontsize=7)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)

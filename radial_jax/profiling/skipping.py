@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from radial_jax.profiling.residual import RATIO_KINDS, as_batches, atomic_write_text, check_has_blocks
+from radial_jax.io import atomic_write_text
+from radial_jax.profiling.residual import RATIO_KINDS, as_batches, check_has_blocks
 
 
 def check_thresholds(thresholds) -> List[float]:

@@ -44,9 +44,10 @@ class RadialConfig:
     prefill_buckets: static sizes the parallel forward rounds a layer's load up to (>= 1).
     cache_policy: ``"mask"`` (skipped entries stay empty) / ``"propagate"`` (skipping tokens
       write K/V from their current state; radial mode: exiting tokens fill every empty layer).
-    routing: ``"learned"`` (the router), ``"identity"`` (ordered: every token to every
-      layer; radial: layer ``s`` at step ``s``, exit after ``L``), ``"oracle"`` (ordered
-      only: the layer-level threshold rule of §3, needs ``threshold``).
+    routing: ``"learned"`` (the router), ``"identity"`` (every token to layer ``s mod L`` at
+      step ``s``: the sequential model when ``S = L``, its pool looped ``S / L`` times
+      otherwise), ``"oracle"`` (ordered only: the layer-level threshold rule of §3, needs
+      ``threshold``).
     dispatch: ``"token"`` (token choice, causal: the only one decoding serves) /
       ``"expert"`` (each layer takes its top-``C_max`` tokens: sees future tokens,
       a training-only option).

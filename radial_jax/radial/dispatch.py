@@ -19,7 +19,7 @@ the sequence. Decoding replays it one token at a time from per-row counters.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,13 @@ def admit_each(want_kgn, budget_gn, count_kgn):
 
 
 def prefill_sizes(c_max: int, buckets: int) -> Tuple[int, ...]:
-    """Static sizes of the parallel forward: ``0`` then multiples of ``c_max / buckets`` up to ``c_max``."""
+    """Static sizes of the parallel forward: ``0`` then multiples of ``c_max / buckets`` up to ``c_max``.
+
+    One bucket is ``(c_max,)`` alone: every layer runs at its full budget (no branch at all), what
+    training wants (the same values, and one layer body to compile per step).
+    """
+    if buckets == 1:
+        return (c_max,)
     return (0,) + tuple(sorted({math.ceil(c_max * k / buckets) for k in range(1, buckets + 1)}))
 
 
@@ -71,8 +77,19 @@ def decode_sizes(batch: int) -> Tuple[int, ...]:
 
 
 def size_index(sizes: Tuple[int, ...], load):
-    """Index of the smallest of ``sizes`` that holds ``load`` (a traced count; ``sizes[0] = 0``)."""
+    """Index of the smallest of ``sizes`` (ascending) that holds ``load``, a traced count."""
     return jnp.sum(jnp.asarray(sizes, jnp.int32) < load).astype(jnp.int32)
+
+
+def run_at_size(sizes: Tuple[int, ...], load, branch: Callable[[int], Callable], operand):
+    """``branch(size)(operand)`` at the smallest of ``sizes`` holding ``load``; returns ``(result, size)``.
+
+    Several sizes: ``lax.switch`` (under XLA only the chosen branch runs). One size: a plain call.
+    """
+    if len(sizes) == 1:
+        return branch(sizes[0])(operand), jnp.int32(sizes[0])
+    index = size_index(sizes, load)
+    return jax.lax.switch(index, [branch(size) for size in sizes], operand), jnp.asarray(sizes, jnp.int32)[index]
 
 
 def select(admitted_gn, capacity: int):

@@ -4,8 +4,8 @@ Executed FLOPs are counted by construction from the shapes that ran
 (``radial_jax.flops``): for every step that ran, the router on every token, and
 each layer at the static size its load was rounded up to (``G`` groups of that
 many tokens, attending to the whole cache plus their own K/V), the *propagate*
-writes (ordered: K/V of every token at every step; radial: K/V of every layer
-for the exiting tokens' size). The oracle's probe is a simulation device and is
+writes (K/V of every token at every step ``s < L``; radial mode also K/V of
+every layer for the exiting tokens' size). The oracle's probe is a simulation device and is
 not counted. ``dense_flops`` is the sequential model on the same tokens and
 cache; ``compute_fraction`` is their ratio (FLOPs, not visits).
 """
@@ -59,12 +59,10 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     ran = records["ran"].astype(jnp.float32)
     per_visit = layer_flops(lc, 1, cache_len + 1)  # one token at a layer: all cache slots plus its own K/V
     total = num_groups * jnp.sum(records["layer_sizes"].astype(jnp.float32)) * per_visit
-    total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 1, num_groups * num_tokens)
-    if rc.cache_policy == "propagate":
-        if rc.ordered:
-            total += jnp.sum(ran) * kv_flops(lc, num_groups * num_tokens)
-        else:
-            total += num_groups * jnp.sum(records["exit_size"].astype(jnp.float32)) * L * kv_flops(lc, 1)
+    total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 2, num_groups * num_tokens)
+    if rc.cache_policy == "propagate":  # step-aligned writes (steps s < L), and radial exits' fills
+        total += jnp.sum(records["aligned_kv"] & records["ran"]) * kv_flops(lc, num_groups * num_tokens)
+        total += num_groups * jnp.sum(records["exit_size"].astype(jnp.float32)) * L * kv_flops(lc, 1)
     return total
 
 

@@ -21,6 +21,7 @@ from radial_jax.api import Bundle
 from radial_jax.models.stack import num_pool_layers
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.network import RadialNetwork, RadialOutput, init_router
+from radial_jax.radial.router import aligned_step_bias
 from radial_jax.radial.steps import RadialCache
 
 
@@ -89,6 +90,24 @@ class RadialModel(Bundle):
                 a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(have))):
             params["router"] = fresh(jax.random.key(seed))  # the router's shapes changed (steps, width)
         return RadialModel(self.config, rc, params, self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
+
+    def to_radial(self, push: float = 8.0, **radial_changes) -> "RadialModel":
+        """The radial-mode network that starts where this ordered one is (docs/design.md §5).
+
+        Same parameters; the router's step bias gets ``aligned_step_bias(push)`` (every layer but
+        ``s`` and the exit pushed down by ``push`` at step ``s``), ``S = L``, and the capacity factor
+        scaled so each step's layer admits what it admitted in ordered mode. With a large ``push``
+        it computes exactly what the ordered network computes; training can then lower the push and
+        learn reuse, other orders and exits, every router column keeping its meaning.
+        """
+        if not self.radial.ordered:
+            raise ValueError(f"to_radial starts from an ordered-mode network; this one is {self.radial.mode}")
+        L = self.config.num_layers
+        router = dict(self.params["router"])
+        router["step_bias"] = jnp.asarray(router["step_bias"]) + aligned_step_bias(L, L, push)
+        changes = {"mode": "radial", "max_steps": L,
+                   "capacity_factor": self.radial.budget_fraction(L) * L, **radial_changes}
+        return self.replace(params={**self.params, "router": router}, **changes)
 
     def forward(self, inputs, attention_mask=None, **kwargs) -> RadialOutput:
         """The parallel forward (``RadialNetwork.__call__``): ``positions_bt``, ``cache``, ``max_len``,

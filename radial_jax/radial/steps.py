@@ -6,8 +6,11 @@ One step ``s`` (``run_step``), in named parts:
    eligible token wants (the oracle's probe runs here);
 2. ``admit``: the causal budget (``dispatch``) admits wanted visits; the per-row
    counters live in the cache, so decoding replays the parallel forward's drops;
-3. ``propagate_skips`` (ordered mode, *propagate* policy): K/V of layer ``s`` for
-   every eligible token, from its current state (a processed token's are the same);
+3. ``propagate_skips`` (*propagate* policy, steps ``s < L``): K/V of layer ``s`` for
+   every eligible token, from its current state, written first-visit (a token
+   processed by layer ``s`` now writes the same values). In ordered mode this is
+   the skipping tokens' K/V; in radial mode the same step-aligned rule, so that a
+   radial network with ordered routes computes exactly what the ordered one does;
 4. ``run_layer`` for each layer the step considers: the smallest static size that
    holds the admitted tokens of every group is chosen by ``lax.switch`` (under XLA
    only the chosen branch runs; size 0 runs nothing); the branch gathers the
@@ -27,7 +30,7 @@ several). Group layout (``G`` groups of ``N`` tokens) is that of ``dispatch``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Tuple
 
 import flax.struct
 import jax
@@ -97,7 +100,7 @@ def _layer(plan: Plan) -> TransformerLayer:
 # --------------------------------------------------------------------------- 1. route
 
 def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s, threshold):
-    """Router logits ``[G, N, L+1]``, the decision, and the oracle probe's ratios (or None)."""
+    """Router logits ``[G, N, L+2]``, the decision, and the oracle probe's ratios (or None)."""
     rc, L = plan.rc, plan.num_layers
     router = Router(L, plan.steps, rc.router_hidden, rc.router_last_layer, rc.router_init_scale, parent=None)
     logits = router.apply({"params": router_params}, x, s, last).astype(jnp.float32)
@@ -133,10 +136,10 @@ def admit(plan: Plan, decision, admitted_bsl, tok: Tokens, s, layer_ids):
     return admitted, admitted_bsl.at[rows_g[None, :], s, layer_ids[:, None]].set(count_kg)
 
 
-# --------------------------------------------------------------------------- 3. propagate skips (ordered)
+# --------------------------------------------------------------------------- 3. propagate skips
 
 def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: KVCache, s):
-    """Ordered *propagate*: layer ``s``'s K/V of every eligible token from its current state, written first-visit."""
+    """*propagate*: layer ``s``'s K/V of every eligible token from its current state, written first-visit."""
     k, v = _layer(plan).apply({"params": params_s}, x, tok.positions, meta_s["rope"], method="kv")
     return write_first_visit(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
 
@@ -170,7 +173,7 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     t_max = state[1].max_len
     expert = plan.rc.dispatch == "expert"
     load = jnp.max(jnp.sum(admitted_gn, axis=-1))
-    sizes = plan.sizes[-1:] if expert else plan.sizes
+    sizes = plan.sizes[-1:] if expert else plan.sizes  # expert choice: a static C_max, no load to follow
 
     def branch(size):
         def run(st):
@@ -199,11 +202,7 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
             return x_acc, kv, ratio_gn
         return run
 
-    if expert:  # a static C_max: expert choice has no load to follow
-        return branch(sizes[0])(state), jnp.int32(sizes[0])
-    index = dsp.size_index(sizes, load)
-    state = jax.lax.switch(index, [branch(size) for size in sizes], state)
-    return state, jnp.asarray(sizes, jnp.int32)[index]
+    return dsp.run_at_size(sizes, load, branch, state)
 
 
 # --------------------------------------------------------------------------- 5. propagate exits (radial)
@@ -236,9 +235,7 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv: KVCa
                                                 jnp.arange(L, dtype=jnp.int32)))[0]
         return run
 
-    index = dsp.size_index(plan.sizes, load)
-    kv = jax.lax.switch(index, [branch(size) for size in plan.sizes], kv)
-    return kv, jnp.asarray(plan.sizes, jnp.int32)[index]
+    return dsp.run_at_size(plan.sizes, load, branch, kv)
 
 
 # --------------------------------------------------------------------------- one step
@@ -274,6 +271,13 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         state, size = run_layer(plan, s, params_s, meta_s, x, admitted_kgn[0], gate_kgn[0], tok, s, state, skip_kv)
         sizes_l = jnp.zeros((L,), jnp.int32).at[s].set(size)
     else:
+        if rc.cache_policy == "propagate":  # the step-aligned writes of steps s < L (see the module docstring)
+            s_l = jnp.minimum(s, L - 1)
+            params_s = jax.tree_util.tree_map(lambda a: a[s_l], pool)
+            kv = jax.lax.cond(s < L, lambda kv: propagate_skips(plan, params_s, meta_at(meta, s_l), x, eligible, tok,
+                                                                kv, s)[0], lambda kv: kv, kv)
+            state = (x, kv, ratio_gn)
+
         def one_layer(l, st):
             state, sizes_l = st
             params_l = jax.tree_util.tree_map(lambda a: a[l], pool)
@@ -298,7 +302,8 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         logits=logits, probs=jax.nn.softmax(logits, axis=-1), choice=decision.choice_gn,
         gate=jnp.where(admitted_kgn, gate_kgn, 0.0).sum(0), assign=assign,
         dropped=(decision.want_kgn & ~admitted_kgn).any(0), exited=decision.exiting_gn, ratio=ratio_gn,
-        layer_sizes=sizes_l, exit_size=exit_size, ran=jnp.bool_(True))
+        layer_sizes=sizes_l, exit_size=exit_size, ran=jnp.bool_(True),
+        aligned_kv=jnp.bool_(rc.cache_policy == "propagate") & (s < L))
     new = Carry(x=x_new, active=carry.active & ~decision.exiting_gn,
                 last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters)
     return new, record

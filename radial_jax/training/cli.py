@@ -119,8 +119,8 @@ def cmd_distill(args) -> int:
                                run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs)
     if args.radial_steps:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
-        start = student.replace(mode="radial").params  # keeps the trained router (same shapes)
-        student, more = distill(teacher, data, cfg=cfg, mode="radial", start_params=start, train=train,
+        # warm start: the radial network begins exactly where the ordered student is
+        student, more = distill(teacher, data, cfg=cfg, mode="radial", start=student, train=train,
                                 run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress,
                                 radial_kwargs=radial_kwargs)
         history = history + more

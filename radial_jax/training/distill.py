@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.api import Model
+from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
@@ -60,6 +61,7 @@ class DistillConfig:
     z_weight: float = 1e-3  # radial mode
     train: str = "router"  # "router": layers frozen; "all": everything
     router_hidden: int = 16
+    radial_push: float = 4.0  # radial warm start: how far other layers and exit start below the ordered route
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:
@@ -84,10 +86,13 @@ def make_student(teacher: Model, cfg: DistillConfig = DistillConfig(), mode: str
 
 
 def keep_logits_ordered(router_logits_sbtk):
-    """Ordered mode: ``logit[s, ..., s] - logit[s, ..., L]`` (use layer s vs skip), ``[S, b, t]``."""
+    """Ordered mode: ``logit[s, ..., s] - logit[s, ..., SKIP]`` (use layer s vs skip it), ``[S, b, t]``.
+
+    The router's columns are ``L`` layers, skip (``L``), exit (``L + 1``).
+    """
     s = router_logits_sbtk.shape[0]
     idx = jnp.broadcast_to(jnp.arange(s)[:, None, None, None], router_logits_sbtk.shape[:3] + (1,))
-    return jnp.take_along_axis(router_logits_sbtk, idx, -1)[..., 0] - router_logits_sbtk[..., -1]
+    return jnp.take_along_axis(router_logits_sbtk, idx, -1)[..., 0] - router_logits_sbtk[..., -2]
 
 
 def expected_layer_visits(router_out, ordered: bool, num_layers: int):
@@ -142,7 +147,7 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
             lb = losses.load_balance(r.probs, r.assign)
             z = losses.router_z_loss(r.logits)
             total += cfg.balance_weight * lb + cfg.z_weight * z
-            metrics.update(balance=lb, z=z)
+            metrics.update(balance=lb, z=z, **route_rates(r, L))
         depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
         total += cfg.compute_weight * depth
         metrics["soft_depth"] = depth
@@ -172,12 +177,14 @@ def make_distill_eval(student, windows, teacher: Model, batch_size: int = 16):
 
 
 def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg: DistillConfig = DistillConfig(),
-            mode: str = "ordered", start_params=None, train: Optional[TrainConfig] = None,
+            mode: str = "ordered", start=None, train: Optional[TrainConfig] = None,
             run_dir: Optional[Union[str, Path]] = None, progress: bool = True, callbacks=(),
             radial_kwargs: Optional[dict] = None):
     """Distil ``teacher`` into a Radial Network; returns ``(student, history)`` (``student.params`` trained).
 
-    ``start_params``: continue from earlier parameters (the ordered phase's, for ``mode="radial"``).
+    ``start``: a student to continue from. An ordered student with ``mode="radial"`` is warm-started
+    by ``RadialModel.to_radial(cfg.radial_push)``: the radial network begins exactly where the ordered
+    one is (every router column keeps its meaning), then learns other layers, reuse and exits.
     ``radial_kwargs``: further ``RadialConfig`` fields (capacity_factor, cache_policy, ...).
     """
     train = train or TrainConfig()
@@ -188,14 +195,16 @@ def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg:
         raise ValueError(f"the data's vocabulary ({data.vocab_size}) exceeds the teacher's "
                          f"({teacher.config.vocab_size}); use the data the teacher was trained on")
     student = make_student(teacher, cfg, mode=mode, seed=train.seed, **(radial_kwargs or {}))
-    params = student.params
-    if start_params is not None:
+    if start is not None:
+        if start.radial.ordered and mode == "radial":
+            start = start.to_radial(cfg.radial_push, **(radial_kwargs or {}))
         want = jax.tree_util.tree_map(np.shape, student.params)
-        got = jax.tree_util.tree_map(np.shape, start_params)
-        if want != got:
-            raise ValueError("start_params do not match the Radial Network's parameters (structure or shapes "
-                             "differ); continue only from a student of the same teacher and router width")
-        params = start_params
+        if start.radial.mode != mode or jax.tree_util.tree_map(np.shape, start.params) != want:
+            raise ValueError(f"cannot continue a {start.radial.mode}-mode student as a {mode}-mode one of this "
+                             "teacher (modes, structure or shapes differ); continue from a student of the same "
+                             "teacher and router settings")
+        student = start
+    params = student.params
     trainable = None if cfg.train == "all" else (lambda path: path.startswith("router"))
     tx = make_optimizer(train.optim, trainable=trainable, params=params)
     state = TrainState.create(params, tx, seed=train.seed)

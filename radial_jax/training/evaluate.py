@@ -183,7 +183,7 @@ def evaluate(student, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offset
         plot_curves(result, png)
         result["png"] = str(png)
     if out_json is not None:
-        from radial_jax.profiling.residual import atomic_write_text
+        from radial_jax.io import atomic_write_text
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out_json), json.dumps(result, indent=2))
     return result

@@ -1,24 +1,28 @@
-"""Joint training from scratch of a Radial Network's layers and router (DESIGN.md §5).
+"""Joint training from scratch of a Radial Network's layers and router (docs/design.md §5).
 
-The network (``RadialNetwork``, real fixed-capacity dispatch, ``gate="prob"``:
+The network (``RadialNetwork`` with its real dispatch, ``gate="prob"`` by default:
 a processed token's update is scaled by its router probability, MoE style, so
-the LM loss reaches the router) starts from random layers. Loss per batch::
+the LM loss reaches the router; ``gate="straight_through"`` also works) starts
+from random layers, in ordered or radial mode, with ``S >= L`` steps (radial:
+``S > L`` lets a token visit layers more than once). Loss per batch::
 
     LM cross-entropy
-  + compute_weight * E[layer visits] / L      (soft depth, the router's probabilities)
-  + balance_weight * load balance over layers (radial mode)
+  + compute_weight * E[layer visits] / L      (soft depth from the router's probabilities)
+  + balance_weight * load balance over layers (radial mode: routes that fit the budget)
   + z_weight       * router z-loss
 
 Schedule (stage-wise, because capacity is static under ``jit``: one compiled
 step per stage, chosen on the host by the update count):
 
-* warm-up, ``route_start`` updates: ``routing="identity"`` (every token through
-  every layer, in order): a sequential model learns first, since a random layer
-  hurts at first and a closed route would starve it of gradient;
-* then learned routing with the skip/exit bias lowered by ``router_bias_init``
-  (start with almost every layer open), the capacity factor falling from
-  ``capacity_start`` to ``capacity_end`` in ``capacity_stages`` equal steps over
-  ``capacity_steps`` updates, and staying there.
+* warm-up, ``route_start`` updates: every token gets the full depth:
+  ``routing="identity"`` (layer ``s mod L`` at step ``s``) with a budget that drops
+  nothing: the pool learns first, as a sequential (or, ``S > L``, looped) model;
+* then learned routing, the router starting close to the warm-up's routes
+  (skip and exit lowered by ``router_bias_init``; radial mode: every layer but
+  ``s mod L`` and the exit pushed down by ``router_align`` at step ``s``, a learned
+  bias the router can undo), the capacity factor falling from ``capacity_start`` to
+  ``capacity_end`` in ``capacity_stages`` equal steps over ``capacity_steps``
+  updates, and staying there.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import numpy as np
 
 from radial_jax.api import init_params
 from radial_jax.radial import RadialModel, RadialConfig
-from radial_jax.radial.router import with_keep_offset
+from radial_jax.radial.router import aligned_step_bias, with_keep_offset
+from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.distill import expected_layer_visits
 from radial_jax.training.loop import TrainConfig, fit
@@ -46,6 +51,7 @@ class JointConfig:
     """Loss weights and the routing / capacity schedule (see the module docstring)."""
 
     mode: str = "ordered"
+    gate: str = "prob"
     compute_weight: float = 0.05
     balance_weight: float = 0.01
     z_weight: float = 1e-3
@@ -56,10 +62,11 @@ class JointConfig:
     route_start: int = 100
     router_hidden: int = 64
     router_bias_init: float = 2.0
+    router_align: float = 4.0
 
     def __post_init__(self):
-        if not (0 < self.capacity_end <= 1 and 0 < self.capacity_start <= 1):
-            raise ValueError(f"capacities must be in (0, 1], got {self.capacity_start}, {self.capacity_end}")
+        if not (self.capacity_end > 0 and self.capacity_start > 0):
+            raise ValueError(f"capacities must be > 0, got {self.capacity_start}, {self.capacity_end}")
         for name in ("capacity_steps", "capacity_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -69,10 +76,11 @@ class JointConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
-    def stage(self, step: int) -> tuple:
-        """``(routing, capacity_factor)`` at update ``step``."""
+    def stage(self, step: int, full_capacity: float = 1.0) -> tuple:
+        """``(routing, capacity_factor)`` at update ``step``; ``full_capacity``: the capacity factor at
+        which the warm-up's identity routes drop nothing (``S * K / L``)."""
         if step < self.route_start:
-            return "identity", 1.0
+            return "identity", float(full_capacity)
         k = min(self.capacity_stages - 1, (step - self.route_start) * self.capacity_stages // self.capacity_steps)
         if self.capacity_stages == 1:
             return "learned", float(self.capacity_end)
@@ -94,7 +102,7 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
         z = losses.router_z_loss(r.logits)
         total = lm + cfg.z_weight * z
         metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.depth_fraction,
-                   "dropped": out.metrics.total_dropped}
+                   "compute": out.metrics.compute_fraction, **route_rates(r, L)}
         if network.radial.routing == "learned":
             total += cfg.compute_weight * depth
             if not ordered:
@@ -109,26 +117,33 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
 def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: JointConfig = JointConfig(),
                 train: Optional[TrainConfig] = None, run_dir: Optional[Union[str, Path]] = None,
                 progress: bool = True, radial_kwargs: Optional[dict] = None):
-    """Train a Radial Network over ``config`` (``OPTConfig``) from scratch; returns ``(network, history)``
-    with ``network.params`` trained and ``network.radial`` the final stage's settings."""
+    """Train a Radial Network over ``config`` (any decoder family's config) from scratch; returns
+    ``(network, history)`` with ``network.params`` trained and ``network.radial`` the final stage's settings.
+    ``radial_kwargs``: further ``RadialConfig`` fields (``max_steps`` for ``S > L``, ``cache_policy``, ...)."""
     train = train or TrainConfig()
     if steps is not None:
         train = dataclasses.replace(train, steps=int(steps))
     train = train.with_schedule()
     if data.vocab_size > config.vocab_size:
         raise ValueError(f"the data's vocabulary ({data.vocab_size}) exceeds the model's ({config.vocab_size})")
-    rc = RadialConfig(**{"mode": cfg.mode, "gate": "prob", "router_hidden": cfg.router_hidden,
+    rc = RadialConfig(**{"mode": cfg.mode, "gate": cfg.gate, "router_hidden": cfg.router_hidden,
                          **(radial_kwargs or {})})
+    L = config.num_layers
+    S = rc.steps(L)
+    full_capacity = S * rc.layers_per_step(L) / L  # phi = 1: nothing dropped
     base = init_params(config, seed=train.seed)
     network = RadialModel(config, rc, {}).replace(params=base, seed=train.seed)
-    params = {**network.params, "router": with_keep_offset(network.params["router"], cfg.router_bias_init)}
+    router = with_keep_offset(network.params["router"], cfg.router_bias_init)
+    if not rc.ordered:
+        router = {**router, "step_bias": router["step_bias"] + aligned_step_bias(L, S, cfg.router_align)}
+    params = {**network.params, "router": router}
     tx = make_optimizer(train.optim)
     state = TrainState.create(params, tx, seed=train.seed)
 
     compiled = {}
 
     def stage_network(step):
-        routing, capacity = cfg.stage(step)
+        routing, capacity = cfg.stage(step, full_capacity)
         return network.replace(routing=routing, capacity_factor=capacity)
 
     def step_fn(state, batch):

@@ -1,0 +1,54 @@
+"""Files written so that a reader never sees half of one: text, JSON and figures (matplotlib, Agg)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write via a temporary file in the same directory and rename (created parents included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+    return path
+
+
+def atomic_write_json(path, value, indent: int = 1) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=indent, default=_jsonable))
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def figure(ncols: int = 1, width: float = 5.0, height: float = 3.8):
+    """``(plt, fig, axes[ncols])`` with the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height))
+    return plt, fig, np.atleast_1d(axes)
+
+
+def save_figure(plt, fig, path, dpi: int = 110) -> Path:
+    """Save a PNG atomically and close the figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
+        fig.savefig(f, dpi=dpi)
+    os.replace(f.name, path)
+    plt.close(fig)
+    return path
