@@ -21,59 +21,12 @@ Usage::
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+
+from radial_jax.results import figure, machine, write_result  # noqa: F401  (re-exported)
+from radial_jax.timing import block, interleave, rate, ratio, summary  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-
-
-def block(out):
-    """Wait for JAX's asynchronous dispatch to finish (works on any pytree; no-op for numpy)."""
-    try:
-        import jax
-        jax.block_until_ready(out)
-    except ImportError:
-        pass
-    return out
-
-
-def interleave(sides: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds of each side over ``repeats`` rounds, the sides run one after the other inside a round."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        for fn in sides.values():
-            block(fn())
-    rounds = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            block(fn())
-            rounds[name].append(time.perf_counter() - t0)
-    return rounds
-
-
-def summary(values: List[float]) -> dict:
-    """``{"median", "min", "max", "n"}`` of a list of numbers."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def ratio(rounds: Dict[str, List[float]], slow: str, fast: str) -> dict:
-    """Per-round ``time[slow] / time[fast]`` (a speed-up of ``fast``), summarised."""
-    return summary([a / b for a, b in zip(rounds[slow], rounds[fast])])
-
-
-def rate(rounds: Dict[str, List[float]], side: str, work: float) -> dict:
-    """Per-round ``work / seconds`` (e.g. tokens/s), summarised."""
-    return summary([work / s for s in rounds[side]])
 
 
 def xla_flops(fn, *args, **kwargs) -> float:
@@ -84,46 +37,3 @@ def xla_flops(fn, *args, **kwargs) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def figure(key: str, label: str, value, *, unit: str = "", target: Optional[str] = None,
-           met: Optional[bool] = None, note: str = "") -> dict:
-    """One README figure. ``value``: a number or a ``summary``/``ratio`` dict (median and spread)."""
-    if isinstance(value, dict):
-        row = {"value": value["median"], "spread": [value["min"], value["max"]], "rounds": value["n"]}
-    else:
-        row = {"value": value}
-    return {"key": key, "label": label, **row, "unit": unit, "target": target, "met": met, "note": note}
-
-
-def machine() -> dict:
-    """The machine and the versions a result was measured with."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
-    for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    try:
-        import jax
-        dev = jax.devices()[0]
-        info["jax_backend"], info["device"] = dev.platform, getattr(dev, "device_kind", str(dev))
-    except ImportError:
-        pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
-
-
-def write_result(path, benchmark: str, settings: dict, figures: List[dict], details: Optional[dict] = None) -> Path:
-    """Write the result JSON atomically (``results/<name>.json`` by convention)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": benchmark, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": machine(), "settings": settings, "figures": figures, "details": details or {}}
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(doc, f, indent=1, default=float)
-    os.replace(f.name, path)
-    return path

@@ -7,24 +7,25 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
    or, with ``--model``, load a checkpoint instead (hub id or local directory).
 2. ``profile``: residual ratios of every block on the held-out text (§2).
 3. ``simulate``: oracle layer skipping over a threshold sweep (§3).
-4. ``distill``: distil the teacher into a Radial Network (ordered mode; router
-   and layers trained by default, ``--distill-train router`` freezes the layers)
-   with ``radial_jax.training``.
-5. ``evaluate``: perplexity and mean depth of the routed student against the
-   teacher and the oracle at the same depth; the quality-against-compute PNG.
+4. ``distill``: distil the teacher into a Radial Network in ordered mode (router
+   and layers trained by default; ``--distill-train router`` freezes the layers),
+   then, with ``--radial-steps``, continue it in radial mode from the ordered
+   student (any layer, reuse, exit).
+5. ``evaluate``: perplexity, depth and *executed* FLOPs of the students against
+   the teacher and the oracles; the quality-against-compute PNG; route plots.
+6. ``serve``: measured wall-clock speed-ups of prefill and of decoding at batch
+   1 and 8 against the teacher (``radial_jax.serving``), the sides interleaved.
 
 Everything lands in ``--out`` (default ``runs/pipeline``), with ``summary.json``
-naming the model and data actually used.
+naming the model and data actually used; ``--results FILE`` also writes the
+README's figures (``experiments/readme_tables.py``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
-
-import numpy as np
 
 
 def _done(path: Path) -> bool:
@@ -35,9 +36,9 @@ def run_pipeline(args) -> int:
     import jax
     import radial_jax as rj
     from radial_jax.data import perplexity_windows
-    from radial_jax.io import atomic_write_text
+    from radial_jax.io import atomic_write_json
     from radial_jax.profiling.skipping import check_thresholds
-    from radial_jax.training.artifacts import load_model, save_model, save_student
+    from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
     from radial_jax.training.cli import SIZES
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
@@ -97,25 +98,47 @@ def run_pipeline(args) -> int:
     simulation = json.loads((out / "simulate" / "simulation.json").read_text())
     timings["simulate_s"] = time.perf_counter() - t0
 
-    # 4-5. distillation into a Radial Network and its evaluation
-    t0 = time.perf_counter()
-    evaluation = None
+    # 4-6. distillation (ordered, then radial), evaluation, serving speed
+    evaluation = speed = None
+    full = ids[mask.all(1)]  # whole windows only: evaluation scores every token of a window
     if args.distill_steps > 0:
+        from radial_jax.training.distill import DistillConfig, distill
+        cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
+                            train=args.distill_train)
+        teacher_ref = str(teacher_dir.resolve()) if not args.model else str(args.model)
+        students = {}
+        t0 = time.perf_counter()
+        for mode, steps in (("ordered", args.distill_steps), ("radial", args.radial_steps)):
+            if steps <= 0:
+                continue
+            where = out / "distill" / mode
+            if _done(where / "params.msgpack"):
+                students[mode], _ = load_student(where)
+                print(f"[distill] reusing {where}")
+                continue
+            train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
+                                optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
+            start = students.get("ordered") if mode == "radial" else None
+            students[mode], _ = distill(teacher, data, cfg=cfg, mode=mode, start=start, train=train,
+                                        run_dir=out / f"distill_{mode}_run")
+            save_student(students[mode], where, distill=dataclasses.asdict(cfg), data=data.source, teacher=teacher_ref)
+        timings["distill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if not _done(out / "distill" / "eval.json"):
-            from radial_jax.training.distill import DistillConfig, distill
             from radial_jax.training.evaluate import evaluate
-            cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
-                                train=args.distill_train)
-            train = TrainConfig(steps=args.distill_steps, batch_size=args.batch_size, seq_len=args.window,
-                                optim=OptimConfig(learning_rate=args.distill_lr),
-                                checkpoint_every=max(1, args.distill_steps // 2))
-            student, _ = distill(teacher, data, cfg=cfg, train=train, run_dir=out / "distill_run")
-            save_student(student, out / "distill" / "student", distill=dataclasses.asdict(cfg), data=data.source,
-                         teacher=str(teacher_dir.resolve()) if not args.model else str(args.model))
-            full = ids[mask.all(1)]  # whole windows only: evaluation scores every token of a window
-            evaluate(student, teacher, full, png=out / "distill" / "curve.png", out_json=out / "distill" / "eval.json")
+            evaluate(students, teacher, full, png=out / "distill" / "curve.png", out_json=out / "distill" / "eval.json",
+                     routes_png=out / "distill")
         evaluation = json.loads((out / "distill" / "eval.json").read_text())
-    timings["distill_s"] = time.perf_counter() - t0
+        timings["evaluate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if args.serve_repeats > 0:
+            if not _done(out / "serve" / "speed.json"):
+                from radial_jax.serving import serving_speed
+                speed = serving_speed(teacher, students, full[:, :args.window // 2], new_tokens=args.serve_tokens,
+                                      repeats=args.serve_repeats)
+                atomic_write_json(out / "serve" / "speed.json", speed)
+            speed = json.loads((out / "serve" / "speed.json").read_text())
+        timings["serve_s"] = time.perf_counter() - t0
 
     summary = {
         "model": teacher.name, "num_params": teacher.num_params, "data": data_name,
@@ -123,47 +146,88 @@ def run_pipeline(args) -> int:
         "median_ratio_out": profile["median_ratio_out"], "median_ratio_in": profile["median_ratio_in"],
         "oracle": [{k: r[k] for k in ("threshold", "depth_fraction", "flops_kept", "perplexity")}
                    for r in simulation["thresholds"]],
-        "radial_network": None if evaluation is None else {
-            "trained": args.distill_train, "steps": args.distill_steps,
-            "perplexity": evaluation["student"]["ppl"], "mean_depth_fraction": evaluation["student"]["depth"],
-            "teacher_perplexity": evaluation["teacher"]["ppl"],
-            "perplexity_increase_vs_teacher": evaluation["ppl_increase_vs_teacher"],
-            "oracle_perplexity_at_same_depth": evaluation["oracle_ppl_at_student_depth"]},
-        "timings_s": timings,
+        "teacher_perplexity": None if evaluation is None else evaluation["teacher"]["ppl"],
+        "students": None if evaluation is None else {
+            name: {"mode": s["mode"], "perplexity": s["ppl"], "depth_fraction": s["depth"],
+                   "executed_flops_fraction": s["compute"], "perplexity_increase_vs_teacher": s["ppl_increase_vs_teacher"],
+                   "oracle_perplexity_at_same_compute": s["oracle_ppl_at_same_compute"],
+                   "reuse_share": s["route_stats"]["reuse_token_share"], "exit_share": s["route_stats"]["exit_share"],
+                   "drop_rate": s["route_stats"]["drop_rate"],
+                   "speed": None if speed is None else speed["students"].get(name)}
+            for name, s in evaluation["students"].items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "func"}, "timings_s": timings,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    print(f"\n== summary ({teacher.name}, {data_name}) ==")
+    atomic_write_json(out / "summary.json", summary)
+    if args.results:
+        write_figures(summary, args.results)
+    print_summary(summary, out)
+    return 0
+
+
+def write_figures(summary: dict, path) -> None:
+    """The pipeline's result as README figures (``experiments/readme_tables.py``), next to the benchmarks'."""
+    from radial_jax.results import figure, write_result
+    figs = [figure("pipeline_teacher", "pipeline: teacher perplexity (held-out)",
+                            summary["teacher_perplexity"])]
+    for name, s in (summary["students"] or {}).items():
+        met = s["executed_flops_fraction"] <= 0.6 and s["perplexity_increase_vs_teacher"] <= 0.05
+        figs.append(figure(
+            f"pipeline_{name}", f"pipeline: {name} student, executed FLOPs / teacher", s["executed_flops_fraction"],
+            target="<= 0.60 at <= +5 % ppl", met=met,
+            note=f"depth {100 * s['depth_fraction']:.0f} %, ppl {s['perplexity']:.1f} "
+                 f"({100 * s['perplexity_increase_vs_teacher']:+.1f} %), oracle at same FLOPs "
+                 f"{s['oracle_perplexity_at_same_compute'] or float('nan'):.1f}"))
+        if s["speed"]:
+            for key, label in (("prefill_speedup", "prefill"), ("decode_b1_speedup", "decoding, batch 1"),
+                               ("decode_b8_speedup", "decoding, batch 8")):
+                figs.append(figure(f"pipeline_{name}_{key}", f"pipeline: {name} student {label} vs teacher",
+                                            s["speed"][key], unit="x"))
+    write_result(path, "pipeline", summary["settings"], figs, {k: v for k, v in summary.items()
+                                                                        if k != "settings"})
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    print(f"\n== summary ({summary['model']}, {summary['data']}) ==")
     print(f"median residual ratio (ratio_out, attention+MLP blocks): {summary['median_ratio_out']:.4f}")
     for r in summary["oracle"]:
         print(f"oracle t={r['threshold']:<5} depth {100 * r['depth_fraction']:5.1f}%  FLOPs {100 * r['flops_kept']:5.1f}%"
               f"  ppl {r['perplexity']:.3f}")
-    if summary["radial_network"]:
-        rn = summary["radial_network"]
-        oracle_ppl = rn["oracle_perplexity_at_same_depth"]
-        print(f"Radial Network ({rn['trained']} trained, {rn['steps']} steps): depth "
-              f"{100 * rn['mean_depth_fraction']:.1f}% of layers, ppl {rn['perplexity']:.3f} "
-              f"(teacher {rn['teacher_perplexity']:.3f}, {100 * rn['perplexity_increase_vs_teacher']:+.1f}%; "
-              f"oracle at same depth {oracle_ppl if oracle_ppl is None else round(oracle_ppl, 3)})")
-    print(f"results in {out}/ (summary.json, profile/, simulate/, distill/)")
-    return 0
+    if summary["students"]:
+        print(f"teacher ppl {summary['teacher_perplexity']:.3f}")
+        for name, s in summary["students"].items():
+            speed = s["speed"] or {}
+            line = (f"{name} student: depth {100 * s['depth_fraction']:.1f}%, executed FLOPs "
+                    f"{100 * s['executed_flops_fraction']:.1f}%, ppl {s['perplexity']:.3f} "
+                    f"({100 * s['perplexity_increase_vs_teacher']:+.1f}%), reuse {100 * s['reuse_share']:.0f}%, "
+                    f"exit {100 * s['exit_share']:.0f}%")
+            if speed:
+                line += (f"; vs teacher: prefill {speed['prefill_speedup']['median']:.2f}x, decode b1 "
+                         f"{speed['decode_b1_speedup']['median']:.2f}x, b8 {speed['decode_b8_speedup']['median']:.2f}x")
+            print(line)
+    print(f"results in {out}/ (summary.json, profile/, simulate/, distill/, serve/)")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pipeline", help="train (or load), profile, simulate, distil, evaluate: the whole study")
+    p = sub.add_parser("pipeline", help="train (or load), profile, simulate, distil, evaluate, serve: the whole study")
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--model", default=None, help="use this checkpoint instead of training a small teacher")
     p.add_argument("--data", default="embedded", help="'embedded' (offline default), 'wikitext2', or text files")
-    p.add_argument("--size", default="small", help="teacher size preset: tiny, small, base")
+    p.add_argument("--size", default="small", choices=("tiny", "small", "base"), help="teacher size preset")
     p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--distill-steps", type=int, default=300, help="0 skips distillation")
+    p.add_argument("--distill-steps", type=int, default=300, help="ordered student; 0 skips distillation")
+    p.add_argument("--radial-steps", type=int, default=200,
+                   help="radial student, continued from the ordered one; 0 skips it")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the teacher's training")
     p.add_argument("--max-windows", type=int, default=256, help="held-out windows for profile/simulate/eval")
     p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
     p.add_argument("--oracle-threshold", type=float, default=0.35, help="oracle labels for router supervision")
-    p.add_argument("--compute-weight", type=float, default=0.3, help="weight of the expected-depth penalty")
+    p.add_argument("--compute-weight", type=float, default=0.3, help="weight of the expected-compute penalty")
     p.add_argument("--distill-train", choices=("router", "all"), default="all",
                    help="what distillation trains: the router only (layers frozen) or everything")
     p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--serve-repeats", type=int, default=5, help="interleaved timing rounds; 0 skips serving speed")
+    p.add_argument("--serve-tokens", type=int, default=16, help="tokens decoded per row when timing")
+    p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
     p.set_defaults(func=run_pipeline)

@@ -44,3 +44,11 @@ def dense_flops(config, n_tokens, n_keys, with_head: bool = True) -> float:
     """The sequential model: every token through every layer (and the head)."""
     total = config.num_layers * layer_flops(config.layer_config(), n_tokens, n_keys)
     return total + (head_flops(config, n_tokens) if with_head and hasattr(config, "decoder_spec") else 0.0)
+
+
+def step_cost_in_visits(lc: LayerConfig, hidden_size: int, router_hidden: int, num_layers: int, n_keys,
+                        propagate: bool) -> float:
+    """What a token costs at a step it is active, beyond any layer it visits (the router, and the
+    *propagate* K/V write), in units of one layer visit against ``n_keys`` keys."""
+    extra = router_flops(hidden_size, router_hidden, num_layers + 2, 1) + (kv_flops(lc, 1) if propagate else 0.0)
+    return extra / layer_flops(lc, 1, n_keys)

@@ -138,13 +138,13 @@ def test_oracle_router_matches_threshold_rule(small):
     assert int(rm.forward(ids, threshold=2.0).metrics.depth.sum()) == 0
 
 
-# Capacities that bind: ordered 0.5 of the tokens per layer; radial (S = 5, L = 3) phi = 1.5 * 3 / 15 = 0.3.
+# Capacities that bind: ordered 0.5 of the tokens per layer; radial (S = 5, L = 3) phi = 1.0 * 3 / 15 = 0.2.
 # Two static sizes keep compilation short; the bucket sizes themselves are tested in test_flops.py.
 ROUTED = [
     dict(mode="ordered", cache_policy="mask", capacity_factor=0.5, prefill_buckets=2),
     dict(mode="ordered", cache_policy="propagate", capacity_factor=0.5, prefill_buckets=2),
-    dict(mode="radial", cache_policy="mask", max_steps=5, capacity_factor=1.5, prefill_buckets=2),
-    dict(mode="radial", cache_policy="propagate", max_steps=5, capacity_factor=1.5, router_last_layer=True,
+    dict(mode="radial", cache_policy="mask", max_steps=5, capacity_factor=1.0, prefill_buckets=2),
+    dict(mode="radial", cache_policy="propagate", max_steps=5, capacity_factor=1.0, router_last_layer=True,
          prefill_buckets=2),
 ]
 ROUTED_IDS = [f"{kw['mode']}-{kw['cache_policy']}" for kw in ROUTED]
@@ -162,7 +162,7 @@ def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
     ch = np.asarray(par.router.choice)
     L = SMALL.num_layers
     assert int(par.metrics.dropped.sum()) > 0, "the budget must bind"
-    assert ((ch >= 0) & (ch < L)).any() and (ch == L).any(), "routes must mix layers and skips/exits"
+    assert ((ch >= 0) & (ch < L)).any() and (ch >= L).any(), "routes must mix layers and skips/exits"
     if kw["mode"] == "radial":  # some token visits a layer twice (reuse)
         assign = np.asarray(par.router.assign)
         assert (assign.sum(0) >= 2).any()

@@ -10,7 +10,7 @@ import jax
 
 import radial_jax as rj
 from radial_jax.radial import RadialNetwork
-from radial_jax.radial.router import with_keep_offset
+from radial_jax.radial.router import exit_index
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                      max_position_embeddings=48)
@@ -114,7 +114,9 @@ def test_identity_routing_generates_what_the_sequential_model_generates(small):
 
 def test_when_every_row_exits_at_once_decoding_runs_one_step_and_less_compute(small):
     rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=4, router_init_scale=1.5, seed=1)
-    gone = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], -30.0)})
+    router = dict(rm.params["router"])
+    router["step_bias"] = router["step_bias"].at[:, exit_index(SMALL.num_layers)].set(1e4)  # everyone exits
+    gone = rm.replace(params={**rm.params, "router": router})
     ids = np.random.default_rng(4).integers(3, 64, (3, 5))
     cache = gone.forward(ids, positions_bt=np.broadcast_to(np.arange(5), (3, 5)), max_len=8).cache
     step = gone.decode_step(ids[:, -1], np.full(3, 5), cache)

@@ -236,7 +236,7 @@ def test_evaluate_curves_meet_the_teacher_and_the_empty_network(tmp_path, teache
     o = {c["threshold"]: c for c in res["oracle_curve"]}
     np.testing.assert_allclose(o[0.0]["ppl"], teacher_ppl, rtol=1e-5)
     assert o[0.0]["depth"] == 1.0 and o[2.0]["depth"] == 0.0
-    s = {c["offset"]: c for c in res["student_curve"]}
+    s = {c["offset"]: c for c in res["student"]["curve"]}
     assert s[30.0]["depth"] == 1.0 and s[-30.0]["depth"] == 0.0
     np.testing.assert_allclose(s[30.0]["ppl"], teacher_ppl, rtol=1e-5)  # straight-through gate: value 1
     blocks = {c["threshold"]: c for c in res["block_oracle_curve"]}  # through the sequential model
@@ -301,27 +301,37 @@ def test_joint_training_from_scratch_schedule_and_capacity(corpus):
         JointConfig(capacity_end=0.0)
 
 
-def test_pipeline_command_router_only_keeps_the_teachers_layers(tmp_path, capsys):
-    """``radial-jax pipeline`` end to end on tiny settings: every stage's output, the ``--distill-train`` flag
-    honoured (router-only: the saved student's layers are bitwise the saved teacher's), a rerun reuses them."""
+def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys):
+    """``radial-jax pipeline`` on tiny settings: every stage's output (the ordered and the radial student,
+    evaluation, serving speed, the README figures), the ``--distill-train`` flag honoured (router-only: the
+    saved students' layers are bitwise the saved teacher's), and a rerun that reuses every stage."""
     from radial_jax.cli import main
     from radial_jax.training.artifacts import load_model, load_student
     out = tmp_path / "p"
     argv = ["pipeline", "--out", str(out), "--size", "tiny", "--teacher-steps", "4", "--distill-steps", "2",
-            "--window", "16", "--batch-size", "4", "--max-windows", "32", "--thresholds", "0,0.3",
+            "--radial-steps", "2", "--window", "16", "--batch-size", "4", "--max-windows", "32", "--thresholds",
+            "0,0.3", "--serve-repeats", "1", "--serve-tokens", "2", "--results", str(tmp_path / "r.json"),
             "--distill-train", "router"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["radial_network"]["trained"] == "router" and summary["radial_network"]["steps"] == 2
-    for f in ("profile/profile.json", "simulate/simulation.json", "distill/eval.json", "distill/curve.png"):
+    assert set(summary["students"]) == {"ordered", "radial"}
+    for name, s in summary["students"].items():
+        assert s["mode"] == name and 0 <= s["depth_fraction"] <= 1 and s["executed_flops_fraction"] > 0
+        assert s["speed"]["decode_b1_speedup"]["median"] > 0 and s["speed"]["prefill_speedup"]["n"] == 1
+    for f in ("profile/profile.json", "simulate/simulation.json", "distill/eval.json", "distill/curve.png",
+              "distill/radial_routes.png", "serve/speed.json"):
         assert (out / f).is_file(), f
+    figures = json.loads((tmp_path / "r.json").read_text())["figures"]
+    assert {f["key"] for f in figures} >= {"pipeline_teacher", "pipeline_ordered", "pipeline_radial"}
     teacher = load_model(out / "teacher")
-    student, meta = load_student(out / "distill" / "student")
-    assert meta["distill"]["train"] == "router"
-    for a, b in zip(jax.tree_util.tree_leaves(without_router(student.params)),
-                    jax.tree_util.tree_leaves(teacher.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    before = {f: (out / f).stat().st_mtime_ns for f in ("teacher/params.msgpack", "distill/eval.json")}
+    for mode in ("ordered", "radial"):
+        student, meta = load_student(out / "distill" / mode)
+        assert meta["distill"]["train"] == "router" and student.radial.mode == mode
+        for a, b in zip(jax.tree_util.tree_leaves(without_router(student.params)),
+                        jax.tree_util.tree_leaves(teacher.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    before = {f: (out / f).stat().st_mtime_ns for f in ("teacher/params.msgpack", "distill/eval.json",
+                                                        "serve/speed.json")}
     capsys.readouterr()
     assert main(argv) == 0  # a rerun finds every stage done and rewrites none
     assert "reusing" in capsys.readouterr().out

@@ -74,6 +74,7 @@ class Plan:
     causal: bool
     decoding: bool  # one group of one token per batch row (else: one group per sequence)
     sizes: Tuple[int, ...]  # the static sizes a layer's load is rounded up to (sizes[0] = 0)
+    exit_sizes: Tuple[int, ...]  # the same for a step's exiting tokens (any number of a group's tokens)
     phi: float  # the budget fraction
     hidden_size: int
 
@@ -235,7 +236,7 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv: KVCa
                                                 jnp.arange(L, dtype=jnp.int32)))[0]
         return run
 
-    return dsp.run_at_size(plan.sizes, load, branch, kv)
+    return dsp.run_at_size(plan.exit_sizes, load, branch, kv)
 
 
 # --------------------------------------------------------------------------- one step

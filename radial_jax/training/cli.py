@@ -146,10 +146,10 @@ def cmd_eval(args) -> int:
                       progress=not args.no_progress)
     s, t = result["student"], result["teacher"]
     print(json.dumps({"teacher_ppl": t["ppl"], "student_ppl": s["ppl"], "mean_depth": s["depth"],
-                      "flops_fraction_layers": s["flops_fraction_layers"],
-                      "ppl_increase_vs_teacher": result["ppl_increase_vs_teacher"],
-                      "oracle_ppl_at_student_depth": result["oracle_ppl_at_student_depth"],
-                      "png": result.get("png")}, indent=2))
+                      "executed_flops_fraction": s["compute"], "ppl_increase_vs_teacher": s["ppl_increase_vs_teacher"],
+                      "oracle_ppl_at_same_compute": s["oracle_ppl_at_same_compute"],
+                      "reuse_share": s["route_stats"]["reuse_token_share"],
+                      "exit_share": s["route_stats"]["exit_share"], "png": result.get("png")}, indent=2))
     return 0
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.api import Model
+from radial_jax.flops import step_cost_in_visits
 from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
@@ -95,13 +96,29 @@ def keep_logits_ordered(router_logits_sbtk):
     return jnp.take_along_axis(router_logits_sbtk, idx, -1)[..., 0] - router_logits_sbtk[..., -2]
 
 
-def expected_layer_visits(router_out, ordered: bool, num_layers: int):
-    """Soft depth per token ``[b, t]`` (differentiable in the router): ordered mode, the keep
-    probabilities summed over steps; radial mode, the layer probabilities of active steps."""
+def expected_layer_visits(router_out, ordered: bool, num_layers: int, step_cost: float = 0.0):
+    """Soft compute per token ``[b, t]``, in layer visits (differentiable in the router).
+
+    Ordered mode: the keep probabilities summed over steps. Radial mode: at each step, the
+    probability of still being active (``prod`` of ``1 - p_exit`` over earlier steps, times the
+    token really being active) times the layer probabilities, plus ``step_cost`` (the router and
+    *propagate* writes of a step, in layer visits) for every step still active: so leaving costs
+    less than skipping, and exits are learnt.
+    """
     if ordered:
         return jnp.sum(jax.nn.sigmoid(keep_logits_ordered(router_out.logits)), 0)
-    active = (router_out.choice >= 0).astype(jnp.float32)[..., None]
-    return jnp.sum(router_out.probs[..., :num_layers] * active, (0, 3))
+    probs = router_out.probs
+    p_exit = probs[..., num_layers + 1]
+    survive = jnp.cumprod(jnp.concatenate([jnp.ones_like(p_exit[:1]), 1.0 - p_exit[:-1]], 0), axis=0)
+    active = survive * (router_out.choice >= 0).astype(jnp.float32)
+    return jnp.sum(active * (jnp.sum(probs[..., :num_layers], -1) + step_cost), 0)
+
+
+def step_cost(network, seq_len: int) -> float:
+    """``flops.step_cost_in_visits`` of a ``RadialModel`` on windows of ``seq_len`` tokens."""
+    c, rc = network.config, network.radial
+    return step_cost_in_visits(c.layer_config(), c.hidden_size, rc.router_hidden, c.num_layers, seq_len,
+                               rc.cache_policy == "propagate")
 
 
 def without_router(params) -> dict:
@@ -148,7 +165,7 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
             z = losses.router_z_loss(r.logits)
             total += cfg.balance_weight * lb + cfg.z_weight * z
             metrics.update(balance=lb, z=z, **route_rates(r, L))
-        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
+        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L, step_cost(student, ids_bt.shape[1])), L)
         total += cfg.compute_weight * depth
         metrics["soft_depth"] = depth
         return total, metrics

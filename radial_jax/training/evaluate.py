@@ -1,32 +1,32 @@
-"""Evaluation of a routed student against its teacher and the oracles (``radial-jax eval``).
+"""Evaluation of routed students against their teacher and the oracles (``radial-jax eval``).
 
-Everything runs the real networks:
+Everything runs the real networks, and compute is what ran:
 
 * teacher: the sequential model (``teacher.module``), every layer;
-* student: the Radial Network with its real dispatch; its depth is
-  ``metrics.depth_fraction`` (layer visits / L per token) and its compute
-  ``metrics.compute_fraction`` (executed FLOPs / the sequential model's, by
-  construction from the shapes that ran);
-* layer oracle (DESIGN.md §3 at layer granularity): the same Radial Network with
+* students (one, or several by name: an ordered and a radial one): the Radial
+  Network with its real dispatch; ``depth`` is layer visits / L per token,
+  ``compute`` the executed FLOPs / the sequential model's (``radial_jax.flops``,
+  by construction from the shapes that ran: layers at their rounded sizes, the
+  router, *propagate* writes), ``route_stats`` what the routes did
+  (``radial_jax.radial.stats``);
+* layer oracle (docs/design.md §3 at layer granularity): a Radial Network with
   ``routing="oracle"``, ``cache_policy="propagate"`` and the *teacher's* layers,
-  swept over thresholds;
+  swept over thresholds (its probe is a simulation device and not counted);
 * block oracle (§3 as written: attention and MLP blocks decided apart): the
-  sequential model's ``threshold=`` forward; its depth is the fraction of layer
-  FLOPs kept (blocks weighted by their cost);
-* student curve: the router swept over keep offsets (``offset`` added to every
-  keep logit: the exit/skip column's bias minus ``offset``), showing what the
-  same router buys at other depths.
+  sequential model's ``threshold=`` forward; its compute is the fraction of
+  layer FLOPs kept;
+* each student's curve: its router swept over keep offsets (every layer column
+  raised by ``offset`` against skip and exit), what the same router buys at other
+  compute.
 
-FLOPs are counted by ``radial_jax.flops`` from the shapes that ran: the student's
-layers, router and *propagate* writes against the teacher's layers
-(``compute``); ``flops_fraction_total`` adds the LM head, the same for both.
+Comparisons "at the same compute" interpolate a curve at a student's executed
+FLOPs fraction. ``flops_fraction_total`` adds the LM head, the same for all.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from radial_jax.flops import dense_flops, head_flops
+from radial_jax.io import atomic_write_json, figure, save_figure
 from radial_jax.radial.router import with_keep_offset
+from radial_jax.radial.stats import RouteStats
 from radial_jax.training import losses
 
 DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8)
@@ -73,12 +75,18 @@ def teacher_stats(teacher, windows, batch_size: int = 16) -> dict:
 
 
 def radial_stats(student, params, windows, batch_size: int = 16, threshold: Optional[float] = None,
-                 fn=None) -> dict:
+                 fn=None, routes: Optional[RouteStats] = None) -> dict:
     """Perplexity, mean depth (``depth_fraction``) and ``compute`` (executed FLOPs / dense) of a
-    ``RadialModel`` with ``params``."""
+    ``RadialModel`` with ``params``; ``routes`` (a ``RouteStats``) also counts its routes."""
     fn = fn or _radial_fn(student)
     thr = jnp.float32(0.0 if threshold is None else threshold)
-    row, extra = _accumulate(lambda ids: fn(params, ids, thr), windows, batch_size)
+
+    def run(ids):
+        nll_sum, n, depth, compute, router = fn(params, ids, thr)
+        if routes is not None:
+            routes.add(router, np.ones(ids.shape, bool))
+        return nll_sum, n, depth, compute
+    row, extra = _accumulate(run, windows, batch_size)
     return {**row, "compute": float(extra[0])}
 
 
@@ -88,7 +96,7 @@ def _radial_fn(student):
     @jax.jit
     def fn(params, ids, thr):
         out = student.module.apply({"params": params}, ids, threshold=thr if oracle else None)
-        return (*_nll(out.logits, ids), out.metrics.depth_fraction, out.metrics.compute_fraction)
+        return (*_nll(out.logits, ids), out.metrics.depth_fraction, out.metrics.compute_fraction, out.router)
     return fn
 
 
@@ -118,11 +126,12 @@ def block_oracle_curve(teacher, windows, thresholds, batch_size: int = 16, progr
     curve = []
     for t in tqdm(thresholds, desc="block oracle", disable=not progress, leave=False):
         row, extra = _accumulate(fn, windows, batch_size, jnp.float32(t))
-        curve.append({"threshold": float(t), **row, "blocks_kept": float(extra[0])})
+        curve.append({"threshold": float(t), **row, "compute": row["depth"], "blocks_kept": float(extra[0])})
     return curve
 
 
 def student_offset_curve(student, windows, offsets, batch_size: int = 16, progress: bool = False) -> list:
+    """The student's router with every layer column ``offset`` above skip and exit, over ``offsets``."""
     fn = _radial_fn(student)
     rows = []
     for o in tqdm(offsets, desc="router offsets", disable=not progress, leave=False):
@@ -131,87 +140,90 @@ def student_offset_curve(student, windows, offsets, batch_size: int = 16, progre
     return rows
 
 
-def interpolate_at_depth(curve: Sequence[dict], depth: float) -> Optional[float]:
-    """Perplexity of a (depth, ppl) curve at ``depth`` by linear interpolation (None outside its range)."""
-    pts = sorted((c["depth"], c["ppl"]) for c in curve)
+def interpolate_at(curve: Sequence[dict], x: float, key: str = "compute") -> Optional[float]:
+    """Perplexity of a curve at ``curve[key] == x`` by linear interpolation (None outside its range)."""
+    pts = sorted((c[key], c["ppl"]) for c in curve)
     xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    if depth < xs.min() - 1e-9 or depth > xs.max() + 1e-9:
+    if not len(xs) or x < xs.min() - 1e-9 or x > xs.max() + 1e-9:
         return None
-    return float(np.interp(depth, xs, ys))
+    return float(np.interp(x, xs, ys))
 
 
-def evaluate(student, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offsets=DEFAULT_OFFSETS,
+def evaluate(students, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offsets=DEFAULT_OFFSETS,
              batch_size: int = 16, png: Optional[Path] = None, out_json: Optional[Path] = None,
-             progress: bool = True) -> dict:
-    """Teacher vs student vs oracles on ``windows`` (``[n, seq_len]`` token ids); see the module docstring.
+             routes_png: Optional[Path] = None, progress: bool = True) -> dict:
+    """Teacher vs students vs oracles on ``windows`` (``[n, seq_len]`` token ids); see the module docstring.
 
-    ``student``: a ``RadialModel`` (``student.params`` trained). ``teacher``: the sequential ``rj.Model``
-    it was distilled from (the oracles are always the teacher's).
+    ``students``: a ``RadialModel``, or ``{name: RadialModel}`` (e.g. the ordered and the radial student),
+    all of the same ``teacher``, the sequential ``rj.Model`` they were distilled from (the oracles are the
+    teacher's). ``routes_png``: a directory for each student's route plot (``<name>_routes.png``).
+    Returns a dict; with one student, ``result["student"]`` is its row.
     """
+    named: Dict[str, object] = dict(students) if isinstance(students, dict) else {"student": students}
     windows = np.asarray(windows)
     if windows.ndim != 2:
         raise ValueError(f"windows must be [n, seq_len], got shape {windows.shape}")
     if len(windows) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} eval windows, got {len(windows)}")
-    if student.config.num_layers != teacher.config.num_layers or student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError("the student and the teacher must share the architecture (layers and vocabulary)")
-    bar = tqdm(total=5, desc="eval", disable=not progress)
+    for name, student in named.items():
+        if (student.config.num_layers != teacher.config.num_layers
+                or student.config.vocab_size != teacher.config.vocab_size):
+            raise ValueError(f"student {name!r} and the teacher must share the architecture (layers, vocabulary)")
+    first = next(iter(named.values()))
+    bar = tqdm(total=3 + 2 * len(named), desc="eval", disable=not progress)
     teacher_row = teacher_stats(teacher, windows, batch_size); bar.update()
-    routed = radial_stats(student, student.params, windows, batch_size); bar.update()
-    oracle = layer_oracle_curve(student, teacher, windows, thresholds, batch_size, progress); bar.update()
+    oracle = layer_oracle_curve(first, teacher, windows, thresholds, batch_size, progress); bar.update()
     blocks = block_oracle_curve(teacher, windows, thresholds, batch_size, progress); bar.update()
-    curve = student_offset_curve(student, windows, offsets, batch_size, progress); bar.update()
+    head = head_flops(teacher.config, 1)
+    dense = dense_flops(teacher.config, 1, windows.shape[1], with_head=False)
+    rows = {}
+    for name, student in named.items():
+        L, S = student.config.num_layers, student.radial.steps(student.config.num_layers)
+        routes = RouteStats(L, S)
+        point = radial_stats(student, student.params, windows, batch_size, routes=routes); bar.update()
+        curve = student_offset_curve(student, windows, offsets, batch_size, progress); bar.update()
+        oracle_ppl = interpolate_at(oracle, point["compute"])
+        rows[name] = {
+            **point, "mode": student.radial.mode, "radial_config": dataclasses.asdict(student.radial),
+            "flops_fraction_total": (point["compute"] * dense + head) / (dense + head),
+            "ppl_increase_vs_teacher": point["ppl"] / teacher_row["ppl"] - 1.0,
+            "oracle_ppl_at_same_compute": oracle_ppl,
+            "ppl_vs_oracle_at_same_compute": None if oracle_ppl is None else point["ppl"] / oracle_ppl - 1.0,
+            "block_oracle_ppl_at_same_compute": interpolate_at(blocks, point["compute"]),
+            "curve": curve, "route_stats": routes.summary()}
+        if routes_png is not None:
+            routes.plot(Path(routes_png) / f"{name}_routes.png", title=name)
     bar.close()
-    head = head_flops(student.config, 1)
-    dense = dense_flops(student.config, 1, windows.shape[1], with_head=False)
-    flops = {"flops_fraction_layers": routed["compute"],
-             "flops_fraction_total": (routed["compute"] * dense + head) / (dense + head)}
-    oracle_ppl = interpolate_at_depth(oracle, routed["depth"])
     result = {
-        "teacher": teacher_row, "student": {**routed, **flops},
-        "radial_config": dataclasses.asdict(student.radial),
-        "ppl_increase_vs_teacher": routed["ppl"] / teacher_row["ppl"] - 1.0,
-        "oracle_ppl_at_student_depth": oracle_ppl,
-        "ppl_vs_oracle_at_same_depth": None if oracle_ppl is None else routed["ppl"] / oracle_ppl - 1.0,
-        "block_oracle_ppl_at_student_depth": interpolate_at_depth(blocks, routed["depth"]),
-        "oracle_curve": oracle, "block_oracle_curve": blocks, "student_curve": curve,
+        "teacher": teacher_row, "students": rows, "oracle_curve": oracle, "block_oracle_curve": blocks,
         "eval_tokens": int(windows.size),
-        "depth_unit": "layer visits per token / L (real dispatch; block oracle: fraction of layer FLOPs kept)",
+        "depth_unit": "layer visits per token / L", "compute_unit": "executed FLOPs / the teacher's (layers)",
         "ratio_kind": "out (|F(x)| / |x + F(x)|, whole layer)",
     }
+    if len(rows) == 1:
+        result["student"] = next(iter(rows.values()))
     if png is not None:
         plot_curves(result, png)
         result["png"] = str(png)
     if out_json is not None:
-        from radial_jax.io import atomic_write_text
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out_json), json.dumps(result, indent=2))
+        atomic_write_json(out_json, result)
     return result
 
 
 def plot_curves(result: dict, png) -> None:
-    """Perplexity against mean depth: the oracles (thresholds), the student (offsets), teacher, routed point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    """Perplexity against executed compute: the oracles, each student's router sweep and point, the teacher."""
+    plt, fig, (ax,) = figure(1, width=6.0, height=4.2)
     for name, curve, style in (("layer oracle (threshold sweep)", result["oracle_curve"], "o-"),
-                               ("block oracle (x: layer FLOPs kept)", result.get("block_oracle_curve", []), "^:"),
-                               ("student router (keep-offset sweep)", result["student_curve"], "s--")):
-        if not curve:
-            continue
-        pts = sorted((c["depth"], c["ppl"]) for c in curve)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4)
+                               ("block oracle (FLOPs kept)", result.get("block_oracle_curve", []), "^:")):
+        pts = sorted((c["compute"], c["ppl"]) for c in curve)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4, color="tab:gray")
+    for (name, row), color in zip(result["students"].items(), ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+        pts = sorted((c["compute"], c["ppl"]) for c in row["curve"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", ms=4, color=color,
+                label=f"{name} ({row['mode']}): router sweep")
+        ax.plot([row["compute"]], [row["ppl"]], "*", ms=13, color=color, label=f"{name}")
     ax.axhline(result["teacher"]["ppl"], color="k", lw=0.8, label="teacher (all layers)")
-    ax.plot([result["student"]["depth"]], [result["student"]["ppl"]], "r*", ms=12, label="student")
-    ax.set_xlabel("mean depth (fraction of layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="executed FLOPs / teacher (layers)", ylabel="perplexity", yscale="log")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(plt, fig, png, dpi=120)

@@ -38,7 +38,7 @@ from radial_jax.radial import RadialModel, RadialConfig
 from radial_jax.radial.router import aligned_step_bias, with_keep_offset
 from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
-from radial_jax.training.distill import expected_layer_visits
+from radial_jax.training.distill import expected_layer_visits, step_cost
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
 from radial_jax.training.pipeline import TextData
@@ -98,7 +98,7 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
         out = module.apply({"params": params}, ids_bt)
         lm, _ = losses.lm_cross_entropy(out.logits, ids_bt)
         r = out.router
-        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L), L)
+        depth = losses.compute_penalty(expected_layer_visits(r, ordered, L, step_cost(network, ids_bt.shape[1])), L)
         z = losses.router_z_loss(r.logits)
         total = lm + cfg.z_weight * z
         metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.depth_fraction,
