@@ -97,7 +97,8 @@ def figure(key: str, label: str, value, *, unit: str = "", target: Optional[str]
 def machine() -> dict:
     """The machine and the versions a result was measured with."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+            "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     for name in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
         try:
             info[name] = __import__(name).__version__

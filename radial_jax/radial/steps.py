@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
-from radial_jax.models.stack import layer_forward, meta_at
+from radial_jax.models.stack import layer_forward, meta_at, pool_layer
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.router import Router
@@ -104,7 +104,7 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
     eligible = active & tok.valid
     probe = None
     if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
-        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        params_s = pool_layer(pool, s)
         _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
                                  tok.valid, causal=plan.causal)
         probe = stats.layer.ratio(rc.ratio_kind)
@@ -265,7 +265,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     ratio_gn = jnp.zeros(eligible.shape, jnp.float32)
     state = (x, kv, ratio_gn)
     if rc.ordered:
-        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        params_s = pool_layer(pool, s)
         meta_s = meta_at(meta, s)
         skip_kv = None
         if rc.cache_policy == "propagate":
@@ -276,7 +276,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     else:
         def one_layer(l, st):
             state, sizes_l = st
-            params_l = jax.tree_util.tree_map(lambda a: a[l], pool)
+            params_l = pool_layer(pool, l)
             state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok, s,
                                     state)
             return state, sizes_l.at[l].set(size)
