@@ -32,7 +32,8 @@ FAMILIES = {
     "gemma2_window_softcap": rj.GemmaConfig(
         model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=3,
-        max_position_embeddings=64, attn_logit_softcapping=5.0, final_logit_softcapping=30.0),
+        max_position_embeddings=64, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+        tie_word_embeddings=False),
     "qwen3_qk_norm": rj.QwenConfig(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=48,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
                                    max_position_embeddings=64, pad_token_id=0),
@@ -182,6 +183,7 @@ def test_attention_choice_per_backend():
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert choose_implementation(64, 64, f32, backend="cpu") == "xla"
     assert choose_implementation(64, 64, f32, softcap=5.0, backend="cpu") == "reference"
+    assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
     assert choose_implementation(8192, 8192, f32, backend="cpu") == "xla"  # CPU: scores per layer are fine
     assert choose_implementation(4096, 4096, bf16, backend="gpu") == "cudnn"
     assert choose_implementation(1, 4096, bf16, backend="gpu") == "xla"  # decode step: one query

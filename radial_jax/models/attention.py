@@ -40,13 +40,16 @@ def choose_implementation(q_len: int, k_len: int, dtype, *, softcap=None, self_k
                           backend: Optional[str] = None) -> str:
     """The implementation ``attend`` uses by default (static: shapes, dtype, features, backend).
 
-    CPU: ``"xla"`` (``"reference"`` for soft-cap / ``self_kv``): the scores of one
-    layer fit in cache-sized memory and XLA fuses the mask into the softmax. GPU:
+    CPU: ``"xla"`` (``"reference"`` for soft-cap / ``self_kv`` and for half precision,
+    which CPUs compute in float32 anyway, and which ``jax.nn.dot_product_attention``
+    lowers to dot algorithms XLA's CPU backend refuses for fp16). GPU:
     cuDNN flash attention for fp16/bf16 multi-token queries without soft-cap or
     ``self_kv``. Any accelerator: ``"chunked"`` when ``q * k`` exceeds ``CHUNK_ABOVE``.
     """
     backend = backend or jax.default_backend()
     special = softcap is not None or self_kv
+    if backend == "cpu" and jnp.dtype(dtype) != jnp.float32:
+        return "reference"  # CPUs have no half-precision matmul: the reference computes in float32
     if backend == "gpu" and not special and q_len > 1 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if backend != "cpu" and q_len > CHUNK and q_len * k_len > CHUNK_ABOVE:
