@@ -186,6 +186,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
     assert choose_implementation(8192, 8192, f32, backend="cpu") == "xla"  # CPU: scores per layer are fine
     assert choose_implementation(4096, 4096, bf16, backend="gpu") == "cudnn"
+    assert choose_implementation(4096, 4096, bf16, head_dim=256, backend="gpu") == "chunked"  # Gemma's 256
     assert choose_implementation(1, 4096, bf16, backend="gpu") == "xla"  # decode step: one query
     assert choose_implementation(4096, 4096, f32, backend="gpu") == "chunked"  # no fp32 [T, T] scores
     assert choose_implementation(4096, 4096, bf16, softcap=50.0, backend="gpu") == "chunked"

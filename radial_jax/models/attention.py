@@ -36,21 +36,23 @@ CHUNK = 512  # query block of the "chunked" implementation
 CHUNK_ABOVE = 1 << 22  # q * k above which accelerators avoid whole score tensors (2048 x 2048)
 
 
-def choose_implementation(q_len: int, k_len: int, dtype, *, softcap=None, self_kv: bool = False,
-                          backend: Optional[str] = None) -> str:
+def choose_implementation(q_len: int, k_len: int, dtype, *, head_dim: int = 64, softcap=None,
+                          self_kv: bool = False, backend: Optional[str] = None) -> str:
     """The implementation ``attend`` uses by default (static: shapes, dtype, features, backend).
 
     CPU: ``"xla"`` (``"reference"`` for soft-cap / ``self_kv`` and for half precision,
     which CPUs compute in float32 anyway, and which ``jax.nn.dot_product_attention``
     lowers to dot algorithms XLA's CPU backend refuses for fp16). GPU:
     cuDNN flash attention for fp16/bf16 multi-token queries without soft-cap or
-    ``self_kv``. Any accelerator: ``"chunked"`` when ``q * k`` exceeds ``CHUNK_ABOVE``.
+    ``self_kv``, head dim <= 128 (what every cuDNN 9 flash kernel takes). Any
+    accelerator: ``"chunked"`` when ``q * k`` exceeds ``CHUNK_ABOVE``.
     """
     backend = backend or jax.default_backend()
     special = softcap is not None or self_kv
     if backend == "cpu" and jnp.dtype(dtype) != jnp.float32:
         return "reference"  # CPUs have no half-precision matmul: the reference computes in float32
-    if backend == "gpu" and not special and q_len > 1 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if backend == "gpu" and not special and q_len > 1 and half and head_dim <= 128:
         return "cudnn"
     if backend != "cpu" and q_len > CHUNK and q_len * k_len > CHUNK_ABOVE:
         return "chunked"
@@ -81,7 +83,7 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
     if h % g:
         raise ValueError(f"{h} query heads cannot share {g} kv heads evenly")
     scale = d ** -0.5 if scale is None else scale
-    impl = implementation or choose_implementation(q, k, q_bqhd.dtype, softcap=softcap,
+    impl = implementation or choose_implementation(q, k, q_bqhd.dtype, head_dim=d, softcap=softcap,
                                                    self_kv=self_kv is not None)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r} is unknown; allowed: {IMPLEMENTATIONS}")
