@@ -1,41 +1,44 @@
-"""Benchmark: radial_jax vs transformers (PyTorch) on an OPT-125M-shaped model, CPU.
+"""Benchmark: radial_jax against transformers (PyTorch) on an OPT-125M-shaped model: decode, prefill, MFU.
 
 One random OPT with the 125M shapes is built by transformers, saved with
-``save_pretrained`` and loaded by ``rj.load``, so both run the same weights.
-Measured in one run, repeats interleaved (ours, theirs, ours, theirs, ...):
+``save_pretrained`` and loaded by ``rj.load`` (its default, stacked layout:
+``generate`` puts the pool in the per-layer layout inside its compiled program),
+so both sides run the same weights. Everything timed is interleaved
+(``benchlib.interleave``); ratios are taken per round, medians reported with
+their spread.
 
-* prefill tokens/s: ``generate(max_new_tokens=1)`` on ``batch x prompt_len``
-  prompts (prompt forward + the first token), both libraries;
-* decode tokens/s: ``(generate(N) - generate(1))`` seconds for the ``N - 1``
-  further tokens per row, EOS disabled so every row decodes all of them;
-* the dense (uncached) forward: XLA's FLOP count from
-  ``jax.jit(f).lower(...).compile().cost_analysis()`` (XLA counts the body of the
-  layer scan once, so the other L-1 layers are added from one layer compiled
-  alone; an analytic count is written next to it), its wall time, and its
-  utilisation of a measured matmul peak (a large ``jnp.dot``, timed in the same
-  interleaved rounds; best times of both are used on this shared machine); the
-  transformers forward of the same batch for comparison.
+* **decode** tokens/s, per prompt length: ``(generate(N) - generate(1))`` seconds
+  for the ``N - 1`` tokens after the first, EOS disabled so that every row decodes
+  all of them; the greedy tokens of both sides are compared (``tokens_equal``);
+* **prefill**: ``generate(max_new_tokens=1)`` (prompt forward, cache fill, first token);
+* **weight-read limit**: a decode step reads every weight once (the layers and the
+  tied embedding as LM head). The limit is the time of an XLA matrix-vector product
+  over as many bytes (the same batch), timed in the same rounds; the figure is
+  decode seconds per token over that;
+* **dense forward** share of the matmul peak: XLA's FLOPs of the forward (logits
+  included; the per-layer layout is unrolled, so ``cost_analysis`` counts every
+  layer) per second, over the FLOPs per second of a large ``jnp.dot``, per round.
 
-Targets (issue 2): decode >= 2x transformers; dense forward >= 50 % of the matmul peak.
+    python experiments/bench_models.py                      # OPT-125M shapes -> results/bench_models.json
+    python experiments/bench_models.py --quick --out /tmp/bench_models.json   # small shapes, a smoke run
 
-    python experiments/bench_models.py                       # 125M shapes, writes results/bench_models.json
-    python experiments/bench_models.py --quick --out /tmp/b.json   # small shapes, a smoke run
+On a GPU (``jax`` with CUDA and a CUDA ``torch``), ``--dtype bfloat16`` runs both
+sides in bf16 on the device; the peak is then a bf16 matmul (MFU against it).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import RESULTS, block, figure, interleave, rate, ratio, summary, write_result, xla_flops  # noqa: E402
 
 OPT_125M = dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
                 max_position_embeddings=2048)
@@ -45,52 +48,24 @@ QUICK = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, ffn_dim=1024
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/bench_models.json", help="JSON output path")
+    p.add_argument("--out", default=str(RESULTS / "bench_models.json"))
     p.add_argument("--quick", action="store_true", help="small model and sizes (smoke test)")
-    p.add_argument("--batch", type=int, default=None, help="prompts per batch (default 4; quick 2)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 64; quick 16)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompts", default=None, help="prompt lengths, comma-separated (default 64,448; quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per row (default 32; quick 8)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (median reported)")
-    p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul peak (default 2048)")
-    for key in OPT_125M:
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"override {key}")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians and spreads over them)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n peak matmul (default 2048)")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else OPT_125M
-    args.shapes = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
-    args.batch = args.batch or (2 if args.quick else 4)
-    args.prompt_len = args.prompt_len or (16 if args.quick else 64)
+    args.shapes = QUICK if args.quick else OPT_125M
+    args.prompts = [int(x) for x in (args.prompts or ("16" if args.quick else "64,448")).split(",")]
     args.new_tokens = args.new_tokens or (8 if args.quick else 32)
-    args.matmul_size = args.matmul_size or (1024 if args.quick else 2048)
-    for name in ("batch", "prompt_len", "new_tokens", "repeats"):
-        if getattr(args, name) < (2 if name == "new_tokens" else 1):
-            p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'new_tokens' else 1}")
-    if args.prompt_len + args.new_tokens > args.shapes["max_position_embeddings"]:
-        p.error("prompt-len + new-tokens exceeds max_position_embeddings")
+    args.matmul_size = args.matmul_size or (512 if args.quick else 2048)
+    if args.new_tokens < 2 or args.rounds < 1 or args.batch < 1:
+        p.error("--new-tokens must be >= 2, --rounds and --batch >= 1")
+    if max(args.prompts) + args.new_tokens > args.shapes["max_position_embeddings"]:
+        p.error("prompt + new tokens exceed max_position_embeddings")
     return args
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost["flops"])
-
-
-def matmul_peak(n: int):
-    """A compiled ``n x n`` f32 matmul and its operands; FLOPs per call ``2 n^3``."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot).lower(a, b).compile()
-    f(a, b).block_until_ready()
-    return (lambda: f(a, b).block_until_ready()), 2.0 * n ** 3, flops_of(f)
 
 
 def main(argv=None):
@@ -98,133 +73,148 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import torch
-    from tqdm import tqdm
     from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
 
     import radial_jax as rj
-    from radial_jax.models.layer import TransformerLayer
 
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if args.dtype != "float32" and not on_gpu:
+        raise SystemExit("--dtype bfloat16 is for GPUs (CPU matmuls in bf16 are emulated on both sides)")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    b, t, n = args.batch, args.prompt_len, args.new_tokens
+    b, n = args.batch, args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = OPTForCausalLM(OPTConfig(**args.shapes, dropout=0.0, attention_dropout=0.0)).eval()
-        hf_model.save_pretrained(tmp)
-        ours = rj.load(tmp)
-    print(f"{ours}; batch {b}, prompt {t}, new tokens {n}; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads", flush=True)
+        hf = OPTForCausalLM(OPTConfig(**args.shapes, dropout=0.0, attention_dropout=0.0)).eval()
+        hf.save_pretrained(tmp)
+        ours = rj.load(tmp, dtype=args.dtype)
+    hf = hf.to(device=device, dtype=torch_dtype)
+    print(f"{ours}; batch {b}, prompts {args.prompts}, {n} new tokens; jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)",
+          flush=True)
 
-    ids = np.random.default_rng(0).integers(3, args.shapes["vocab_size"], (b, t)).astype(np.int64)
-    mask = np.ones_like(ids)
-    ids_pt, mask_pt = torch.tensor(ids), torch.tensor(mask)
-    # EOS disabled on both sides so that every row decodes all n tokens.
-    hf_gen = {k: GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None,
-                                  pad_token_id=1) for k in (1, n)}
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
 
-    def ours_gen(k):
-        return ours.generate(ids, mask, max_new_tokens=k, eos_token_id=())
+    figures, details = [], {"decode": {}, "prefill": {}}
+    # ---------------------------------------------------------------- decode and prefill, per prompt length
+    for t in args.prompts:
+        ids = np.random.default_rng(t).integers(3, args.shapes["vocab_size"], (b, t))
+        ids_pt = torch.tensor(ids, device=device)
+        mask_pt = torch.ones_like(ids_pt)
+        gen_cfg = {k: GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=1)
+                   for k in (1, n)}
 
-    def hf_generate(k):
+        def ours_gen(k):
+            return ours.generate(ids, max_new_tokens=k, eos_token_id=())
+
+        def hf_gen(k):
+            with torch.inference_mode():
+                out = hf.generate(input_ids=ids_pt, attention_mask=mask_pt, generation_config=gen_cfg[k])
+            sync()
+            return out
+
+        ours_tokens, hf_tokens = ours_gen(n)[:, t:], hf_gen(n).cpu().numpy()[:, t:]
+        equal = bool((ours_tokens == hf_tokens).all())
+        rounds = interleave({"ours_1": lambda: ours_gen(1), "ours_n": lambda: ours_gen(n),
+                             "hf_1": lambda: hf_gen(1), "hf_n": lambda: hf_gen(n)}, repeats=args.rounds)
+        ours_dec = [a - c for a, c in zip(rounds["ours_n"], rounds["ours_1"])]
+        hf_dec = [a - c for a, c in zip(rounds["hf_n"], rounds["hf_1"])]
+        dec = {"ours": ours_dec, "hf": hf_dec}
+        tok = b * (n - 1)
+        details["decode"][t] = dict(
+            ratio=ratio(dec, "hf", "ours"), ours_tokens_per_s=rate(dec, "ours", tok),
+            hf_tokens_per_s=rate(dec, "hf", tok), ours_ms_per_step=summary([1e3 * s / (n - 1) for s in ours_dec]),
+            hf_ms_per_step=summary([1e3 * s / (n - 1) for s in hf_dec]), tokens_equal=equal,
+            token_agreement=float((ours_tokens == hf_tokens).mean()), seconds=rounds)
+        details["prefill"][t] = dict(ratio=ratio(rounds, "hf_1", "ours_1"),
+                                     ours_tokens_per_s=rate(rounds, "ours_1", b * t),
+                                     hf_tokens_per_s=rate(rounds, "hf_1", b * t))
+        target = 2.0 if t <= 64 else 1.5
+        note = f"tokens {'equal' if equal else 'DIFFER'}"
+        figures.append(figure(f"decode_b{b}_p{t}", f"decode tokens/s vs transformers generate (batch {b}, prompt {t}, "
+                              f"{n} new, {args.dtype})", details["decode"][t]["ratio"], unit="×",
+                              target=f"≥ {target}", met=details["decode"][t]["ratio"]["median"] >= target, note=note))
+        figures.append(figure(f"prefill_b{b}_p{t}", f"prefill vs transformers (batch {b}, prompt {t}, {args.dtype})",
+                              details["prefill"][t]["ratio"], unit="×", target="≥ 1.2",
+                              met=details["prefill"][t]["ratio"]["median"] >= 1.2))
+        print(f"prompt {t}: decode {details['decode'][t]['ratio']['median']:.2f}x "
+              f"({details['decode'][t]['ours_ms_per_step']['median']:.1f} vs "
+              f"{details['decode'][t]['hf_ms_per_step']['median']:.1f} ms/step), prefill "
+              f"{details['prefill'][t]['ratio']['median']:.2f}x, tokens equal {equal}", flush=True)
+
+    # ---------------------------------------------------------------- weight-read limit of a decode step
+    dtype = jnp.dtype(args.dtype)
+    weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ours.params))
+    weight_bytes -= int(np.prod(ours.params["embed_positions"]["embedding"].shape)) * dtype.itemsize  # 1 row read
+    cols = 8192
+    w_read = jnp.ones((weight_bytes // (cols * dtype.itemsize), cols), dtype)
+    x_read = jnp.ones((b, w_read.shape[0]), dtype)
+    matvec = jax.jit(lambda x, w: x @ w)
+    t = args.prompts[0]
+    ids = np.random.default_rng(t).integers(3, args.shapes["vocab_size"], (b, t))
+    read_rounds = interleave({"ours_1": lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=()),
+                              "ours_n": lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=()),
+                              "read": lambda: matvec(x_read, w_read)}, repeats=args.rounds)
+    per_step = {"step": [(a - c) / (n - 1) for a, c in zip(read_rounds["ours_n"], read_rounds["ours_1"])],
+                "read": read_rounds["read"]}
+    over_limit = ratio(per_step, "step", "read")
+    details["weight_read"] = dict(bytes_per_step=weight_bytes, matvec_shape=list(w_read.shape),
+                                  read_gb_per_s=rate(per_step, "read", weight_bytes / 1e9),
+                                  step_over_read=over_limit, prompt=t)
+    del w_read, x_read
+    figures.append(figure(f"decode_weight_read_p{t}", f"decode step time / time to read the weights once (batch {b}, "
+                          f"prompt {t}; {weight_bytes / 1e6:.0f} MB)", over_limit, unit="×", target="→ 1",
+                          note="the read: an XLA matrix-vector product over as many bytes"))
+    print(f"decode step = {over_limit['median']:.2f} x the weight read "
+          f"({details['weight_read']['read_gb_per_s']['median']:.1f} GB/s)", flush=True)
+
+    # ---------------------------------------------------------------- dense forward against the matmul peak
+    t = args.prompts[0]
+    ids_j = jnp.asarray(np.random.default_rng(1).integers(3, args.shapes["vocab_size"], (b, t)), jnp.int32)
+    flat = ours.with_layout("per_layer")  # unrolled: XLA's cost analysis counts every layer
+
+    def fwd(p, x):
+        return flat.module.apply({"params": p}, x).logits
+
+    fwd_flops = xla_flops(fwd, flat.params, ids_j)
+    fwd_c = jax.jit(fwd).lower(flat.params, ids_j).compile()
+    m = args.matmul_size
+    a_mm = jax.random.normal(jax.random.key(0), (m, m), dtype)
+    peak_c = jax.jit(jnp.dot).lower(a_mm, a_mm).compile()
+    peak_flops = 2.0 * m ** 3
+    ids_pt = torch.tensor(np.asarray(ids_j), device=device)
+
+    def hf_fwd():
         with torch.inference_mode():
-            return hf_model.generate(input_ids=ids_pt, attention_mask=mask_pt, generation_config=hf_gen[k]).numpy()
+            out = hf(input_ids=ids_pt).logits
+        sync()
+        return out
 
-    # dense (uncached) forward. XLA's cost analysis counts a while loop's body once, and the
-    # layers run in a scan (a while loop): add the other L-1 layers from one layer compiled alone.
-    fwd = jax.jit(lambda p, x: ours.module.apply({"params": p}, x).logits)
-    ids_j = jnp.asarray(ids, jnp.int32)
-    compiled = fwd.lower(ours.params, ids_j).compile()
-    whole_flops_raw = flops_of(compiled)
-    layer = TransformerLayer(ours.config.layer_config())
-    layer0 = jax.tree_util.tree_map(lambda a: a[0], ours.params["layers"])
-    x_bte = jnp.zeros((b, t, ours.config.hidden_size), jnp.float32)
-    causal_btt = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    layer_flops = flops_of(jax.jit(lambda p, x, m: layer.apply({"params": p}, x, m)[0])
-                           .lower(layer0, x_bte, causal_btt).compile())
-    num_layers = ours.config.num_layers
-    dense_flops = whole_flops_raw + (num_layers - 1) * layer_flops
-    c = ours.config
-    analytic_flops = 2 * b * t * (num_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.ffn_dim)
-                                  + c.hidden_size * c.vocab_size) + num_layers * 4 * b * t * t * c.hidden_size
+    fr = interleave({"ours": lambda: fwd_c(flat.params, ids_j), "peak": lambda: peak_c(a_mm, a_mm),
+                     "hf": hf_fwd}, repeats=args.rounds)
+    util = summary([(fwd_flops / f) / (peak_flops / p) for f, p in zip(fr["ours"], fr["peak"])])
+    logits_diff = float(np.abs(np.asarray(block(fwd_c(flat.params, ids_j)), np.float32)
+                               - hf_fwd().float().cpu().numpy()).max())
+    details["dense_forward"] = dict(xla_flops=fwd_flops, peak_matmul=m, utilisation=util,
+                                    ours_gflop_per_s=rate(fr, "ours", fwd_flops / 1e9),
+                                    peak_gflop_per_s=rate(fr, "peak", peak_flops / 1e9),
+                                    vs_hf_forward=ratio(fr, "hf", "ours"), logits_max_abs_diff=logits_diff,
+                                    tokens=b * t)
+    figures.append(figure("dense_forward_mfu", f"dense forward (batch {b} × {t}, logits), share of a {m}² matmul's "
+                          f"FLOP/s ({args.dtype})", {k: 100 * v if k != "n" else v for k, v in util.items()},
+                          unit=" %", target="≥ 85 %", met=util["median"] >= 0.85))
+    print(f"dense forward: {100 * util['median']:.1f} % of the matmul peak; vs transformers forward "
+          f"{details['dense_forward']['vs_hf_forward']['median']:.2f}x; logits max diff {logits_diff:.2e}", flush=True)
 
-    def ours_forward():
-        return compiled(ours.params, ids_j).block_until_ready()
-
-    def hf_forward():
-        with torch.inference_mode():
-            return hf_model(input_ids=ids_pt, attention_mask=mask_pt).logits
-
-    # warm-up (compiles) and agreement of the greedy tokens
-    t_compile, ours_tokens = timed(lambda: ours_gen(n))
-    ours_gen(1)
-    hf_tokens = hf_generate(n)
-    hf_generate(1)
-    ours_forward()
-    hf_forward()
-    assert hf_tokens.shape == ours_tokens.shape == (b, t + n), (hf_tokens.shape, ours_tokens.shape)
-    token_agreement = float((ours_tokens[:, t:] == hf_tokens[:, t:]).mean())
-    with torch.inference_mode():
-        ref_logits = hf_forward().numpy()
-    logits_max_abs = float(np.abs(np.asarray(ours_forward()) - ref_logits).max())
-
-    peak_fn, peak_flops, peak_xla_flops = matmul_peak(args.matmul_size)
-    runs = {k: [] for k in ("ours_gen1", "hf_gen1", "ours_genN", "hf_genN", "ours_fwd", "hf_fwd", "matmul")}
-    for _ in tqdm(range(args.repeats), desc="interleaved repeats"):
-        runs["ours_gen1"].append(timed(lambda: ours_gen(1))[0])
-        runs["hf_gen1"].append(timed(lambda: hf_generate(1))[0])
-        runs["ours_genN"].append(timed(lambda: ours_gen(n))[0])
-        runs["hf_genN"].append(timed(lambda: hf_generate(n))[0])
-        runs["ours_fwd"].append(timed(ours_forward)[0])
-        runs["hf_fwd"].append(timed(hf_forward)[0])
-        runs["matmul"].append(min(timed(peak_fn)[0] for _ in range(3)))
-    med = {k: statistics.median(v) for k, v in runs.items()}
-
-    def decode_rate(gen_n, gen_1):  # tokens/s of the n-1 tokens after the first
-        return b * (n - 1) / max(gen_n - gen_1, 1e-9)
-
-    # per-repeat ratios (each from one interleaved round), then their median
-    decode_ratios = [decode_rate(runs["ours_genN"][i], runs["ours_gen1"][i]) /
-                     decode_rate(runs["hf_genN"][i], runs["hf_gen1"][i]) for i in range(args.repeats)]
-    prefill_ratios = [runs["hf_gen1"][i] / runs["ours_gen1"][i] for i in range(args.repeats)]
-    # utilisation from the best (least disturbed) time of each on this shared machine
-    best = {k: min(v) for k, v in runs.items()}
-    peak = dict(n=args.matmul_size, flops=peak_flops, xla_flops=peak_xla_flops, best_seconds=best["matmul"],
-                flops_per_s=peak_flops / best["matmul"])
-    dense_flops_per_s = dense_flops / best["ours_fwd"]
-    result = dict(
-        model=dict(shapes=args.shapes, params=ours.num_params, dtype="float32", weights="random, same in both"),
-        settings=dict(batch=b, prompt_len=t, new_tokens=n, repeats=args.repeats, quick=args.quick,
-                      eos="disabled (every row decodes all new tokens)"),
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                     jax=jax.__version__, jax_backend=jax.devices()[0].platform, torch=torch.__version__,
-                     torch_threads=torch.get_num_threads()),
-        check=dict(greedy_token_agreement=token_agreement, dense_logits_max_abs_diff=logits_max_abs),
-        seconds=dict(median=med, best=best, all=runs, first_generate_with_compile=t_compile),
-        prefill=dict(ours_tokens_per_s=b * t / med["ours_gen1"], hf_tokens_per_s=b * t / med["hf_gen1"],
-                     ratio=statistics.median(prefill_ratios), ratios=prefill_ratios),
-        decode=dict(ours_tokens_per_s=decode_rate(med["ours_genN"], med["ours_gen1"]),
-                    hf_tokens_per_s=decode_rate(med["hf_genN"], med["hf_gen1"]),
-                    ratio=statistics.median(decode_ratios), ratios=decode_ratios, target_ratio=2.0),
-        dense_forward=dict(xla_flops=dense_flops, xla_flops_whole_program_raw=whole_flops_raw,
-                           xla_flops_one_layer=layer_flops, analytic_matmul_flops=analytic_flops,
-                           flop_count_note="XLA counts the scanned layer body once; xla_flops = whole program "
-                                           "+ (L-1) x one layer compiled alone",
-                           best_seconds=best["ours_fwd"], flops_per_s=dense_flops_per_s,
-                           hf_best_seconds=best["hf_fwd"], speedup_vs_hf=best["hf_fwd"] / best["ours_fwd"],
-                           matmul_peak=peak, utilisation=dense_flops_per_s / peak["flops_per_s"],
-                           utilisation_of_medians=(dense_flops / med["ours_fwd"]) / (peak_flops / med["matmul"]),
-                           target_utilisation=0.5),
-    )
-    result["targets_met"] = dict(decode_2x=result["decode"]["ratio"] >= 2.0,
-                                 dense_50pct_of_peak=result["dense_forward"]["utilisation"] >= 0.5)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("check", "prefill", "decode", "targets_met")}, indent=1))
-    print(f"dense forward: {dense_flops / 1e9:.2f} GFLOP in {best['ours_fwd'] * 1e3:.1f} ms = "
-          f"{dense_flops_per_s / 1e9:.1f} GFLOP/s; matmul peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s; "
-          f"utilisation {result['dense_forward']['utilisation']:.1%}; vs transformers forward "
-          f"{result['dense_forward']['speedup_vs_hf']:.2f}x")
-    print(f"wrote {out}")
-    return result
+    settings = dict(model="OPT, random weights (seed 0)", shapes=args.shapes, params=ours.num_params, batch=b,
+                    prompts=args.prompts, new_tokens=n, rounds=args.rounds, dtype=args.dtype, quick=args.quick,
+                    eos="disabled (every row decodes all new tokens)", torch_device=device,
+                    torch_threads=torch.get_num_threads(), layout=ours.layout + " (generate: per-layer inside)")
+    path = write_result(args.out, "bench_models", settings, figures, details)
+    print(f"wrote {path}")
+    return figures, details
 
 
 if __name__ == "__main__":

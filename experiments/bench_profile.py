@@ -1,41 +1,55 @@
-"""Profiling throughput against PyTorch forward hooks, and the streaming mode's peak memory.
+"""Benchmark: residual-ratio profiling against PyTorch forward hooks at equal work; streaming peak memory.
 
 OPT-125M shapes, random weights saved once with ``save_pretrained`` and loaded by
-both sides. Measured side by side in one run (interleaved repeats):
+both sides. **Equal work** on both sides, timed interleaved (``benchlib``):
 
-* radial_jax: ``rj.profile`` (one jitted forward per batch, no LM head, ratios
-  computed on device, statistics on the host);
-* reference: transformers' PyTorch forward with hooks capturing every block's
-  input and update, the ratios computed from them, *and* the LM head (the
-  model's forward always computes it).
+* the decoder alone (no LM head on either side) on ``batch x length`` tokens;
+* every block's input ``x`` and update ``f`` (attention, MLP, the whole layer),
+  the ratios ``|f| / |x + f|`` and ``|f| / |x|`` of every token;
+* the same statistics of them: count, mean, p10, median, p90 (exact) and a
+  200-bins-per-decade log histogram, per (ratio kind, block group, layer) and over
+  all layers, groups ``attn``, ``mlp``, ``layer`` and ``blocks`` (attn + mlp).
+
+radial_jax: ``rj.profile`` on the model in the per-layer (inference) layout, then
+every accumulator's summary. Reference: transformers' ``model.model.decoder``
+with forward hooks capturing ``x`` and ``f``, the ratios and statistics in torch
+(``torch.quantile``, ``torch.bucketize``). The medians of both are compared.
 
 Streaming: a subprocess profiles with ``profile_streaming`` (compiled first on a
-tiny batch) and samples its RSS every 2 ms; the peak growth over the baseline
-is compared with (largest layer + the activations of the data, the stream and
-one layer's output). Note the compiled layer's workspace (attention scores,
-MLP hidden) is part of the growth too.
+tiny batch) and samples its RSS every 2 ms; the peak growth over the baseline is
+compared with (largest layer-or-embedding block + the activations of the data,
+the stream and one layer's output). The compiled layer's workspace (attention
+scores, MLP hidden) is part of the growth too.
 
-    python experiments/bench_profile.py --out results/bench_profile.json
+    python experiments/bench_profile.py                    # -> results/bench_profile.json
+    python experiments/bench_profile.py --layers 2 --length 64 --rounds 2 --out /tmp/bench_profile.json
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import RESULTS, figure, interleave, rate, ratio, write_result  # noqa: E402
 
 STREAM_SCRIPT = r"""
 import json, sys, threading, time
 import numpy as np, psutil
 from radial_jax.profiling.streaming import profile_streaming
-path, b, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ids = np.random.default_rng(0).integers(3, 50000, (b, t))
+path, b, t, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ids = np.random.default_rng(0).integers(3, vocab, (b, t))
 proc = psutil.Process()
 profile_streaming(path, [(ids[:1, :8], None)], progress=False)  # compile and warm up with a tiny batch
+profile_streaming(path, [(ids, None)], progress=False)  # and at the measured shapes
 base, peak, running = proc.memory_info().rss, 0, True
 def sample():
     global peak
@@ -48,83 +62,129 @@ running = False; th.join()
 print(json.dumps({"baseline_bytes": base, "peak_bytes": peak, "median": r.median}))
 """
 
+KINDS, BLOCKS = ("out", "in"), ("attn", "mlp", "layer")
 
-def torch_hooks_profile(model, ids):
-    """Ratios from forward hooks (the reference's work: full forward incl. LM head, plus the hooks)."""
+
+def torch_reference(decoder, ids, edges):
+    """Decoder forward with hooks, then ratios and the statistics ``rj.profile`` gives, in torch."""
     import torch
-    cache, out = {}, []
+    layers = decoder.layers
+    cache = [dict() for _ in layers]
     hooks = []
-    for i, layer in enumerate(model.model.decoder.layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: cache.__setitem__(("x", i), (a or (k["hidden_states"],))[0]), with_kwargs=True))
-        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: cache.__setitem__(("fa", i), o[0])))
-        hooks.append(layer.fc2.register_forward_hook(lambda m, a, o, i=i: cache.__setitem__(("fm", i), o)))
-    with torch.no_grad():
-        model(input_ids=ids)
-        for i in range(len(model.model.decoder.layers)):
-            x, fa = cache[("x", i)], cache[("fa", i)]
-            fm = cache[("fm", i)].reshape(x.shape)
-            out.append((fa.norm(dim=-1) / (x + fa).norm(dim=-1)).flatten())
-            out.append((fm.norm(dim=-1) / (x + fa + fm).norm(dim=-1)).flatten())
-        r = torch.cat(out)
-        med = r.median().item()
+    for layer, c in zip(layers, cache):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, k, c=c: c.__setitem__("x", a[0] if a else k["hidden_states"]), with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o, c=c: c.__setitem__("fa", o[0])))
+        hooks.append(layer.fc2.register_forward_hook(lambda m, a, o, c=c: c.__setitem__("fm", o)))
+    with torch.inference_mode():
+        decoder(input_ids=ids)
+        ratios = {}  # (kind, block) -> [L, n]
+        per = {(k, b): [] for k in KINDS for b in BLOCKS}
+        for c in cache:
+            x, fa = c["x"], c["fa"]
+            fm = c["fm"].reshape(x.shape)
+            x_m = x + fa
+            for block, (bx, bf) in {"attn": (x, fa), "mlp": (x_m, fm), "layer": (x, fa + fm)}.items():
+                nf = bf.norm(dim=-1).flatten()
+                per[("out", block)].append(nf / (bx + bf).norm(dim=-1).flatten())
+                per[("in", block)].append(nf / bx.norm(dim=-1).flatten())
+        ratios = {key: torch.stack(v) for key, v in per.items()}
+        q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+
+        def stats(v):
+            v = v.double().flatten()
+            hist = torch.bincount(torch.bucketize(v, edges, right=True).clamp(1, len(edges) - 1) - 1,
+                                  minlength=len(edges) - 1)
+            return torch.cat([v.mean()[None], torch.quantile(v, q), hist[:1].double()])
+
+        out = {}
+        for kind in KINDS:
+            for group in BLOCKS + ("blocks",):
+                r = (torch.cat([ratios[(kind, "attn")], ratios[(kind, "mlp")]], dim=1) if group == "blocks"
+                     else ratios[(kind, group)])
+                out[(kind, group, "all")] = stats(r)
+                for i in range(r.shape[0]):
+                    out[(kind, group, i)] = stats(r[i])
     for h in hooks:
         h.remove()
-    return med
+    return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--out", default="results/bench_profile.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS / "bench_profile.json"))
+    args = ap.parse_args(argv)
     import torch
     from transformers import OPTConfig, OPTForCausalLM
+
     import radial_jax as rj
-    torch.set_num_threads(os.cpu_count())
+    from radial_jax.profiling.stats import EDGES
+
     tmp = tempfile.mkdtemp()
     cfg = OPTConfig(num_hidden_layers=args.layers)  # OPT-125M shapes
     torch.manual_seed(0)
     ref = OPTForCausalLM(cfg).eval()
     ref.save_pretrained(tmp)
-    model = rj.load(tmp)
+    model = rj.load(tmp).with_layout("per_layer")
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.length))
     tids = torch.tensor(ids)
-    rj.profile(model, [(ids, None)], progress=False)  # compile
-    torch_hooks_profile(ref, tids)  # warm-up
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter(); r = rj.profile(model, [(ids, None)], progress=False); ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); med_ref = torch_hooks_profile(ref, tids); theirs.append(time.perf_counter() - t0)
+    edges = torch.tensor(EDGES)
+
+    def ours():
+        r = rj.profile(model, [(ids, None)], progress=False)
+        return r, {key: acc.summary() for key, acc in r.acc.items()}
+
+    def theirs():
+        return torch_reference(ref.model.decoder, tids, edges)
+
+    r_ours, _ = ours()
+    r_ref = theirs()
+    med_ours, med_ref = r_ours.median, float(r_ref[("out", "blocks", "all")][2])
+    rounds = interleave({"ours": ours, "torch": theirs}, repeats=args.rounds)
     tokens = ids.size
-    ratio = float(np.median(np.array(theirs) / np.array(ours)))
-    # streaming peak memory (fresh process)
-    proc = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, tmp, str(args.batch), str(args.length)],
-                          capture_output=True, text=True, check=True)
+    speed = ratio(rounds, "torch", "ours")
+    figures = [figure("profile_vs_hooks", f"profiling tokens/s vs PyTorch hooks at equal work (decoder only, "
+                      f"ratios + statistics, {args.batch} × {args.length})", speed, unit="×", target="≥ 1.5",
+                      met=speed["median"] >= 1.5,
+                      note=f"medians {med_ours:.4f} / {med_ref:.4f}")]
+    details = {"ours_tokens_per_s": rate(rounds, "ours", tokens), "torch_tokens_per_s": rate(rounds, "torch", tokens),
+               "speedup": speed, "median_ratio_out": {"radial_jax": med_ours, "torch_hooks": med_ref},
+               "seconds": rounds,
+               "work": "both: decoder without LM head; x and f of every block; ratio_out and ratio_in per token; "
+                       "count, mean, p10, median, p90 and a log histogram per (kind, group, layer) and over layers"}
+    print(f"profiling: {speed['median']:.2f}x torch hooks ({details['ours_tokens_per_s']['median']:.0f} vs "
+          f"{details['torch_tokens_per_s']['median']:.0f} tokens/s); medians {med_ours:.5f} / {med_ref:.5f}",
+          flush=True)
+
+    # streaming peak memory (a fresh process)
+    proc = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, tmp, str(args.batch), str(args.length),
+                           str(cfg.vocab_size)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
+                               + os.environ.get("PYTHONPATH", "")})
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
-    reader = rj.CheckpointReader(tmp)
-    sizes = reader.param_bytes()
-    layer_bytes = max(sizes["layer"], sizes["non_layer"])  # the embedding tables are the largest "layer" here
-    act_bytes = args.batch * args.length * cfg.hidden_size * 4 * 2  # stream kept + layer output
+    sizes = rj.CheckpointReader(tmp).param_bytes()
+    block_bytes = max(sizes["layer"], sizes["non_layer"])  # the embedding tables are the largest block here
+    act_bytes = args.batch * args.length * cfg.hidden_size * 4 * 2  # the stream kept + a layer's output
     growth = mem["peak_bytes"] - mem["baseline_bytes"]
-    result = {
-        "shapes": {"batch": args.batch, "length": args.length, "layers": args.layers, "hidden": cfg.hidden_size},
-        "device": "cpu", "radial_jax_tokens_per_s": tokens / float(np.median(ours)),
-        "torch_hooks_tokens_per_s": tokens / float(np.median(theirs)), "speedup": ratio,
-        "target_speedup": 1.5,
-        "work": {"radial_jax": "forward without LM head; ratios on device; exact statistics on host",
-                 "torch_hooks": "full forward incl. LM head; hooks capture x and f; ratios + median in torch"},
-        "median_ratio_out": {"radial_jax": r.median, "torch_hooks": med_ref},
-        "streaming": {"peak_rss_growth_bytes": growth, "largest_layer_bytes": layer_bytes, "one_decoder_layer_bytes": sizes["layer"],
-                      "embedding_and_head_bytes": sizes["non_layer"],
-                      "activation_bytes": act_bytes, "ratio_to_bound": growth / (layer_bytes + act_bytes),
-                      "target_ratio": 1.3},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    mem_ratio = growth / (block_bytes + act_bytes)
+    figures.append(figure("streaming_peak_rss", f"streaming profile: peak RSS growth / (largest block + activations), "
+                          f"OPT-125M shapes, {args.batch} × {args.length}", mem_ratio, unit="×", target="≤ 1.3",
+                          met=mem_ratio <= 1.3, note="one run (a memory figure, not a timing)"))
+    details["streaming"] = {"peak_rss_growth_bytes": growth, "largest_block_bytes": block_bytes,
+                            "one_decoder_layer_bytes": sizes["layer"], "embedding_and_head_bytes": sizes["non_layer"],
+                            "activation_bytes": act_bytes, "ratio_to_bound": mem_ratio,
+                            "median_ratio_out": mem["median"]}
+    print(f"streaming: peak RSS growth {growth / 1e6:.0f} MB = {mem_ratio:.2f} x (largest block "
+          f"{block_bytes / 1e6:.0f} MB + activations {act_bytes / 1e6:.0f} MB)", flush=True)
+    settings = {"batch": args.batch, "length": args.length, "layers": args.layers, "hidden": cfg.hidden_size,
+                "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+                "model": "OPT-125M shapes, random weights (seed 0)", "layout": "per_layer"}
+    path = write_result(args.out, "bench_profile", settings, figures, details)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

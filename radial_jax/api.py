@@ -84,6 +84,25 @@ class Model(Bundle):
             kwargs["attention_mask_bt"] = jnp.asarray(attention_mask)
         return self._apply(self.params, jnp.asarray(inputs), **kwargs)
 
+    @property
+    def layout(self) -> str:
+        """``"stacked"`` (``params["layers"]`` leaves ``[L, ...]``) or ``"per_layer"`` (a tuple of ``L`` layers)."""
+        from radial_jax.models.stack import is_per_layer
+        return "per_layer" if is_per_layer(self.params.get("layers")) else "stacked"
+
+    def with_layout(self, layout: str) -> "Model":
+        """This model with its layer pool in ``layout``: ``"stacked"`` (training, sharding, the Radial
+        Network) or ``"per_layer"`` (inference: every layer's weights read in place; see
+        ``radial_jax.models.stack``). Other parameters are shared; the pool is copied once."""
+        from radial_jax.models.stack import stack_pool, unstack_pool
+        if layout not in ("stacked", "per_layer"):
+            raise ValueError(f"layout {layout!r} is unknown; allowed: 'stacked', 'per_layer'")
+        if layout == self.layout:
+            return self
+        convert = unstack_pool if layout == "per_layer" else stack_pool
+        params = {**self.params, "layers": jax.block_until_ready(convert(self.params["layers"]))}
+        return Model(self.config, params, dtype=self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
+
     # -- decoding (radial_jax.generation) ---------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):
         return self.module.init_cache(batch, max_len)

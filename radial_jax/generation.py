@@ -158,16 +158,32 @@ class Decoding:
       rows with ``live_b`` false are not processed.
     ``stats``: ``{"depth": int32[b]`` layer visits of the token whose logits were returned, ``"flops": float32``
     FLOPs executed by the call (whole batch, by construction from the shapes that ran)``}``.
+    prepare(params) -> params: run once per ``generate`` call, inside the compiled program, before the
+      prefill (the sequential model puts its pool in the per-layer layout there); default: unchanged.
     """
 
     init_cache: Callable
     prefill: Callable
     step: Callable
+    prepare: Callable = lambda params: params
+
+
+def _cache_len(cache) -> int:
+    """Slots of a ``KVCache`` or of per-layer caches (``kv_cache.split_layers``)."""
+    return (cache[0] if isinstance(cache, (tuple, list)) else cache).max_len
 
 
 def sequential_decoding(module) -> Decoding:
-    """``Decoding`` of a sequential ``CausalLM`` module: every token through every layer."""
+    """``Decoding`` of a sequential ``CausalLM`` module: every token through every layer.
+
+    Decoding reads every layer's weights once per token, so the layout matters: the pool
+    is put in the per-layer layout once per call (``stack.unstack_pool``; a no-op when the
+    model already holds it) and the cache is one buffer per layer (``kv_cache.split_layers``),
+    so no step copies a layer's weights or K/V out of a stacked array.
+    """
     from radial_jax.flops import dense_flops, head_flops
+    from radial_jax.kv_cache import split_layers
+    from radial_jax.models.stack import unstack_pool
     config = module.config
     L = config.num_layers
 
@@ -179,17 +195,23 @@ def sequential_decoding(module) -> Decoding:
         lengths_b = valid_bt.sum(1)
         last_be = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
         logits_bv = module.apply({"params": params}, last_be, method="logits")
-        flops = dense_flops(config, b * t, cache.max_len, with_head=False) + head_flops(config, b)
+        flops = dense_flops(config, b * t, _cache_len(cache), with_head=False) + head_flops(config, b)
         return logits_bv, out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
 
     def step(params, tok_b, pos_b, live_b, cache):
         b = tok_b.shape[0]
         out = module.apply({"params": params}, tok_b[:, None], live_b[:, None], positions_bt=pos_b[:, None],
                            cache=cache)
-        flops = dense_flops(config, b, cache.max_len)
+        flops = dense_flops(config, b, _cache_len(cache))
         return out.logits[:, 0], out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
 
-    return Decoding(init_cache=module.init_cache, prefill=prefill, step=step)
+    def prepare(params):
+        return {**params, "layers": unstack_pool(params["layers"])}
+
+    def init_cache(batch, max_len):
+        return split_layers(module.init_cache(batch, max_len))
+
+    return Decoding(init_cache=init_cache, prefill=prefill, step=step, prepare=prepare)
 
 
 # --------------------------------------------------------------------------- compiled core
@@ -216,6 +238,7 @@ def _generate_core(decoding: Decoding, params, ids_bt, lengths_b, rng, temperatu
     def is_eos(tok_b):
         return jnp.any(tok_b[:, None] == eos_ids_n[None, :], axis=-1)
 
+    params = decoding.prepare(params)
     # Prefill: fill the cache, logits of the last prompt token of each row.
     logits_bv, cache, pre = decoding.prefill(params, ids_bt, valid_bt, decoding.init_cache(b, cache_len))
     tok_b = choose(logits_bv, 0)

@@ -1,8 +1,12 @@
 """The global KV cache (docs/design.md §4), shared by the sequential models and the Radial Network.
 
-One preallocated array per K and V, ``[L, B, T_max, G, D]`` (layers, batch,
-slot = token position, kv heads, head dim), plus ``written_at[L, B, T_max]``:
-the step at which an entry was written, or ``EMPTY``.
+One preallocated array per K and V, ``[L, B, G, T_max, D]`` (layers, batch,
+kv heads, slot = token position, head dim), plus ``written_at[L, B, T_max]``:
+the step at which an entry was written, or ``EMPTY``. Heads come before slots
+(as in transformers' caches) so that a layer's keys are, per batch row and
+head, one contiguous ``[T, D]`` matrix: the attention matmuls read them in
+place, where a slot-major layout makes XLA transpose the layer's whole cache
+on every decoded token.
 
 Rules (the Radial Network relies on all three; a sequential model is the case
 where token ``p`` visits layer ``l`` exactly once, at step ``l``):
@@ -30,8 +34,8 @@ EMPTY = jnp.iinfo(jnp.int32).max
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, T, G, D]
-    v: jax.Array  # [L, B, T, G, D]
+    k: jax.Array  # [L, B, G, T, D]
+    v: jax.Array  # [L, B, G, T, D]
     written_at: jax.Array  # [L, B, T] int32, EMPTY where unwritten
 
     @classmethod
@@ -40,22 +44,38 @@ class KVCache:
         for name, value in dict(num_layers=num_layers, batch=batch, max_len=max_len).items():
             if value < 1:
                 raise ValueError(f"KVCache {name} must be >= 1, got {value}")
-        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   written_at=jnp.full(shape[:3], EMPTY, jnp.int32))
+                   written_at=jnp.full((num_layers, batch, max_len), EMPTY, jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
         return self.k.shape[1]
 
     def layer(self, index):
-        """``(k [B, T, G, D], v, written_at [B, T])`` of layer ``index`` (may be traced)."""
+        """``(k [B, G, T, D], v, written_at [B, T])`` of layer ``index`` (may be traced)."""
         return tuple(jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False)
                      for a in (self.k, self.v, self.written_at))
+
+
+def split_layers(cache: KVCache) -> tuple:
+    """The cache as ``L`` single-layer caches (``[1, B, T, ...]`` each), the layout of per-layer pools.
+
+    A layer then reads and writes its own buffers (index 0) in place; a layer ``l`` picked
+    out of the stacked ``[L, ...]`` buffers is a slice that XLA on CPU copies before the
+    attention matmuls, on every decoded token. Rules and contents are unchanged.
+    """
+    return tuple(KVCache(cache.k[l:l + 1], cache.v[l:l + 1], cache.written_at[l:l + 1])
+                 for l in range(cache.k.shape[0]))
+
+
+def stack_layers(caches) -> KVCache:
+    """The inverse of ``split_layers``."""
+    return KVCache(*(jnp.concatenate([getattr(c, f) for c in caches]) for f in ("k", "v", "written_at")))
 
 
 def write_first_visit(cache: KVCache, layer_q, row_q, slot_q, k_qgd, v_qgd, valid_q, step) -> KVCache:
@@ -74,8 +94,9 @@ def write_first_visit(cache: KVCache, layer_q, row_q, slot_q, k_qgd, v_qgd, vali
     valid_q = jnp.broadcast_to(valid_q, shape)
     empty = cache.written_at[layer_q, row_q, jnp.clip(slot_q, 0, t_max - 1)] == EMPTY
     target = jnp.where(valid_q & empty & (slot_q >= 0) & (slot_q < t_max), slot_q, t_max)
-    k = cache.k.at[layer_q, row_q, target].set(k_qgd.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[layer_q, row_q, target].set(v_qgd.astype(cache.v.dtype), mode="drop")
+    # advanced indices around the head slice: the indexed entries are [q..., G, D], as k_qgd
+    k = cache.k.at[layer_q, row_q, :, target].set(k_qgd.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[layer_q, row_q, :, target].set(v_qgd.astype(cache.v.dtype), mode="drop")
     written = cache.written_at.at[layer_q, row_q, target].set(
         jnp.broadcast_to(jnp.asarray(step, jnp.int32), shape), mode="drop")
     return KVCache(k, v, written)

@@ -65,7 +65,7 @@ def _safetensors_header(path: Path) -> tuple:
 def _safetensors_tensors(path: Path) -> Dict[str, callable]:
     """name -> zero-argument reader of one tensor of a safetensors file.
 
-    Each reader reads just its tensor's bytes (``np.fromfile`` at its offset), so
+    Each reader reads just its tensor's bytes (``read_aligned`` at its offset), so
     streaming a checkpoint layer by layer never holds more than what was asked
     for (a memory map would keep every touched page resident). The header is
     checked up front: every tensor's dtype, shape and byte range must be
@@ -88,9 +88,28 @@ def _safetensors_tensors(path: Path) -> Dict[str, callable]:
         if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {name} ({dtype_name}{list(shape)}) claims bytes [{start}, {end}) "
                                   f"of a {data_size:,}-byte data section: the file is truncated or corrupt")
-        readers[name] = (lambda s=start, e=end, d=dtype, sh=shape: np.fromfile(
-            path, dtype=np.uint8, count=e - s, offset=8 + header_len + s).view(d).reshape(sh))
+        readers[name] = (lambda s=start, e=end, d=dtype, sh=shape: read_aligned(
+            path, 8 + header_len + s, e - s).view(d).reshape(sh))
     return readers
+
+
+ALIGN = 64  # bytes: XLA's CPU client aliases (does not copy) host arrays aligned this way
+
+
+def read_aligned(path, offset: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of ``path`` from ``offset`` into a fresh ``ALIGN``-byte aligned uint8 array.
+
+    ``jax.device_put(a, may_alias=True)`` of such an array (contiguous, in its dtype) on
+    CPU uses its memory as it is: a table read for streaming is held once, not twice.
+    """
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    out = buf[start:start + nbytes]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(out)) != nbytes:
+            raise CheckpointError(f"{path}: could not read {nbytes:,} bytes at offset {offset:,} (truncated?)")
+    return out
 
 
 def _torch_tensors(paths) -> Dict[str, callable]:

@@ -8,8 +8,8 @@ from radial_jax.kv_cache import EMPTY, KVCache, sequence_mask, visible_mask, wri
 def test_first_visit_writes_only_empty_valid_in_range_entries():
     rng = np.random.default_rng(0)
     L, B, T, G, D = 3, 2, 6, 2, 4
-    k = rng.normal(size=(L, B, T, G, D)).astype(np.float32)
-    v = rng.normal(size=(L, B, T, G, D)).astype(np.float32)
+    k = rng.normal(size=(L, B, G, T, D)).astype(np.float32)  # heads before slots
+    v = rng.normal(size=(L, B, G, T, D)).astype(np.float32)
     written = np.where(rng.random((L, B, T)) < 0.4, 0, int(EMPTY)).astype(np.int32)
     # entries of one call go to different layers and rows (radial mode, decoding across the batch)
     layer = np.array([[1, 2, 0], [1, 1, 2]], np.int32)
@@ -27,7 +27,7 @@ def test_first_visit_writes_only_empty_valid_in_range_entries():
         for j in range(3):
             l, b, s = layer[i, j], row[i, j], slot[i, j]
             if valid[i, j] and 0 <= s < T and written[l, b, s] == EMPTY:
-                ek[l, b, s], ev[l, b, s], ew[l, b, s] = k_new[i, j], v_new[i, j], step
+                ek[l, b, :, s], ev[l, b, :, s], ew[l, b, s] = k_new[i, j], v_new[i, j], step
     for a, e in zip((got.k, got.v, got.written_at), (ek, ev, ew)):
         np.testing.assert_array_equal(np.asarray(a), e)
     assert (ew != written).any()  # the case exercises real writes

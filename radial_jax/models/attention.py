@@ -1,10 +1,24 @@
 """Scaled dot-product attention over a slot-indexed key/value memory: the one attention function.
 
-Keys live in *slots* (positions of the sequence, the second axis of the KV
-cache). Which slots a query may see (padding, causality, a sliding window, the
-Radial Network's ``written_at`` rule) is decided by the caller through a boolean
-mask (``radial_jax.kv_cache.visible_mask``); this module only does the
-arithmetic, with the softmax always in float32.
+Keys live in *slots* (positions of the sequence, the third axis of the KV
+cache's ``[.., B, G, T, D]`` arrays). Which slots a query may see (padding,
+causality, a sliding window, the Radial Network's ``written_at`` rule) is
+decided by the caller through a boolean mask (``radial_jax.kv_cache.visible_mask``);
+this module only does the arithmetic, with the softmax always in float32.
+
+``attend`` picks one of several implementations of the same function
+(``choose_implementation``; all are tested against the reference):
+
+* ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, the default on CPU
+  and wherever nothing better applies;
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's
+  flash attention, on GPUs for fp16/bf16 prompts: no ``[q, k]`` score tensor is
+  built (the boolean mask becomes a bias in the compute dtype);
+* ``"chunked"``: queries in blocks of ``CHUNK`` (``lax.map``), scores ``[b, h,
+  CHUNK, k]`` at a time: long prompts on accelerators where cuDNN does not apply
+  (TPU, fp32, Gemma 2's soft-cap, a Radial Network's ``self_kv``);
+* ``"reference"``: plain einsums, every feature (soft-cap, ``self_kv``); the
+  small-shape path of the features ``jax.nn.dot_product_attention`` lacks.
 
 Shapes: ``b`` batch (or dispatch groups), ``q`` queries, ``k`` key slots,
 ``h`` query heads, ``g`` kv heads (``h % g == 0``), ``d`` head dim.
@@ -17,37 +31,87 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so that a fully masked row gives zeros, not NaNs
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "reference")
+CHUNK = 512  # query block of the "chunked" implementation
+CHUNK_ABOVE = 1 << 22  # q * k above which accelerators avoid whole score tensors (2048 x 2048)
 
 
-def attend(q_bqhd, k_bkgd, v_bkgd, mask_bqk, *, scale: Optional[float] = None, softcap: Optional[float] = None,
-           self_kv=None):
+def choose_implementation(q_len: int, k_len: int, dtype, *, head_dim: int = 64, softcap=None,
+                          self_kv: bool = False, backend: Optional[str] = None) -> str:
+    """The implementation ``attend`` uses by default (static: shapes, dtype, features, backend).
+
+    CPU: ``"xla"`` (``"reference"`` for soft-cap / ``self_kv`` and for half precision,
+    which CPUs compute in float32 anyway, and which ``jax.nn.dot_product_attention``
+    lowers to dot algorithms XLA's CPU backend refuses for fp16). GPU:
+    cuDNN flash attention for fp16/bf16 multi-token queries without soft-cap or
+    ``self_kv``, head dim <= 128 (what every cuDNN 9 flash kernel takes). Any
+    accelerator: ``"chunked"`` when ``q * k`` exceeds ``CHUNK_ABOVE``.
+    """
+    backend = backend or jax.default_backend()
+    special = softcap is not None or self_kv
+    if backend == "cpu" and jnp.dtype(dtype) != jnp.float32:
+        return "reference"  # CPUs have no half-precision matmul: the reference computes in float32
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if backend == "gpu" and not special and q_len > 1 and half and head_dim <= 128:
+        return "cudnn"
+    if backend != "cpu" and q_len > CHUNK and q_len * k_len > CHUNK_ABOVE:
+        return "chunked"
+    return "reference" if special else "xla"
+
+
+def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, softcap: Optional[float] = None,
+           self_kv=None, implementation: Optional[str] = None):
     """Softmax attention of ``q`` over ``k/v`` where ``mask`` is true.
 
     Args:
       q_bqhd: queries, unscaled.
-      k_bkgd, v_bkgd: key/value memory with ``g`` kv heads (grouped-query attention when ``g < h``).
+      k_bgkd, v_bgkd: key/value memory with ``g`` kv heads (grouped-query attention when ``g < h``),
+        heads before slots (the KV cache's layout).
       mask_bqk: which memory slots each query sees.
       scale: multiplies the scores (default ``d ** -0.5``; Gemma: ``query_pre_attn_scalar ** -0.5``).
       softcap: Gemma 2's ``tanh(score / cap) * cap`` on the scaled scores, before masking.
       self_kv: optional ``(k_bqgd, v_bqgd)``: each query's own fresh key/value, attended
         in addition to the memory (a Radial Network token revisiting a layer must not
         read its own cached entry; see ``radial_jax.kv_cache``).
+      implementation: one of ``IMPLEMENTATIONS``; default ``choose_implementation(...)``.
 
     Returns:
-      context ``[b, q, h, d]`` in the dtype of ``q``.
+      context ``[b, q, h, d]`` in the dtype of ``q``; zeros for a query that sees nothing.
     """
     b, q, h, d = q_bqhd.shape
-    g = k_bkgd.shape[2]
+    g, k = k_bgkd.shape[1], k_bgkd.shape[2]
     if h % g:
         raise ValueError(f"{h} query heads cannot share {g} kv heads evenly")
-    rep = h // g
     scale = d ** -0.5 if scale is None else scale
-    qf = q_bqhd.astype(jnp.float32).reshape(b, q, g, rep, d) * scale
+    impl = implementation or choose_implementation(q, k, q_bqhd.dtype, head_dim=d, softcap=softcap,
+                                                   self_kv=self_kv is not None)
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r} is unknown; allowed: {IMPLEMENTATIONS}")
+    if impl in ("xla", "cudnn") and (softcap is not None or self_kv is not None):
+        raise ValueError(f"the {impl!r} attention has no soft-cap or self_kv; use 'reference' or 'chunked'")
+    if impl == "chunked":
+        ctx = _chunked(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv)
+    elif impl == "reference":
+        ctx = _reference(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv)
+    else:  # jax.nn.dot_product_attention takes [b, k, g, d]; the swap is a layout change XLA folds into the dot
+        ctx = jax.nn.dot_product_attention(
+            q_bqhd, jnp.swapaxes(k_bgkd, 1, 2), jnp.swapaxes(v_bgkd, 1, 2).astype(k_bgkd.dtype),
+            mask=mask_bqk[:, None], scale=scale, implementation=impl)
+    if self_kv is None:  # a query that sees nothing (padding) gets zeros rather than a uniform mix
+        ctx = jnp.where(mask_bqk.any(-1)[:, :, None, None], ctx, jnp.zeros((), ctx.dtype))
+    return ctx.astype(q_bqhd.dtype)
+
+
+def _reference(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
+    """Every feature in plain einsums, float32 throughout; scores ``[b, g, r, q, k]``."""
+    b, q, h, d = q_bqhd.shape
+    g = k_bgkd.shape[1]
+    qf = q_bqhd.astype(jnp.float32).reshape(b, q, g, h // g, d) * scale
 
     def capped(s):
         return s if softcap is None else jnp.tanh(s / softcap) * softcap
 
-    scores = capped(jnp.einsum("bqgrd,bkgd->bgrqk", qf, k_bkgd.astype(jnp.float32)))
+    scores = capped(jnp.einsum("bqgrd,bgkd->bgrqk", qf, k_bgkd.astype(jnp.float32)))
     scores = jnp.where(mask_bqk[:, None, None, :, :], scores, NEG_INF)
     if self_kv is not None:
         k_self, v_self = self_kv
@@ -56,10 +120,30 @@ def attend(q_bqhd, k_bkgd, v_bkgd, mask_bqk, *, scale: Optional[float] = None, s
     weights = jax.nn.softmax(scores, axis=-1)
     if self_kv is not None:
         weights, w_self = weights[..., :-1], weights[..., -1]
-    ctx = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v_bkgd.astype(jnp.float32))
+    ctx = jnp.einsum("bgrqk,bgkd->bqgrd", weights, v_bgkd.astype(jnp.float32))
     if self_kv is not None:
         ctx = ctx + jnp.einsum("bgrq,bqgd->bqgrd", w_self, v_self.astype(jnp.float32))
-    # A query that sees nothing (padding) gets zeros rather than a uniform mix.
-    any_visible = mask_bqk.any(-1) if self_kv is None else jnp.ones((b, q), bool)
-    ctx = jnp.where(any_visible[:, :, None, None, None], ctx, 0.0)
-    return ctx.reshape(b, q, h, d).astype(q_bqhd.dtype)
+    else:
+        ctx = jnp.where(mask_bqk.any(-1)[:, :, None, None, None], ctx, 0.0)
+    return ctx.reshape(b, q, h, d)
+
+
+def _chunked(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
+    """``_reference`` on blocks of ``CHUNK`` queries in turn: scores ``[b, g, r, CHUNK, k]`` at a time."""
+    b, q, h, d = q_bqhd.shape
+    n = -(-q // CHUNK)
+    pad = n * CHUNK - q
+
+    def blocks(a):  # [b, q, ...] -> [n, b, CHUNK, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((b, n, CHUNK) + a.shape[2:]), 1, 0)
+
+    xs = (blocks(q_bqhd), blocks(mask_bqk)) + (tuple(blocks(a) for a in self_kv) if self_kv is not None else ())
+
+    def one(x):
+        q_blk, m_blk = x[:2]
+        skv = x[2:] if self_kv is not None else None
+        return _reference(q_blk, k_bgkd, v_bgkd, m_blk, scale, softcap, skv)
+
+    ctx = jax.lax.map(one, xs)  # [n, b, CHUNK, h, d]
+    return jnp.moveaxis(ctx, 0, 1).reshape(b, n * CHUNK, h, d)[:, :q]

@@ -29,7 +29,7 @@ import numpy as np
 from radial_jax.kv_cache import KVCache
 from radial_jax.models.layer import make_norm
 from radial_jax.models.outputs import ModelOutput
-from radial_jax.models.stack import init_pool, run_pool
+from radial_jax.models.stack import pool_param, run_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class CausalLM(nn.Module):
                                        kernel_init=_init((None, "embed")))
             self.project_out = nn.Dense(s.embed_dim, use_bias=False, dtype=self.dtype,
                                         kernel_init=_init(("embed", None)))
-        self.layers = self.param("layers", init_pool(lc, c.num_layers, self.dtype))
+        self.layers = pool_param(self, lc, c.num_layers, self.dtype)
         if s.final_norm:
             self.final_norm = make_norm(lc, "final_norm")
         if not s.tie_embeddings:

@@ -181,9 +181,9 @@ def dense(features, use_bias, axes, dtype, name):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
-def attention(c: LayerConfig, q_bqhd, k_bkgd, v_bkgd, mask_bqk, self_kv=None):
-    """``radial_jax.models.attention.attend`` with this layer's scale and soft-cap."""
-    return attend(q_bqhd, k_bkgd, v_bkgd, mask_bqk, scale=c.attn_scale, softcap=c.attn_softcap, self_kv=self_kv)
+def attention(c: LayerConfig, q_bqhd, k_bgkd, v_bgkd, mask_bqk, self_kv=None):
+    """``radial_jax.models.attention.attend`` with this layer's scale and soft-cap (keys ``[b, g, k, d]``)."""
+    return attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale=c.attn_scale, softcap=c.attn_softcap, self_kv=self_kv)
 
 
 class TransformerLayer(nn.Module):
@@ -300,5 +300,6 @@ class TransformerLayer(nn.Module):
 
     def __call__(self, x_bte, mask_btt, positions_bt=None, rope_index=0, threshold=None, ratio_kind: str = "out"):
         """Plain self-attention over ``x`` itself (no cache); ``mask[b, i, j]``: i sees j."""
-        q, k, v = self.qkv(x_bte, positions_bt, rope_index)
+        q, k_btgd, v_btgd = self.qkv(x_bte, positions_bt, rope_index)
+        k, v = (jnp.swapaxes(a, 1, 2) for a in (k_btgd, v_btgd))  # heads first, as in the KV cache
         return self.finish(x_bte, attention(self.config, q, k, v, mask_btt), threshold, ratio_kind)

@@ -3,22 +3,28 @@
 ``params["layers"]`` has a leading axis of length ``L`` (logical axis ``layers``,
 so the pool can be sharded like an expert axis), and ``layer_meta`` holds the
 per-layer data that is not a parameter (sliding window, RoPE table index), as
-``[L]`` int32 arrays. A layer is picked by index (the Radial Network) or all of
-them run in order by ``lax.scan`` (the sequential model): one compiled layer
-body, no Python loop over layers.
+``[L]`` int32 arrays. A layer is picked by index (``pool_layer``: the Radial
+Network) or all of them run in order by ``lax.scan`` (the sequential model): one
+compiled layer body, no Python loop over layers.
+
+The same pool has a second, *per-layer* layout (``unstack_pool``: a tuple of ``L``
+layer trees), the inference layout. XLA on CPU copies a layer's slice out of the
+stacked arrays before its matmuls, every time the layer runs; a decoded token
+runs every layer, so the copies cost as much as reading the weights. Per-layer
+arrays are read in place. ``run_pool`` runs either layout with the same layer
+code; ``generate`` converts once per call inside its compiled program, and
+``Model.with_layout("per_layer")`` once for good.
 
 Shapes: ``b`` batch, ``t`` tokens, ``e`` hidden.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.kv_cache import KVCache, sequence_mask, visible_mask, write_first_visit
+from radial_jax.kv_cache import sequence_mask, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 
 
@@ -51,9 +57,69 @@ def init_pool(layer_cfg: LayerConfig, num_layers: int, dtype=jnp.float32):
     return init
 
 
+def pool_param(module: nn.Module, layer_cfg: LayerConfig, num_layers: int, dtype=jnp.float32):
+    """The module's ``layers`` parameter in the layout it was given (``setup`` of a family module).
+
+    Stacked pools are created and shape-checked by ``module.param``; a per-layer pool
+    (a tuple, which Flax's shape check against the stacked initialiser would refuse) is
+    read as it is.
+    """
+    if module.has_variable("params", "layers"):
+        given = module.get_variable("params", "layers")
+        if is_per_layer(given):
+            if len(given) != num_layers:
+                raise ValueError(f"a per-layer pool of {len(given)} layers for a model of {num_layers}")
+            return tuple(given)
+    return module.param("layers", init_pool(layer_cfg, num_layers, dtype))
+
+
+def is_per_layer(pool) -> bool:
+    """Whether a pool is in the per-layer (inference) layout: a tuple of ``L`` layer trees."""
+    return isinstance(pool, (tuple, list))
+
+
 def num_pool_layers(pool_params) -> int:
+    if is_per_layer(pool_params):
+        return len(pool_params)
     leaves = jax.tree_util.tree_leaves(pool_params)
     return int(leaves[0].shape[0]) if leaves else 0
+
+
+def pool_layer(pool, index):
+    """The parameters of layer ``index`` of a pool, in either layout: the one way to pick a layer.
+
+    Stacked pool (``[L, ...]`` leaves): ``a[index]``, ``index`` may be traced. XLA on CPU
+    materialises that slice (a copy of the layer) before the layer's matmuls.
+    Per-layer pool (a tuple): ``pool[index]``, ``index`` a Python int; the layer's own
+    arrays, no copy.
+    """
+    if is_per_layer(pool):
+        if not isinstance(index, (int, np.integer)):
+            raise ValueError("a per-layer pool is indexed by a Python int; use the stacked layout "
+                             "(stack_pool) to pick layers by a traced index")
+        return pool[int(index)]
+    return jax.tree_util.tree_map(lambda a: a[index], pool)
+
+
+def unstack_pool(pool) -> tuple:
+    """The per-layer (inference) layout of a pool: a tuple of ``L`` layer trees.
+
+    Why: inside a compiled loop over the stacked ``[L, ...]`` arrays (``lax.scan``), XLA
+    on CPU copies each layer's slice before its matmuls, on every call (every decoded
+    token); separate arrays per layer are read in place. Under ``jit`` this costs one
+    copy of the pool per call (``generate`` does it once, before the prefill); outside,
+    it makes new arrays once (``Model.with_layout("per_layer")``).
+    """
+    if is_per_layer(pool):
+        return tuple(pool)
+    return tuple(pool_layer(pool, l) for l in range(num_pool_layers(pool)))
+
+
+def stack_pool(pool):
+    """The stacked layout (leaves ``[L, ...]``) of a pool in either layout."""
+    if not is_per_layer(pool):
+        return pool
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *pool)
 
 
 def layer_forward(layer_cfg: LayerConfig, dtype, params_l, meta_l, x_bte, positions_bt, slots_bt, valid_bt, *,
@@ -69,16 +135,20 @@ def layer_forward(layer_cfg: LayerConfig, dtype, params_l, meta_l, x_bte, positi
 
 
 def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, positions_bt, slots_bt, valid_bt, *,
-             causal: bool, cache: Optional[KVCache] = None, threshold=None, ratio_kind: str = "out"):
-    """Apply the ``L`` stacked layers in order (the sequential model).
+             causal: bool, cache=None, threshold=None, ratio_kind: str = "out"):
+    """Apply the ``L`` layers of the pool in order (the sequential model).
 
     Args:
-      pool_params: ``params["layers"]``, leading axis ``L``.
+      pool_params: ``params["layers"]``: stacked (leading axis ``L``; the layers run in a
+        ``lax.scan``, one compiled body) or per-layer (a tuple of ``L`` layer trees, the
+        inference layout; the layers are unrolled and each reads its own arrays, no copy).
       meta: ``layer_meta(...)``, ``[L]`` arrays.
       positions_bt: token positions (RoPE); slots_bt: cache slot / causal order of each token.
       valid_bt: false for padding: never attended to, never written.
-      cache: optional ``KVCache``; when given, K/V are written into it (token ``p``
-        visits layer ``l`` at step ``l``) and keys read from it.
+      cache: optional; when given, K/V are written into it (token ``p`` visits layer ``l``
+        at step ``l``) and keys read from it. A ``KVCache`` of ``L`` layers, or (per-layer
+        pool only) a tuple of ``L`` single-layer caches (``kv_cache.split_layers``), whose
+        layers are then read and written in place.
       threshold: optional oracle threshold (see ``TransformerLayer.finish``).
 
     Returns:
@@ -86,21 +156,43 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
     """
     layer = TransformerLayer(layer_cfg, dtype, parent=None)  # applied functionally, not a submodule
     L = num_pool_layers(pool_params)
+    per_layer_cache = isinstance(cache, (tuple, list))
+    if per_layer_cache and (not is_per_layer(pool_params) or len(cache) != L):
+        raise ValueError(f"a per-layer cache ({len(cache)} caches) needs a per-layer pool of as many layers")
+
+    def one_layer(x, cache, params_l, meta_l, l):
+        """Layer ``l`` (traced or int); ``cache``: the stacked cache, or layer ``l``'s own (index 0)."""
+        if cache is None:
+            return (*layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,
+                                   causal=causal, threshold=threshold, ratio_kind=ratio_kind), None)
+        q, k, v = layer.apply({"params": params_l}, x, positions_bt, meta_l["rope"], method="qkv")
+        rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+        at = 0 if per_layer_cache else l
+        cache = write_first_visit(cache, at, rows, slots_bt, k, v, valid_bt, l)
+        kc, vc, wc = cache.layer(at)
+        mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
+        ctx = attention(layer_cfg, q, kc, vc, mask)
+        y, stats = layer.apply({"params": params_l}, x, ctx, threshold, ratio_kind, method="finish")
+        return y, stats, cache
+
+    if is_per_layer(pool_params):
+        x, stats_l, caches = x_bte, [], []
+        for l in range(L):
+            meta_l = {k: np.asarray(v)[l] for k, v in meta.items()}
+            layer_cache = cache[l] if per_layer_cache else cache
+            x, stats, layer_cache = one_layer(x, layer_cache, pool_params[l], meta_l, l)
+            stats_l.append(stats)
+            if per_layer_cache:
+                caches.append(layer_cache)
+            else:
+                cache = layer_cache
+        stats = jax.tree_util.tree_map(lambda *s: jnp.stack(s), *stats_l)
+        return x, stats, (tuple(caches) if per_layer_cache else cache)
 
     def body(carry, xs):
         x, cache = carry
         params_l, meta_l, l = xs
-        if cache is None:
-            y, stats = layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,
-                                     causal=causal, threshold=threshold, ratio_kind=ratio_kind)
-            return (y, None), stats
-        q, k, v = layer.apply({"params": params_l}, x, positions_bt, meta_l["rope"], method="qkv")
-        rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
-        cache = write_first_visit(cache, l, rows, slots_bt, k, v, valid_bt, l)
-        kc, vc, wc = cache.layer(l)
-        mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
-        ctx = attention(layer_cfg, q, kc, vc, mask)
-        y, stats = layer.apply({"params": params_l}, x, ctx, threshold, ratio_kind, method="finish")
+        y, stats, cache = one_layer(x, cache, params_l, meta_l, l)
         return (y, cache), stats
 
     xs = (pool_params, {k: jnp.asarray(v) for k, v in meta.items()}, jnp.arange(L, dtype=jnp.int32))

@@ -4,7 +4,9 @@ The data's residual stream (``[n, t, e]`` for all batches, on the host) is
 pushed through the layers in order; only one layer's parameters are loaded at
 a time (``CheckpointReader.layer_params``, sharded checkpoints included), so
 peak memory is about the largest layer (or the embedding tables, freed once
-the stream is embedded) plus the activations, not the model. Each layer runs
+the stream is embedded) plus the activations, not the model. Every tensor is
+held once: the reader's aligned host arrays become the device arrays as they are
+(``host_to_device``), with no second copy (on CPU). Each layer runs
 ``radial_jax.models.stack.layer_forward``, the body the in-memory model scans,
 so the results are the same (tested).
 """
@@ -25,12 +27,18 @@ from radial_jax.profiling.residual import (BLOCKS, RATIO_KINDS, ProfileResult, a
                                            check_has_blocks, finish_raw, new_accumulators, token_mask)
 
 
+def host_to_device(tree):
+    """numpy leaves -> jax arrays that alias them where possible (aligned, contiguous: on CPU, no copy)."""
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), tree)
+
+
 def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_name: str = "data",
                       exact_limit: int = 5_000_000, keep_raw: bool = False, progress: bool = True) -> ProfileResult:
     """``profile`` with parameters streamed layer by layer from ``name_or_path``."""
     reader = CheckpointReader(name_or_path)
     reader.check_unexpected()
     shell = reader.shell(dtype, name=str(name_or_path))  # validates inputs and computes the embeddings
+    shell.params = host_to_device(shell.params)
     check_has_blocks(shell)
     batches = as_batches(shell, data)
     L = reader.num_layers
@@ -54,7 +62,7 @@ def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_nam
     acc, raw = new_accumulators(L, exact_limit, keep_raw)
     start = time.perf_counter()
     for i in tqdm(range(L), desc=f"stream {shell.name}", unit="layer", disable=not progress):
-        params = jax.tree_util.tree_map(jnp.asarray, reader.layer_params(i, dtype))
+        params = host_to_device(reader.layer_params(i, dtype))
         for bi, valid in enumerate(valids):
             y, ratios = run_layer(params, meta_at(meta, i), jnp.asarray(streams[bi]), jnp.asarray(valid))
             streams[bi] = np.asarray(y)

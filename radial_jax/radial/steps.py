@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
-from radial_jax.models.stack import layer_forward, meta_at
+from radial_jax.models.stack import layer_forward, meta_at, pool_layer
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.router import Router
@@ -108,7 +108,7 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
     eligible = active & tok.valid
     probe = None
     if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
-        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        params_s = pool_layer(pool, s)
         _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
                                  tok.valid, causal=plan.causal)
         probe = stats.layer.ratio(rc.ratio_kind)
@@ -263,7 +263,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     ratio_gn = jnp.zeros(eligible.shape, jnp.float32)
     state = (x, kv, ratio_gn)
     if rc.ordered:
-        params_s = jax.tree_util.tree_map(lambda a: a[s], pool)
+        params_s = pool_layer(pool, s)
         meta_s = meta_at(meta, s)
         skip_kv = None
         if rc.cache_policy == "propagate":
@@ -274,14 +274,14 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     else:
         if rc.cache_policy == "propagate":  # the step-aligned writes of steps s < L (see the module docstring)
             s_l = jnp.minimum(s, L - 1)
-            params_s = jax.tree_util.tree_map(lambda a: a[s_l], pool)
+            params_s = pool_layer(pool, s_l)
             kv = jax.lax.cond(s < L, lambda kv: propagate_skips(plan, params_s, meta_at(meta, s_l), x, eligible, tok,
                                                                 kv, s)[0], lambda kv: kv, kv)
             state = (x, kv, ratio_gn)
 
         def one_layer(l, st):
             state, sizes_l = st
-            params_l = jax.tree_util.tree_map(lambda a: a[l], pool)
+            params_l = pool_layer(pool, l)
             state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok, s,
                                     state)
             return state, sizes_l.at[l].set(size)

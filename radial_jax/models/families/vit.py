@@ -19,7 +19,7 @@ from radial_jax.models.family import Family
 from radial_jax.models.layer import LayerConfig, make_norm
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
 from radial_jax.models.outputs import ModelOutput
-from radial_jax.models.stack import init_pool, layer_meta, run_pool
+from radial_jax.models.stack import layer_meta, pool_param, run_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ViT(nn.Module):
         self.cls_token = self.param("cls_token", _init((None, None, "embed")), (1, 1, c.hidden_size))
         self.position_embeddings = self.param("position_embeddings", _init((None, None, "embed")),
                                               (1, c.seq_len, c.hidden_size))
-        self.layers = self.param("layers", init_pool(c.layer_config(), c.num_layers, self.dtype))
+        self.layers = pool_param(self, c.layer_config(), c.num_layers, self.dtype)
         self.final_norm = make_norm(c.layer_config(), "final_norm")
         if c.num_labels:
             self.classifier = nn.Dense(c.num_labels, dtype=self.dtype, kernel_init=_init(("embed", None)))
