@@ -38,7 +38,7 @@ def test_layer_flops_equal_xla_for_a_visit_against_a_cache(lc, tokens, keys):
     layer = TransformerLayer(lc)
     x = jnp.zeros((1, tokens, lc.hidden_size))
     params = layer.init(jax.random.key(0), x, jnp.ones((1, tokens, tokens), bool))["params"]
-    kc = jnp.zeros((1, keys, lc.kv_heads, lc.head_size))
+    kc = jnp.zeros((1, lc.kv_heads, keys, lc.head_size))  # heads-major, as the KV cache
 
     def visit(p, x, kc, vc):  # what a dispatched visit runs: its own K/V join the cache's
         q, k, v = layer.apply({"params": p}, x, method="qkv")
