@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
+from radial_jax.models.remat import remat_layer
 from radial_jax.models.stack import layer_forward, meta_at
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
@@ -323,7 +324,8 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
     if not plan.decoding:
         def body(carry, s):
             return run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
-        carry, records = jax.lax.scan(body, carry, jnp.arange(S, dtype=jnp.int32), unroll=bool(plan.rc.scan_unroll))
+        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(S, dtype=jnp.int32),  # remat: models.remat
+                                      unroll=bool(plan.rc.scan_unroll))
         return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
 
     template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, jnp.int32(0), threshold)[1],
