@@ -1,4 +1,5 @@
-"""Rematerialisation (gradient checkpointing) of each layer, with a choice of policy.
+"""Per-layer hooks of the loops over layers: rematerialisation (gradient checkpointing) with a choice of
+policy, and batch-sharding constraints on the activations.
 
 The loops over layers (``radial_jax.models.stack.run_pool``: the sequential
 model's scan; ``radial_jax.radial.steps.run_steps``: the Radial Network's scan
@@ -16,6 +17,14 @@ it inside the jitted function, so each compiled step has one fixed policy):
 
 Remat changes only what is stored, never the values: loss and gradients are
 equal with and without it (tested).
+
+``shard_batch(tree, axis)`` pins the activations carried from layer to layer (and a
+Radial Network's KV cache) to the batch sharding (the ``batch`` rule of
+``radial_jax.sharding.AXIS_RULES``) inside a ``batch_sharded(mesh)`` context (the
+sharded train step enters it). Without it XLA may split activations along
+``embed`` like the fsdp-sharded weights and keep the whole batch on every
+device; with it each device keeps its own rows and gathers each layer's weights
+(fully sharded data parallelism). Outside the context it does nothing.
 """
 from __future__ import annotations
 
@@ -61,3 +70,38 @@ def remat_layer(body):
         return body
     # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation away
     return jax.checkpoint(body, policy=POLICIES[name], prevent_cse=False)
+
+
+_BATCH_MESH = contextvars.ContextVar("radial_jax_batch_mesh", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded(mesh):
+    """Within this context (while tracing), ``shard_batch`` constrains activations to ``mesh``'s batch axes."""
+    token = _BATCH_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _BATCH_MESH.reset(token)
+
+
+def shard_batch(tree, axis: int = 0):
+    """Every array of ``tree`` constrained to be split over the batch mesh axes along ``axis`` (when that
+    dimension divides evenly); unchanged outside ``batch_sharded``."""
+    mesh = _BATCH_MESH.get()
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec
+    from radial_jax.sharding import AXIS_RULES
+    names = dict(AXIS_RULES)["batch"]
+    names = names if isinstance(names, tuple) else (names,)
+    size = 1
+    for n in names:
+        size *= mesh.shape[n]
+
+    def one(x):
+        if not hasattr(x, "ndim") or x.ndim <= axis or x.shape[axis] % size:
+            return x
+        spec = PartitionSpec(*([None] * axis), names)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map(one, tree)

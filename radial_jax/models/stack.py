@@ -20,7 +20,7 @@ import numpy as np
 
 from radial_jax.kv_cache import KVCache, sequence_mask, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
-from radial_jax.models.remat import remat_layer
+from radial_jax.models.remat import remat_layer, shard_batch
 
 
 def layer_meta(windows, ropes) -> dict:
@@ -90,6 +90,7 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
 
     def body(carry, xs):
         x, cache = carry
+        x = shard_batch(x)  # no-op unless a sharded train step asks (radial_jax.models.remat)
         params_l, meta_l, l = xs
         if cache is None:
             y, stats = layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,

@@ -26,8 +26,13 @@ from radial_jax.profiling.residual import (BLOCKS, RATIO_KINDS, ProfileResult, a
 
 
 def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_name: str = "data",
-                      exact_limit: int = 5_000_000, keep_raw: bool = False, progress: bool = True) -> ProfileResult:
-    """``profile`` with parameters streamed layer by layer from ``name_or_path``."""
+                      exact_limit: int = 5_000_000, keep_raw: bool = False, progress: bool = True,
+                      mesh=None) -> ProfileResult:
+    """``profile`` with parameters streamed layer by layer from ``name_or_path``.
+
+    ``mesh``: each layer is read sharded onto the mesh (``CheckpointReader.layer_params_sharded``: only
+    this process's devices' slices), so no device holds a whole layer; one process.
+    """
     reader = CheckpointReader(name_or_path)
     reader.check_unexpected()
     shell = reader.shell(dtype, name=str(name_or_path))  # validates inputs and computes the embeddings
@@ -54,7 +59,8 @@ def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_nam
     acc, raw = new_accumulators(L, exact_limit, keep_raw)
     start = time.perf_counter()
     for i in tqdm(range(L), desc=f"stream {shell.name}", unit="layer", disable=not progress):
-        params = jax.tree_util.tree_map(jnp.asarray, reader.layer_params(i, dtype))
+        params = (jax.tree_util.tree_map(jnp.asarray, reader.layer_params(i, dtype)) if mesh is None
+                  else reader.layer_params_sharded(i, mesh, dtype))
         for bi, valid in enumerate(valids):
             y, ratios = run_layer(params, meta_at(meta, i), jnp.asarray(streams[bi]), jnp.asarray(valid))
             streams[bi] = np.asarray(y)

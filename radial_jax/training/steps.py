@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from radial_jax.models.remat import remat
+from radial_jax.models.remat import batch_sharded, remat
 from radial_jax.sharding import _fit, batch_sharding
 from radial_jax.training.memory import MemoryConfig, cast_floating, split_micro
 from radial_jax.training.state import TrainState
@@ -67,7 +67,7 @@ def _loss_and_grads(loss_fn, params, batch, key, extra, memory: MemoryConfig):
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, jit: bool = True,
                     state_shardings=None, batch_shardings=None, frozen_shardings=None, donate: bool = False,
-                    memory: Optional[MemoryConfig] = None):
+                    memory: Optional[MemoryConfig] = None, mesh: Optional[Mesh] = None):
     """``step(state, batch, frozen=None) -> (state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, metrics_dict)``; ``key`` is a fresh PRNG key per step. A
@@ -76,14 +76,18 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, jit:
     parameters), passed as ``loss_fn(..., frozen=frozen)``: an input of the compiled step, sharded by
     ``frozen_shardings``, never a constant baked into it. ``memory``: remat, mixed precision, gradient
     accumulation, donation (``radial_jax.training.memory``; ``donate=True`` here also donates).
+    ``mesh`` (default: that of ``batch_shardings``): activations are kept split over its batch axes
+    (``radial_jax.models.remat.shard_batch``).
     """
     memory = memory or MemoryConfig()
+    if mesh is None and isinstance(batch_shardings, NamedSharding):
+        mesh = batch_shardings.mesh
 
     def step(state: TrainState, batch, frozen=None):
         extra = {"step": state.step} if getattr(loss_fn, "needs_step", False) else {}
         if jax.tree_util.tree_leaves(frozen):
             extra["frozen"] = frozen
-        with remat(memory.remat):  # entered while tracing: this compiled step has this policy
+        with remat(memory.remat), batch_sharded(mesh):  # entered while tracing: fixed for this compiled step
             (loss, aux), grads = _loss_and_grads(loss_fn, state.params, batch, state.rng(), extra, memory)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
