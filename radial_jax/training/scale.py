@@ -101,3 +101,20 @@ def distill_step(student, teacher, cfg, tx, params, *, mesh: Optional[Mesh] = No
     if frozen_dtype is not None:
         frozen = to_mesh(teacher.params, without_router(p_sh), dtype=frozen_dtype)
     return make_sharded_train_step(loss_fn, tx, state_and_shardings, mesh, memory=memory, frozen=frozen)
+
+
+def joint_placement(network, state, tx, mesh: Optional[Mesh] = None, memory: Optional[MemoryConfig] = None,
+                    rules=None):
+    """``(state, make_train_step kwargs)`` of joint training (``train_joint``): on ``mesh`` the network's
+    parameters are placed like distillation's student (its base module's logical axes, the router
+    replicated), optimiser moments like their parameters, the batch over data x fsdp."""
+    from radial_jax.models.family import module_for
+    from radial_jax.sharding import batch_sharding
+    from radial_jax.training.steps import place, state_shardings
+    memory = memory or MemoryConfig()
+    if mesh is None:
+        return state, {"memory": memory}
+    p_sh = radial_param_shardings(module_for(network.config), network.config, state.params, mesh, rules)
+    shardings = state_shardings(state, p_sh, mesh)
+    state = jax.tree_util.tree_map(place, state, shardings)
+    return state, {"memory": memory, "state_shardings": shardings, "batch_shardings": batch_sharding(mesh, 2)}
