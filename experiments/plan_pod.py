@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MESH = (1, 16, 1)  # TPU v4-32: 16 chips
-SETTINGS = dict(batch=64, grad_accum=4, seq_len=256, remat="full", compute_dtype="bfloat16", train="all")
 MODELS = ("facebook/opt-6.7b", "meta-llama/Llama-3.1-8B")
 
 
@@ -33,11 +32,11 @@ def main(argv=None) -> int:
     from radial_jax.plan import simulated_devices
     simulated_devices(int(__import__("math").prod(MESH)))
     from benchlib import figure, write_result
-    from radial_jax.plan import load_plan_config, make_plan
+    from radial_jax.plan import RECOMMENDED, load_plan_config, make_plan
     from radial_jax.pod import ACCELERATORS, USABLE_FRACTION
     from radial_jax.training.distill import DistillConfig
     from radial_jax.training.memory import MemoryConfig
-    s = SETTINGS
+    s = RECOMMENDED  # the README's settings (one source: radial_jax.plan)
     memory = MemoryConfig(remat=s["remat"], compute_dtype=s["compute_dtype"], grad_accum=s["grad_accum"], donate=True)
     figures, details = [], {}
     v4 = ACCELERATORS["tpu-v4"][0]

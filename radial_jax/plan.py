@@ -40,6 +40,9 @@ from typing import Optional
 import numpy as np
 
 TASKS = ("train", "distill")
+# The settings the README recommends for distilling a 7-8B teacher on a TPU v4-32 slice (mesh 1,16,1); the
+# CLI's defaults and experiments/plan_pod.py read them from here.
+RECOMMENDED = dict(batch=64, grad_accum=4, seq_len=256, remat="full", compute_dtype="bfloat16", train="all")
 
 
 def simulated_devices(n: int) -> None:
@@ -249,14 +252,15 @@ def register(sub) -> None:
     p.add_argument("--mesh", type=_mesh_type, required=True, metavar="DATA,FSDP,TENSOR",
                    help="mesh axis sizes; their product is the number of simulated devices")
     p.add_argument("--task", choices=TASKS, default="distill")
-    p.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--remat", choices=sorted(POLICIES), default="full")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--grad-accum", type=int, default=1)
+    r = RECOMMENDED  # defaults: the README's recommended settings
+    p.add_argument("--batch", type=int, default=r["batch"], help="global batch (sequences per step)")
+    p.add_argument("--seq-len", type=int, default=r["seq_len"])
+    p.add_argument("--remat", choices=sorted(POLICIES), default=r["remat"])
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=r["compute_dtype"])
+    p.add_argument("--grad-accum", type=int, default=r["grad_accum"])
     p.add_argument("--no-donate", action="store_true", help="compile without donating the state")
     p.add_argument("--pool", choices=POOL_LAYOUTS, default="fsdp")
-    p.add_argument("--train", choices=("router", "all"), default="all", help="distillation: what is trained")
+    p.add_argument("--train", choices=("router", "all"), default=r["train"], help="distillation: what is trained")
     p.add_argument("--mode", choices=("ordered", "radial"), default="ordered")
     p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--accelerator", choices=sorted(ACCELERATORS), default=None,

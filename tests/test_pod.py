@@ -183,3 +183,29 @@ def test_remat_gives_the_same_distillation_step():
     assert abs(out["full"][0] - out["none"][0]) < 1e-6
     for a, b in zip(out["full"][1], out["none"][1]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_plan_command_on_simulated_devices(tmp_path):
+    """``radial-jax plan`` in a fresh process: it sets up its own 8 simulated devices, reads a local config,
+    prints the table, writes the JSON, and exits 3 when the plan does not fit the named accelerator."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="opt", vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=64)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "radial_jax.cli", "plan", "--model", str(tmp_path), "--mesh", "2,2,2", "--task",
+           "train", "--batch", "8", "--seq-len", "16", "--grad-accum", "1", "--json", str(tmp_path / "plan.json")]
+    proc = subprocess.run(cmd + ["--accelerator", "tpu-v4"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 devices" in proc.stdout and "peak" in proc.stdout and "tpu-v4" in proc.stdout
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["devices"] == 8 and plan["fits"]["tpu-v4"]["fits"]
+    b = plan["bytes_per_device"]
+    assert b["peak"] == b["argument"] + b["output"] - b["alias"] + b["temp"] and b["params"] > 0
+    bad = subprocess.run(cmd[:6] + ["-1,2,2"] + cmd[7:], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "no -1" in bad.stderr
