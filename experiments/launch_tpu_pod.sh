@@ -20,7 +20,7 @@
 #   TPU_NAME=my-pod ZONE=us-central2-b ./experiments/launch_tpu_pod.sh profile --model facebook/opt-66b \
 #       --mesh 1,16,1 --dtype bfloat16 --out /mnt/shared/runs/profile-66b
 #   # the small teacher of the offline pipeline, from scratch
-#   TPU_NAME=my-pod ZONE=us-central2-b ./experiments/launch_tpu_pod.sh train --mesh -1,1,1 --size base \
+#   TPU_NAME=my-pod ZONE=us-central2-b ./experiments/launch_tpu_pod.sh train --mesh=-1,1,1 --size base \
 #       --batch-size 256 --steps 20000 --run-dir gs://bucket/runs/teacher
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}"

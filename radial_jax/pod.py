@@ -5,7 +5,8 @@ Every command that does heavy work (``train``, ``distill``, ``eval``, ``profile`
 ``add_mesh_args`` and turns them into a mesh with ``mesh_from_args``:
 
 * ``--mesh data,fsdp,tensor``: the sizes of the three mesh axes of
-  ``radial_jax.sharding`` (``-1`` once: the devices left over). The value is
+  ``radial_jax.sharding`` (``-1`` once: the devices left over; ``--mesh=-1,8,1``, with ``=``,
+  when the value starts with ``-1``, or argparse takes it for an option). The value is
   checked when the command line is parsed (three integers, each ``>= 1`` or one
   ``-1``) and against the device count before any weight is read or step compiled.
 * ``--distributed``: ``jax.distributed.initialize()`` first (multi-host). On Cloud
@@ -78,8 +79,8 @@ def _mesh_type(text):
 def add_mesh_args(parser: argparse.ArgumentParser, pool: bool = True) -> None:
     """``--mesh``, ``--distributed`` (and ``--pool``) on a subcommand's parser."""
     parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="DATA,FSDP,TENSOR",
-                        help="run on a (data, fsdp, tensor) device mesh, e.g. 4,8,1 (-1: the devices left over); "
-                             "default: no sharding")
+                        help="run on a (data, fsdp, tensor) device mesh, e.g. 4,8,1 (-1: the devices left over; "
+                             "write --mesh=-1,8,1 when the value starts with -1); default: no sharding")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first (multi-host pods, SLURM)")
     if pool:

@@ -207,5 +207,5 @@ def test_plan_command_on_simulated_devices(tmp_path):
     assert plan["devices"] == 8 and plan["fits"]["tpu-v4"]["fits"]
     b = plan["bytes_per_device"]
     assert b["peak"] == b["argument"] + b["output"] - b["alias"] + b["temp"] and b["params"] > 0
-    bad = subprocess.run(cmd[:6] + ["-1,2,2"] + cmd[7:], env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(cmd[:6] + ["--mesh=-1,2,2"] + cmd[8:], env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no -1" in bad.stderr
