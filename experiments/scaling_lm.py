@@ -73,7 +73,10 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None, help="default: runs/scaling_<family>")
     ap.add_argument("--tiny", action="store_true", help="offline smoke run on random tiny checkpoints")
+    from radial_jax.pod import add_mesh_args, mesh_from_args
+    add_mesh_args(ap, pool=False)  # --mesh data,fsdp,tensor / --distributed: weights read sharded
     args = ap.parse_args()
+    mesh = mesh_from_args(args)
     models = args.models or FAMILIES[args.family]
     args.out = args.out or f"runs/scaling_{args.family}"
     if args.tiny:
@@ -89,7 +92,7 @@ def main():
         return [(ids[c], mask[c]) for c in chunks], [(ids[c], mask[c], score[c]) for c in chunks]
 
     rows = run_scaling(models, make_batches, args.out, thresholds=[float(t) for t in args.thresholds.split(",")],
-                       streaming_above=args.streaming_above, dtype=args.dtype, data_name=args.data)
+                       streaming_above=args.streaming_above, dtype=args.dtype, data_name=args.data, mesh=mesh)
     for r in rows:
         print(f"{r['model']:<32}{r['num_params'] / 1e6:>10.0f}M  median ratio_out {r['median_ratio_out']:.4f}")
     print(f"results in {args.out}/ (results.json, results.csv, scaling.png)")

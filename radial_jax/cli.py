@@ -11,6 +11,7 @@ import sys
 
 COMMAND_MODULES = (
     "radial_jax.end_to_end",
+    "radial_jax.plan",
     "radial_jax.profiling.cli",
     "radial_jax.radial.cli",
     "radial_jax.training.cli",

@@ -65,7 +65,8 @@ def _safetensors_header(path: Path) -> tuple:
 def _safetensors_tensors(path: Path) -> Dict[str, callable]:
     """name -> zero-argument reader of one tensor of a safetensors file.
 
-    Each reader reads just its tensor's bytes (``read_aligned`` at its offset), so
+    Each reader reads just its tensor's bytes (``SafetensorsTensor``, into ``ALIGN``-aligned
+    memory that XLA's CPU client aliases), so
     streaming a checkpoint layer by layer never holds more than what was asked
     for (a memory map would keep every touched page resident). The header is
     checked up front: every tensor's dtype, shape and byte range must be
@@ -88,12 +89,66 @@ def _safetensors_tensors(path: Path) -> Dict[str, callable]:
         if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {name} ({dtype_name}{list(shape)}) claims bytes [{start}, {end}) "
                                   f"of a {data_size:,}-byte data section: the file is truncated or corrupt")
-        readers[name] = (lambda s=start, e=end, d=dtype, sh=shape: read_aligned(
-            path, 8 + header_len + s, e - s).view(d).reshape(sh))
+        readers[name] = SafetensorsTensor(path, 8 + header_len + start, dtype, shape)
     return readers
 
 
+# Bytes read from safetensors files by this process (whole tensors and slices); tests count them.
+READ_STATS = {"bytes": 0, "reads": 0}
+
+
+class SafetensorsTensor:
+    """One tensor of a safetensors file: ``t()`` reads it whole, ``t.read(index)`` only a slice of it.
+
+    ``index`` is a tuple of ``slice`` (step 1) per dimension, as ``jax.make_array_from_callback`` gives.
+    Only the bytes of the slice are read: the slice is a set of contiguous runs (the trailing
+    dimensions it takes whole, times a range of the first dimension it cuts), one ``readinto`` each,
+    straight into the result array. (``safetensors.safe_open(...).get_slice`` does the same, but its
+    numpy backend has no bfloat16 and it cannot count bytes.)
+    """
+
+    def __init__(self, path: Path, offset: int, dtype, shape: tuple):
+        self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), tuple(shape)
+
+    def __call__(self) -> np.ndarray:
+        return self.read(None)
+
+    def read(self, index=None) -> np.ndarray:
+        ranges = [(0, n) for n in self.shape] if index is None else [
+            s.indices(n)[:2] if isinstance(s, slice) else (int(s), int(s) + 1)
+            for s, n in zip(tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index))), self.shape)]
+        out_shape = tuple(b - a for a, b in ranges)
+        out = aligned_empty(out_shape, self.dtype)
+        if out.size == 0:
+            return out
+        # the first dimension (from the end) that is not taken whole: each run covers it and all after it
+        cut = next((d for d in range(len(ranges) - 1, -1, -1) if ranges[d] != (0, self.shape[d])), 0)
+        inner = int(np.prod(self.shape[cut + 1:], dtype=np.int64))
+        run = (ranges[cut][1] - ranges[cut][0]) * inner * self.dtype.itemsize if self.shape else self.dtype.itemsize
+        strides = np.cumprod((1,) + self.shape[::-1][:-1])[::-1] if self.shape else ()
+        buf = out.reshape(-1).view(np.uint8)
+        with open(self.path, "rb") as f:
+            for k, outer in enumerate(np.ndindex(*out_shape[:cut])):
+                first = sum((ranges[d][0] + outer[d]) * int(strides[d]) for d in range(cut))
+                first += ranges[cut][0] * inner if self.shape else 0
+                f.seek(self.offset + first * self.dtype.itemsize)
+                view = memoryview(buf[k * run:(k + 1) * run])
+                if f.readinto(view) != run:
+                    raise CheckpointError(f"{self.path}: short read (the file changed or is truncated)")
+        READ_STATS["bytes"] += out.nbytes
+        READ_STATS["reads"] += max(1, int(np.prod(out_shape[:cut], dtype=np.int64)))
+        return out
+
+
 ALIGN = 64  # bytes: XLA's CPU client aliases (does not copy) host arrays aligned this way
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``ALIGN``-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def read_aligned(path, offset: int, nbytes: int) -> np.ndarray:
@@ -102,9 +157,7 @@ def read_aligned(path, offset: int, nbytes: int) -> np.ndarray:
     ``jax.device_put(a, may_alias=True)`` of such an array (contiguous, in its dtype) on
     CPU uses its memory as it is: a table read for streaming is held once, not twice.
     """
-    buf = np.empty(nbytes + ALIGN, np.uint8)
-    start = -buf.ctypes.data % ALIGN
-    out = buf[start:start + nbytes]
+    out = aligned_empty((nbytes,), np.uint8)
     with open(path, "rb") as f:
         f.seek(offset)
         if f.readinto(memoryview(out)) != nbytes:
@@ -294,6 +347,92 @@ class CheckpointReader:
                 f"expected {tuple(expected_shape)} for parameter {ours}")
         return array
 
+    # -- sharded reading: each process reads only the slices its devices hold ---------------------------
+    def _read_slice(self, rule, index: Optional[int], ours_index: tuple, expected_shape: tuple, ours: str,
+                    cache: dict) -> np.ndarray:
+        """``ours_index`` (slices of our layout, no layer axis) of the converted tensor of ``rule``.
+
+        Safetensors: only the bytes of the slice are read (our index mapped back through the rule's
+        transpose and ``part``); other formats (GGUF, ``.bin``): the whole tensor once, then sliced.
+        """
+        hf_name = rule.hf if index is None else rule.hf.format(i=index)
+        if hf_name not in self._readers:
+            raise CheckpointError(f"{self.path}: missing tensor {hf_name!r} (needed for parameter {ours})")
+        reader = self._readers[hf_name]
+        ranges = [s.indices(n)[:2] for s, n in zip(ours_index, expected_shape)]
+        if not isinstance(reader, SafetensorsTensor):
+            if hf_name not in cache:
+                cache.clear()  # one whole tensor at a time
+                cache[hf_name] = self._read(rule, index, expected_shape, ours)
+            return cache[hf_name][tuple(slice(a, b) for a, b in ranges)]
+        perm = {"copy": tuple(range(len(reader.shape))), "linear": (1, 0), "conv": (2, 3, 1, 0)}[rule.transform]
+        converted = tuple(reader.shape[p] for p in perm)  # convert(): converted = hf.transpose(perm)
+        if rule.part is not None:
+            part, count = rule.part
+            width = converted[-1] // count
+            converted = converted[:-1] + (width,)
+            ranges[-1] = (ranges[-1][0] + part * width, ranges[-1][1] + part * width)
+        if converted != tuple(expected_shape):
+            raise CheckpointError(
+                f"{self.path}: tensor {hf_name!r} has shape {converted} after conversion, "
+                f"expected {tuple(expected_shape)} for parameter {ours}")
+        hf_index = [None] * len(perm)
+        for j, p in enumerate(perm):
+            hf_index[p] = slice(*ranges[j])
+        return reader.read(tuple(hf_index)).transpose(perm)
+
+    def _global_array(self, path: tuple, shape: tuple, sharding, dtype, layer: Optional[int] = None):
+        """One parameter as a global array: each addressable device's slice read by this process only."""
+        is_layer = path[0] == "layers"
+        rule = self._rule_for(path[1:] if is_layer else path, layer=is_layer)
+        name = "/".join(path)
+        cache, pieces = {}, {}
+
+        def callback(index):
+            key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))  # replicas ask for the same slice
+            if key not in pieces:
+                if is_layer and layer is None:  # the stacked pool: leading axis = layer index
+                    (lo, hi), rest = key[0], index[1:]
+                    piece = np.stack([self._read_slice(rule, i, rest, shape[1:], name, cache)
+                                      for i in range(lo, hi)])
+                else:
+                    piece = self._read_slice(rule, layer, index, shape, name, cache)
+                pieces[key] = piece.astype(dtype, copy=False)
+            return pieces[key]
+
+        return jax.make_array_from_callback(shape, sharding, callback)
+
+    def sharded_params(self, mesh, dtype=jnp.float32, rules=None) -> dict:
+        """All parameters as global arrays on ``mesh``, placed by the axis rules (``radial_jax.sharding``):
+        every process reads only the slices its own devices hold; no host holds the whole model."""
+        from jax.sharding import NamedSharding
+        from radial_jax.sharding import AXIS_RULES, _fit, logical_specs
+        dtype = resolve_dtype(dtype)
+        self.check_unexpected()
+        specs = traverse_util.flatten_dict(logical_specs(module_for(self.config), *example_inputs(self.config),
+                                                         rules=AXIS_RULES if rules is None else rules))
+        flat = {path: self._global_array(path, shape, NamedSharding(mesh, _fit(specs[path], shape, mesh)), dtype)
+                for path, shape in self._expected.items()}
+        return traverse_util.unflatten_dict(flat)
+
+    def layer_params_sharded(self, index: int, mesh, dtype=jnp.float32, rules=None) -> dict:
+        """Layer ``index``'s parameters (no layer axis) as global arrays on ``mesh``, each process reading
+        only its devices' slices (the streaming profiler on a mesh)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+        from radial_jax.sharding import AXIS_RULES, _fit, logical_specs
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer index {index} out of range [0, {self.num_layers})")
+        dtype = resolve_dtype(dtype)
+        specs = traverse_util.flatten_dict(logical_specs(module_for(self.config), *example_inputs(self.config),
+                                                         rules=AXIS_RULES if rules is None else rules))
+        flat = {}
+        for path, shape in self._expected.items():
+            if path[0] == "layers":
+                spec = PartitionSpec(*tuple(specs[path])[1:])
+                flat[path[1:]] = self._global_array(path, shape[1:], NamedSharding(mesh, _fit(spec, shape[1:], mesh)),
+                                                    dtype, layer=index)
+        return traverse_util.unflatten_dict(flat)
+
     def non_layer_params(self, dtype=jnp.float32) -> dict:
         """Every parameter outside the layer stack (embeddings, norms, heads), as numpy."""
         dtype = resolve_dtype(dtype)
@@ -355,7 +494,7 @@ class CheckpointReader:
 
 
 def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = None,
-         with_classifier: Optional[bool] = None) -> Model:
+         with_classifier: Optional[bool] = None, mesh=None, rules=None) -> Model:
     """Load a Hugging Face checkpoint (hub id or local directory) or a GGUF file as a ``Model``.
 
     Args:
@@ -366,8 +505,16 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
       gguf_file: a GGUF file in that directory or hub repo (as transformers' ``gguf_file=``).
       with_classifier: ViT only: load the classification head (default: if the
         checkpoint's architecture is ``ViTForImageClassification``).
+      mesh: a ``(data, fsdp, tensor)`` mesh (``radial_jax.sharding.make_mesh``): parameters are read
+        straight into global arrays placed by the axis rules (``rules``, default ``AXIS_RULES``), each
+        process reading only the slices its devices hold (``CheckpointReader.sharded_params``); the
+        bundle's forward keeps its outputs replicated (``radial_jax.sharded.ShardedModel``).
     """
     dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
     reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
+    if mesh is not None:
+        from radial_jax.sharded import ShardedModel
+        return ShardedModel(reader.config, reader.sharded_params(mesh, dtype, rules), mesh=mesh, dtype=dtype,
+                            name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
     return Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
                  tokenizer_path=reader.tokenizer_path)

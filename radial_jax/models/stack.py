@@ -26,6 +26,7 @@ import numpy as np
 
 from radial_jax.kv_cache import sequence_mask, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
+from radial_jax.models.remat import remat_layer, shard_batch
 
 
 def layer_meta(windows, ropes) -> dict:
@@ -191,10 +192,11 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
 
     def body(carry, xs):
         x, cache = carry
+        x = shard_batch(x)  # no-op unless a sharded train step asks (radial_jax.models.remat)
         params_l, meta_l, l = xs
         y, stats, cache = one_layer(x, cache, params_l, meta_l, l)
         return (y, cache), stats
 
     xs = (pool_params, {k: jnp.asarray(v) for k, v in meta.items()}, jnp.arange(L, dtype=jnp.int32))
-    (y, cache), stats = jax.lax.scan(body, (x_bte, cache), xs)
+    (y, cache), stats = jax.lax.scan(remat_layer(body), (x_bte, cache), xs)  # remat: radial_jax.models.remat
     return y, stats, cache

@@ -19,17 +19,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--out", default=None, help="output directory (default: runs/<command>/<model>)")
+    from radial_jax.pod import add_mesh_args
+    add_mesh_args(p)
 
 
-def load_model_and_data(args, with_scores: bool = False, load_weights: bool = True):
+def load_model_and_data(args, with_scores: bool = False, load_weights: bool = True, mesh=None):
     """The model and its batches, all validated before any forward pass.
 
     ``load_weights=False`` (streaming) builds the bundle from the embeddings and heads only.
+    ``mesh``: the weights are read sharded (each process its devices' slices; ``rj.load(mesh=...)``).
     """
     import radial_jax as rj
     from radial_jax.data import coco_validation, image_folder, load_text_source, perplexity_windows, tokenize
+    from radial_jax.pod import rules_for
     if load_weights:
-        model = rj.load(args.model, dtype=args.dtype)
+        model = rj.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules_for(getattr(args, "pool", "fsdp")))
     else:
         model = rj.CheckpointReader(args.model).shell(args.dtype, name=str(args.model))
     if model.is_decoder:
@@ -57,14 +61,19 @@ def _out_dir(args, command: str) -> Path:
 
 def run_profile(args) -> int:
     import radial_jax as rj
-    model, batches, data_name = load_model_and_data(args, load_weights=not args.streaming)
+    from radial_jax.pod import is_main_process, mesh_from_args
+    mesh = mesh_from_args(args)
+    model, batches, data_name = load_model_and_data(args, load_weights=not args.streaming, mesh=mesh)
     if args.streaming:
         from radial_jax.profiling.streaming import profile_streaming
+        kw = {} if mesh is None else {"mesh": mesh}  # each layer read sharded (one process)
         result = profile_streaming(args.model, batches, dtype=args.dtype, data_name=data_name,
-                                   keep_raw=args.save_raw, exact_limit=args.exact_limit)
+                                   keep_raw=args.save_raw, exact_limit=args.exact_limit, **kw)
     else:
         result = rj.profile(model, batches, data_name=data_name, keep_raw=args.save_raw,
                             exact_limit=args.exact_limit)
+    if not is_main_process():  # every process computed the same (replicated) statistics
+        return 0
     out = result.save(_out_dir(args, "profile"))
     print(result.table())
     print(f"wrote {out}/profile.json, per_layer.csv, per_layer.png")
@@ -74,9 +83,13 @@ def run_profile(args) -> int:
 def run_simulate(args) -> int:
     import radial_jax as rj
     from radial_jax.profiling.skipping import check_thresholds
+    from radial_jax.pod import is_main_process, mesh_from_args
     thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])  # before loading anything
-    model, batches, data_name = load_model_and_data(args, with_scores=True)
+    mesh = mesh_from_args(args)
+    model, batches, data_name = load_model_and_data(args, with_scores=True, mesh=mesh)
     sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)
+    if not is_main_process():
+        return 0
     out = sim.save(_out_dir(args, "simulate"))
     print(sim.table())
     print(f"wrote {out}/simulation.json, simulation.png")

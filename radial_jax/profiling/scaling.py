@@ -28,12 +28,19 @@ def slug(name: str) -> str:
 
 
 def run_scaling(models: Sequence[str], make_batches: Callable, out, *, thresholds: Sequence[float],
-                streaming_above: float = float("inf"), dtype="float32", data_name: str = "data") -> List[dict]:
-    """Profile (and simulate) each model; ``make_batches(model) -> (profile_batches, simulate_batches)``."""
+                streaming_above: float = float("inf"), dtype="float32", data_name: str = "data",
+                mesh=None) -> List[dict]:
+    """Profile (and simulate) each model; ``make_batches(model) -> (profile_batches, simulate_batches)``.
+
+    ``mesh``: weights read sharded onto it (``rj.load(mesh=...)``; streamed layers too), so no host holds a
+    whole model; with several processes only process 0 writes.
+    """
     import radial_jax as rj
     from radial_jax.profiling.skipping import check_thresholds
     from radial_jax.profiling.streaming import profile_streaming
+    import jax
     thresholds = check_thresholds(thresholds)
+    main = jax.process_index() == 0
     out = Path(out)
     done = []
     for name in models:
@@ -48,14 +55,18 @@ def run_scaling(models: Sequence[str], make_batches: Callable, out, *, threshold
         shell = reader.shell(dtype, name=str(name))
         prof_batches, sim_batches = make_batches(shell)
         if size > streaming_above:  # too big for memory: stream the layers; the oracle needs the whole model
-            result = profile_streaming(name, prof_batches, dtype=dtype, data_name=data_name)
-            result.save(d)
-            atomic_write_text(d / "simulation.json", json.dumps({"skipped": "model streamed", "thresholds": []}))
+            result = profile_streaming(name, prof_batches, dtype=dtype, data_name=data_name,
+                                       **({} if mesh is None else {"mesh": mesh}))
+            if main:
+                result.save(d)
+                atomic_write_text(d / "simulation.json", json.dumps({"skipped": "model streamed", "thresholds": []}))
         else:
-            model = rj.load(name, dtype=dtype)
+            model = rj.load(name, dtype=dtype, mesh=mesh)
             result = rj.profile(model, prof_batches, data_name=data_name)
-            result.save(d)
-            rj.simulate_skipping(model, sim_batches, thresholds, data_name=data_name).save(d)
+            simulation = rj.simulate_skipping(model, sim_batches, thresholds, data_name=data_name)
+            if main:
+                result.save(d)
+                simulation.save(d)
         print(result.table())
         done.append(name)
     return collect(out, [slug(m) for m in models])

@@ -33,8 +33,13 @@ def host_to_device(tree):
 
 
 def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_name: str = "data",
-                      exact_limit: int = 5_000_000, keep_raw: bool = False, progress: bool = True) -> ProfileResult:
-    """``profile`` with parameters streamed layer by layer from ``name_or_path``."""
+                      exact_limit: int = 5_000_000, keep_raw: bool = False, progress: bool = True,
+                      mesh=None) -> ProfileResult:
+    """``profile`` with parameters streamed layer by layer from ``name_or_path``.
+
+    ``mesh``: each layer is read sharded onto the mesh (``CheckpointReader.layer_params_sharded``: only
+    this process's devices' slices), so no device holds a whole layer; one process.
+    """
     reader = CheckpointReader(name_or_path)
     reader.check_unexpected()
     shell = reader.shell(dtype, name=str(name_or_path))  # validates inputs and computes the embeddings
@@ -62,7 +67,8 @@ def profile_streaming(name_or_path, data: Iterable, *, dtype="float32", data_nam
     acc, raw = new_accumulators(L, exact_limit, keep_raw)
     start = time.perf_counter()
     for i in tqdm(range(L), desc=f"stream {shell.name}", unit="layer", disable=not progress):
-        params = host_to_device(reader.layer_params(i, dtype))
+        params = (host_to_device(reader.layer_params(i, dtype)) if mesh is None
+                  else reader.layer_params_sharded(i, mesh, dtype))
         for bi, valid in enumerate(valids):
             y, ratios = run_layer(params, meta_at(meta, i), jnp.asarray(streams[bi]), jnp.asarray(valid))
             streams[bi] = np.asarray(y)

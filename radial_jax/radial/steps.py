@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
+from radial_jax.models.remat import remat_layer, shard_batch
 from radial_jax.models.stack import layer_forward, meta_at, pool_layer
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
@@ -328,8 +329,10 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
 
     if not plan.decoding:
         def body(carry, s):
+            carry = carry.replace(x=shard_batch(carry.x), kv=shard_batch(carry.kv, axis=1))  # see models.remat
             return run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
-        carry, records = jax.lax.scan(body, carry, jnp.arange(S, dtype=jnp.int32), unroll=bool(plan.rc.scan_unroll))
+        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(S, dtype=jnp.int32),  # remat: models.remat
+                                      unroll=bool(plan.rc.scan_unroll))
         return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
 
     template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, jnp.int32(0), threshold)[1],

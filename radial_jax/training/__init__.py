@@ -9,11 +9,12 @@ from radial_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 from radial_jax.training.distill import DistillConfig, distill
 from radial_jax.training.lm import train_lm
 from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import OptimConfig, make_optimizer
 from radial_jax.training.pipeline import PackedDataset, TextData, text_data
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import NonFiniteLossError, make_sharded_train_step, make_train_step
 
 __all__ = ["Checkpointer", "CheckpointMismatchError", "DistillConfig", "distill", "train_lm", "TrainConfig", "fit",
-           "OptimConfig", "make_optimizer", "PackedDataset", "TextData", "text_data", "TrainState",
+           "MemoryConfig", "OptimConfig", "make_optimizer", "PackedDataset", "TextData", "text_data", "TrainState",
            "NonFiniteLossError", "make_sharded_train_step", "make_train_step"]

@@ -13,6 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from radial_jax.pod import add_mesh_args, is_main_process, mesh_from_args, rules_for
+
 SIZES = {  # OPT-shaped presets (vocab is set from the tokenizer)
     "tiny": dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2),
     "small": dict(hidden_size=64, num_hidden_layers=4, ffn_dim=256, num_attention_heads=4),
@@ -32,14 +34,31 @@ def _common(p, steps):
     p.add_argument("--debug", action="store_true", help="chex shape/finite checks after every step")
     p.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard; resumed if present")
     p.add_argument("--no-progress", action="store_true")
+    add_memory_args(p)
+    add_mesh_args(p)
+
+
+def add_memory_args(p) -> None:
+    """``--remat``, ``--compute-dtype``, ``--grad-accum`` (``radial_jax.training.memory.MemoryConfig``)."""
+    from radial_jax.models.remat import POLICIES
+    p.add_argument("--remat", choices=sorted(POLICIES), default="none",
+                   help="recompute each layer in the backward pass: none, full (least memory), dots, dots_no_batch")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: mixed precision (fp32 master weights and optimiser state)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+
+
+def memory_config(args):
+    """The ``MemoryConfig`` of the flags; on a mesh the state is donated (not in --debug)."""
+    from radial_jax.training.memory import MemoryConfig
+    return MemoryConfig(remat=args.remat, compute_dtype=args.compute_dtype, grad_accum=args.grad_accum,
+                        donate=args.mesh is not None and not getattr(args, "debug", False))
 
 
 def register(subparsers) -> None:
     t = subparsers.add_parser("train", help="train a sequential OPT-shaped LM (the teacher)")
     _common(t, 600)
     t.add_argument("--size", choices=sorted(SIZES), default="small")
-    t.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. '2,2,2' (default: no sharding)")
-    t.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (pods)")
     t.set_defaults(func=cmd_train)
 
     d = subparsers.add_parser("distill", help="distil a sequential model into a Radial Network")
@@ -65,6 +84,7 @@ def register(subparsers) -> None:
     e.add_argument("--max-windows", type=int, default=256)
     e.add_argument("--out", required=True, help="directory for eval.json and curve.png")
     e.add_argument("--no-progress", action="store_true")
+    add_mesh_args(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -78,8 +98,7 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     import jax
-    if args.distributed:
-        jax.distributed.initialize()
+    mesh = mesh_from_args(args)  # --distributed first, then the mesh: before any other jax work
     import radial_jax as rj
     from radial_jax.training.artifacts import save_model
     from radial_jax.training.lm import train_lm
@@ -88,15 +107,8 @@ def cmd_train(args) -> int:
     train = _train_config(args)
     config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(128, args.seq_len),
                           **SIZES[args.size])
-    mesh = None
-    if args.mesh:
-        from radial_jax.sharding import make_mesh
-        sizes = [int(s) for s in args.mesh.split(",")]
-        if len(sizes) != 3:
-            raise ValueError(f"--mesh needs three sizes data,fsdp,tensor; got {args.mesh!r}")
-        mesh = make_mesh(*sizes)
     model, history = train_lm(config, data, train=train, run_dir=args.run_dir, mesh=mesh,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, memory=memory_config(args), rules=rules_for(args.pool))
     if jax.process_index() == 0:
         save_model(model, Path(args.run_dir) / "model", data=data.source)
         print(json.dumps({"model": str(Path(args.run_dir) / "model"), "final": history[-1] if history else None}))
@@ -109,36 +121,78 @@ def cmd_distill(args) -> int:
     from radial_jax.training.pipeline import text_data
     if args.radial_steps and args.mode != "ordered":
         raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
-    teacher = load_model(args.teacher)
-    data = text_data(args.data)
+    mesh = mesh_from_args(args)
+    memory, rules = memory_config(args), rules_for(args.pool)
+    teacher = load_teacher(args.teacher, mesh, rules, memory)
+    has_tokenizer = teacher.tokenizer_path and (Path(teacher.tokenizer_path) / "tokenizer_config.json").exists()
+    data = text_data(args.data, tokenizer=teacher.tokenizer() if has_tokenizer else None)  # a hub teacher's own
+    pod = dict(mesh=mesh, memory=memory, rules=rules)
     cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
                         router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
                         compute_weight=args.compute_weight, train=args.train)
     radial_kwargs = {"capacity_factor": args.capacity_factor}
     student, history = distill(teacher, data, cfg=cfg, mode=args.mode, train=_train_config(args),
-                               run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs)
+                               run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs,
+                               **pod)
     if args.radial_steps:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
         # warm start: the radial network begins exactly where the ordered student is
         student, more = distill(teacher, data, cfg=cfg, mode="radial", start=student, train=train,
                                 run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress,
-                                radial_kwargs=radial_kwargs)
+                                radial_kwargs=radial_kwargs, **pod)
         history = history + more
+    if not is_main_process():
+        return 0
+    local = Path(args.teacher)
     out = save_student(student, Path(args.run_dir) / "student", distill=dataclasses.asdict(cfg), data=data.source,
-                       teacher=str(Path(args.teacher).resolve()))
+                       teacher=str(local.resolve()) if local.exists() else str(args.teacher))
     print(json.dumps({"student": str(out), "final": history[-1] if history else None}))
     return 0
+
+
+def load_teacher(name: str, mesh=None, rules=None, memory=None):
+    """A ``radial-jax train`` model directory, a checkpoint directory or a hub id. On a mesh a checkpoint is
+    read sharded (each process reads its devices' slices) in the compute dtype: the frozen teacher of the
+    step; the student's fp32 masters are made from it."""
+    from radial_jax.training.artifacts import load_model
+    if mesh is None or (Path(name) / "params.msgpack").is_file():
+        teacher = load_model(name)
+        if mesh is not None:
+            from radial_jax.sharded import ShardedModel
+            from radial_jax.sharding import logical_specs
+            from radial_jax.api import example_inputs
+            from radial_jax.training.scale import to_mesh
+            from radial_jax.training.steps import param_shardings
+            specs = logical_specs(teacher.module, *example_inputs(teacher.config), rules=rules)
+            params = to_mesh(teacher.params, param_shardings(teacher.params, specs, mesh), dtype=memory.dtype)
+            teacher = ShardedModel(teacher.config, params, mesh=mesh, dtype=memory.dtype, name=teacher.name,
+                                   tokenizer_path=teacher.tokenizer_path)
+        return teacher
+    import radial_jax as rj
+    return rj.load(name, mesh=mesh, rules=rules, dtype=memory.dtype)
 
 
 def cmd_eval(args) -> int:
     from radial_jax.training.artifacts import load_model, load_student
     from radial_jax.training.evaluate import evaluate
     from radial_jax.training.pipeline import text_data
+    mesh = mesh_from_args(args)
     student, meta = load_student(args.student)
-    if not meta.get("teacher") or not Path(meta["teacher"]).exists():
-        raise ValueError(f"the teacher of {args.student} ({meta.get('teacher')!r}) was not found; it is needed "
+    if not meta.get("teacher"):
+        raise ValueError(f"the teacher of {args.student} is not recorded; it is needed "
                          "for the comparison (teacher perplexity and the oracles)")
-    teacher = load_model(meta["teacher"])
+    if mesh is None:
+        if not Path(meta["teacher"]).exists():
+            raise ValueError(f"the teacher of {args.student} ({meta['teacher']!r}) was not found; it is needed "
+                             "for the comparison (teacher perplexity and the oracles)")
+        teacher = load_model(meta["teacher"])
+    else:  # parameters sharded by the axis rules (the student's pool like the teacher's, the router replicated)
+        from radial_jax.training.memory import MemoryConfig
+        from radial_jax.training.scale import radial_param_shardings, to_mesh
+        rules = rules_for(args.pool)
+        teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
+        student = student.replace(params=to_mesh(student.params, radial_param_shardings(
+            teacher.module, teacher.config, student.params, mesh, rules)))
     data = text_data(args.data)
     windows = data.dataset(args.seq_len, 1, split="eval").all_windows(args.max_windows)
     out = Path(args.out)

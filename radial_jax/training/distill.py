@@ -196,13 +196,15 @@ def make_distill_eval(student, windows, teacher: Model, batch_size: int = 16):
 def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg: DistillConfig = DistillConfig(),
             mode: str = "ordered", start=None, train: Optional[TrainConfig] = None,
             run_dir: Optional[Union[str, Path]] = None, progress: bool = True, callbacks=(),
-            radial_kwargs: Optional[dict] = None):
+            radial_kwargs: Optional[dict] = None, mesh=None, memory=None, rules=None):
     """Distil ``teacher`` into a Radial Network; returns ``(student, history)`` (``student.params`` trained).
 
     ``start``: a student to continue from. An ordered student with ``mode="radial"`` is warm-started
     by ``RadialModel.to_radial(cfg.radial_push)``: the radial network begins exactly where the ordered
     one is (every router column keeps its meaning), then learns other layers, reuse and exits.
     ``radial_kwargs``: further ``RadialConfig`` fields (capacity_factor, cache_policy, ...).
+    ``mesh`` / ``memory`` / ``rules``: sharded step, remat, mixed precision, gradient accumulation
+    (``radial_jax.training.scale.distill_step``).
     """
     train = train or TrainConfig()
     if steps is not None:
@@ -224,8 +226,9 @@ def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg:
     params = student.params
     trainable = None if cfg.train == "all" else (lambda path: path.startswith("router"))
     tx = make_optimizer(train.optim, trainable=trainable, params=params)
-    state = TrainState.create(params, tx, seed=train.seed)
-    step_fn = make_train_step(distill_loss_fn(student, teacher, cfg), tx)
+    from radial_jax.training.scale import distill_step  # pod scale: radial_jax.training.scale
+    step_fn, state = distill_step(student, teacher, cfg, tx, params, mesh=mesh, memory=memory, rules=rules,
+                                  seed=train.seed)
     dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=jax.process_index(),
                            process_count=jax.process_count())
     windows = data.dataset(train.seq_len, 1, split="eval").all_windows(train.eval_batches * 16)
@@ -234,5 +237,5 @@ def distill(teacher: Model, data: TextData, steps: Optional[int] = None, *, cfg:
                   "radial": dataclasses.asdict(student.radial), "model": dataclasses.asdict(teacher.config),
                   "data": data.source}
     state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config, eval_fn=eval_fn,
-                         progress=progress, callbacks=callbacks, desc=f"distill-{mode}")
+                         progress=progress, callbacks=callbacks, desc=f"distill-{mode}", mesh=mesh)
     return student.replace(params=to_host(state.params)), history

@@ -116,10 +116,11 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
 
 def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: JointConfig = JointConfig(),
                 train: Optional[TrainConfig] = None, run_dir: Optional[Union[str, Path]] = None,
-                progress: bool = True, radial_kwargs: Optional[dict] = None):
+                progress: bool = True, radial_kwargs: Optional[dict] = None, mesh=None, memory=None, rules=None):
     """Train a Radial Network over ``config`` (any decoder family's config) from scratch; returns
     ``(network, history)`` with ``network.params`` trained and ``network.radial`` the final stage's settings.
-    ``radial_kwargs``: further ``RadialConfig`` fields (``max_steps`` for ``S > L``, ``cache_policy``, ...)."""
+    ``radial_kwargs``: further ``RadialConfig`` fields (``max_steps`` for ``S > L``, ``cache_policy``, ...);
+    ``mesh``, ``memory``, ``rules``: pod placement and memory settings (``radial_jax.training.scale``)."""
     train = train or TrainConfig()
     if steps is not None:
         train = dataclasses.replace(train, steps=int(steps))
@@ -139,6 +140,8 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     params = {**network.params, "router": router}
     tx = make_optimizer(train.optim)
     state = TrainState.create(params, tx, seed=train.seed)
+    from radial_jax.training.scale import joint_placement  # mesh / memory: radial_jax.training.scale
+    state, step_kwargs = joint_placement(network, state, tx, mesh, memory, rules)
 
     compiled = {}
 
@@ -150,7 +153,7 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
         net = stage_network(int(state.step))
         key = (net.radial.routing, net.radial.capacity_factor)
         if key not in compiled:
-            compiled[key] = make_train_step(joint_loss_fn(net, cfg), tx)
+            compiled[key] = make_train_step(joint_loss_fn(net, cfg), tx, **step_kwargs)
         new, metrics = compiled[key](state, batch)
         return new, {**metrics, "capacity": np.float32(net.radial.capacity_factor)}
 
@@ -159,6 +162,6 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     run_config = {"train": train.to_dict(), "joint": dataclasses.asdict(cfg), "radial": dataclasses.asdict(rc),
                   "model": dataclasses.asdict(config), "data": data.source}
     state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config,
-                         progress=progress, desc="joint")
+                         progress=progress, desc="joint", mesh=mesh)
     final = stage_network(max(train.steps - 1, 0))
     return final.replace(params=to_host(state.params)), history

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.api import Model, build, example_inputs
+from radial_jax.models.family import module_for
 from radial_jax.training.losses import lm_cross_entropy
 from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer
 from radial_jax.training.pipeline import TextData
 from radial_jax.training.state import TrainState
@@ -56,7 +58,7 @@ def make_lm_eval(module, windows: np.ndarray, batch_size: int = 16):
 
 def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Optional[TrainConfig] = None,
              run_dir: Optional[Union[str, Path]] = None, model: Optional[Model] = None, mesh=None,
-             progress: bool = True, callbacks=(), async_checkpoints: bool = True):
+             progress: bool = True, callbacks=(), async_checkpoints: bool = True, memory=None, rules=None):
     """Train a sequential causal LM from scratch (or continue ``model``) on ``data``.
 
     Args:
@@ -65,7 +67,9 @@ def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Opti
       steps: number of updates (overrides ``train.steps``).
       train: ``TrainConfig`` (batch, window, optimiser, checkpoints).
       run_dir: checkpoints + metrics; an existing run there is resumed exactly.
-      mesh: optional device mesh: parameters sharded by the axis rules, batch over data x fsdp.
+      mesh: optional device mesh: parameters sharded by the axis rules (``rules``, default ``AXIS_RULES``),
+        optimiser moments like their parameters, batch over data x fsdp.
+      memory: ``MemoryConfig`` (remat, bf16 compute on fp32 masters, gradient accumulation, donation).
 
     Returns:
       ``(model, history)``: the trained ``rj.Model`` and the list of logged metrics.
@@ -81,14 +85,17 @@ def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Opti
     model = model or build(config, seed=train.seed)
     tx = make_optimizer(train.optim)
     state = TrainState.create(model.params, tx, seed=train.seed)
-    loss_fn = lm_loss_fn(model.module)
+    memory = memory or MemoryConfig()
+    if train.debug:  # debug checks compare the old state with the new one: nothing may be donated
+        memory = dataclasses.replace(memory, donate=False)
+    loss_fn = lm_loss_fn(module_for(config, memory.dtype))  # compute dtype; the state keeps fp32 masters
     if mesh is None:
-        step_fn = make_train_step(loss_fn, tx)
+        step_fn = make_train_step(loss_fn, tx, memory=memory)
         pi, pc = 0, 1
     else:
-        from radial_jax.sharding import logical_specs
-        specs = logical_specs(model.module, *example_inputs(config))
-        step_fn, state = make_sharded_train_step(loss_fn, tx, state, mesh, specs)
+        from radial_jax.sharding import AXIS_RULES, logical_specs
+        specs = logical_specs(model.module, *example_inputs(config), rules=AXIS_RULES if rules is None else rules)
+        step_fn, state = make_sharded_train_step(loss_fn, tx, state, mesh, specs, memory=memory)
         pi, pc = jax.process_index(), jax.process_count()
     dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=pi, process_count=pc)
     eval_windows = data.dataset(train.seq_len, 1, split="eval").all_windows(train.eval_batches * 16)

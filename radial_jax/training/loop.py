@@ -89,7 +89,8 @@ def fit(state, step_fn: Callable, dataset, cfg: TrainConfig, *, run_dir: Optiona
             batch = global_batch(rows, mesh) if mesh is not None else rows
             old = state
             state, metrics = step_fn(state, batch)
-            step = int(state.step) if bool(metrics["finite"]) else int(old.step) + 1
+            # a non-finite step returns the old state unchanged (and a donating step has freed ``old``)
+            step = int(state.step) + (0 if bool(metrics["finite"]) else 1)
             if not bool(metrics["finite"]):
                 raise NonFiniteLossError(step, pos, rows, float(metrics["loss"]))
             if cfg.debug:
