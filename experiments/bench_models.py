@@ -28,7 +28,6 @@ sides in bf16 on the device; the peak is then a bf16 matmul (MFU against it).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

@@ -25,7 +25,6 @@ layer counts) cross-check the by-construction count.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -144,7 +143,6 @@ def routed_forward(rm):
 
 
 def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
-    L = model.config.num_layers
     if mode == "ordered":
         rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
     else:  # random routes over every layer and exit: a balanced load
@@ -203,7 +201,6 @@ def main(argv=None):
     dense_fwd = jax.jit(lambda p, x: model.module.apply({"params": p}, x, compute_logits=False).hidden)
     figures, details = [], {}
     from radial_jax.flops import dense_flops
-    lc = cfg.layer_config()
     xla_layer = benchlib.xla_flops(
         lambda p, x: model.module.apply({"params": {**model.params, "layers": jax.tree_util.tree_map(
             lambda a: a[:1], p)}}, x, compute_logits=False).hidden, model.params["layers"], ids)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from radial_jax.data import (embedded_corpus, image_folder, offline_tokenizer, perplexity_windows, read_text_files,
-                             tokenize, wikitext2)
+                             wikitext2)
 
 
 def test_offline_tokenizer_round_trips_and_is_deterministic(tmp_path, monkeypatch):

@@ -111,7 +111,6 @@ def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
 
 def test_dense_flops_equal_xla_for_the_sequential_forward():
     model = rj.build(rj.OPTConfig(**WIDE), seed=0)
-    ids = jnp.asarray(np.random.default_rng(1).integers(3, 64, (2, 16)))
     lc = model.config.layer_config()
     layer = TransformerLayer(lc)
     params_0 = jax.tree_util.tree_map(lambda a: a[0], model.params["layers"])

@@ -159,7 +159,7 @@ def test_hub_id_resolves_from_cache_offline(tiny_opt_dir, tmp_path):
     shutil.copytree(tiny_opt_dir, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import numpy as np, radial_jax as rj
         m = rj.load("tiny-org/tiny-opt")
         print("LOGITS", float(np.asarray(m(np.array([[5, 6, 7]]))).sum()))

@@ -2,7 +2,6 @@
 and joint training's full-depth warm-up."""
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 
 import radial_jax as rj

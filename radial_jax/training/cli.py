@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from radial_jax.training.artifacts import load_model, save_student
+    from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
     from radial_jax.training.pipeline import text_data
     if args.radial_steps and args.mode != "ordered":

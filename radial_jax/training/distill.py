@@ -42,8 +42,7 @@ from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
 from radial_jax.training.pipeline import TextData
-from radial_jax.training.state import TrainState
-from radial_jax.training.steps import make_train_step, to_host
+from radial_jax.training.steps import to_host
 
 TRAIN_MODES = ("router", "all")
 

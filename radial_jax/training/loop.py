@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from radial_jax.training.checkpoint import Checkpointer

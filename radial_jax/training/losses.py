@@ -7,7 +7,6 @@ the counted tokens (a scalar); an empty mask gives 0, never NaN.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
