@@ -25,6 +25,7 @@ layer counts) cross-check the by-construction count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -201,9 +202,9 @@ def main(argv=None):
     dense_fwd = jax.jit(lambda p, x: model.module.apply({"params": p}, x, compute_logits=False).hidden)
     figures, details = [], {}
     from radial_jax.flops import dense_flops
-    xla_layer = benchlib.xla_flops(
-        lambda p, x: model.module.apply({"params": {**model.params, "layers": jax.tree_util.tree_map(
-            lambda a: a[:1], p)}}, x, compute_logits=False).hidden, model.params["layers"], ids)
+    one_layer = rj.build(dataclasses.replace(cfg, num_hidden_layers=1), seed=0)
+    xla_layer = benchlib.xla_flops(lambda p, x: one_layer.module.apply({"params": p}, x, compute_logits=False).hidden,
+                                   one_layer.params, ids)
     details["flop_check"] = {"dense_by_construction": dense_flops(cfg, args.batch * args.length, args.length,
                                                                   with_head=False),
                              "xla_one_layer_model": xla_layer, "note": "XLA counts a one-layer model (embedding,"
