@@ -295,7 +295,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         ``0 < top_p <= 1``); ignored for greedy decoding.
       rng: a jax PRNG key (``jax.random.key(seed)``), required when sampling.
       eos_token_id: stop token(s); default ``config.eos_token_id``; ``()`` never stops early.
-      pad_token_id: fills the columns after a row stopped; default ``config.pad_token_id``.
+      pad_token_id: fills the columns after a row stopped; default ``config.pad_token_id``, else the first end-of-sequence id.
       max_len: KV cache length (default: longest prompt + ``max_new_tokens``); fixing it
         lets calls with different prompt lengths share one compilation per prompt width.
       return_output: return a ``GenerationOutput`` instead of the sequences alone.
@@ -340,8 +340,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     if eos_n.size == 0:
         eos_n = np.full((1,), -1, np.int32)  # matches no token
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None and eos_n[0] >= 0:
+        pad = int(eos_n[0])  # as transformers does for configs without one (Llama, Qwen): fills finished rows
     if pad is None:
-        raise ValueError("pad_token_id is needed (the config has none)")
+        raise ValueError("pad_token_id is needed: the config has neither a pad nor an end-of-sequence token; "
+                         "pass pad_token_id=")
 
     # Repack to right padding of width `longest`: row b's prompt at slots 0 .. len_b - 1.
     j_t = np.arange(longest)
