@@ -183,7 +183,7 @@ def _causal_pair():
     return ids, ids2
 
 
-@pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
+@pytest.mark.parametrize("kw", [ROUTED[0], ROUTED[3]], ids=[ROUTED_IDS[0], ROUTED_IDS[3]])  # the gradient test: 1, 2
 def test_causality_by_value_in_forward_and_decoding_when_the_budget_binds(small, kw):
     rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
     ids, ids2 = _causal_pair()
