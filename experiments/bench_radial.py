@@ -221,6 +221,9 @@ def main(argv=None):
         else:
             bench_decode(model, *job, args, figures, details)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
+    shapes = f"L {args.layers} x d {args.hidden}"  # the model every figure was measured on
+    for fig in figures:
+        fig["label"] = f"{fig['label']} ({shapes})"
     out = benchlib.write_result(args.out, "bench_radial", settings, figures, details)
     print(f"wrote {out}")
 
