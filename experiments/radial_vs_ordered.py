@@ -43,7 +43,7 @@ from radial_jax.training.joint import JointConfig, train_joint  # noqa: E402
 from radial_jax.training.lm import make_lm_eval, train_lm  # noqa: E402
 from radial_jax.training.loop import TrainConfig  # noqa: E402
 from radial_jax.training.optim import OptimConfig  # noqa: E402
-from radial_jax.training.pipeline import text_data  # noqa: E402
+from radial_jax.data.packed import text_data  # noqa: E402
 
 
 def parse_args(argv=None):

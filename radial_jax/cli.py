@@ -10,10 +10,9 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "radial_jax.end_to_end",
+    "radial_jax.pipeline",
     "radial_jax.plan",
     "radial_jax.profiling.cli",
-    "radial_jax.radial.cli",
     "radial_jax.training.cli",
 )
 

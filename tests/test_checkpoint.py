@@ -29,7 +29,7 @@ import numpy as np
 import radial_jax as rj
 from radial_jax.training.lm import train_lm
 from radial_jax.training.loop import TrainConfig
-from radial_jax.training.pipeline import text_data
+from radial_jax.data.packed import text_data
 
 run_dir, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokens = np.random.default_rng(0).integers(3, 40, 6000).astype(np.int32)

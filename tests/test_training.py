@@ -16,7 +16,7 @@ from radial_jax.training.distill import (DistillConfig, distill, keep_logits_ord
                                          make_student, without_router)
 from radial_jax.training.loop import TrainConfig
 from radial_jax.training.optim import OptimConfig, make_optimizer, make_schedule
-from radial_jax.training.pipeline import PackedDataset, text_data
+from radial_jax.data.packed import PackedDataset, text_data
 
 RNG = np.random.default_rng(0)
 

@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
     import radial_jax as rj
     from radial_jax.training.artifacts import save_model
     from radial_jax.training.lm import train_lm
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     data = text_data(args.data)
     train = _train_config(args)
     config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(128, args.seq_len),
@@ -118,7 +118,7 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     if args.radial_steps and args.mode != "ordered":
         raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
     mesh = mesh_from_args(args)
@@ -175,7 +175,7 @@ def load_teacher(name: str, mesh=None, rules=None, memory=None):
 def cmd_eval(args) -> int:
     from radial_jax.training.artifacts import load_model, load_student
     from radial_jax.training.evaluate import evaluate
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     mesh = mesh_from_args(args)
     student, meta = load_student(args.student)
     if not meta.get("teacher"):

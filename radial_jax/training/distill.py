@@ -41,7 +41,7 @@ from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.steps import to_host
 
 TRAIN_MODES = ("router", "all")

@@ -41,7 +41,7 @@ from radial_jax.training import losses
 from radial_jax.training.distill import expected_layer_visits, step_cost
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_train_step, to_host
 

@@ -20,7 +20,7 @@ from radial_jax.training.losses import lm_cross_entropy
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_sharded_train_step, make_train_step, to_host
 

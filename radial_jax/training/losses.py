@@ -64,13 +64,6 @@ def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: 
     return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
 
 
-def router_choice_ce(router_logits_sbtk, target_sbt, mask_bt=None):
-    """Cross-entropy of the router's choice at each step against target choices (radial labels)."""
-    logp = jax.nn.log_softmax(router_logits_sbtk.astype(jnp.float32), -1)
-    nll = -jnp.take_along_axis(logp, target_sbt[..., None], -1)[..., 0]
-    return _masked_mean(jnp.mean(nll, 0), _mask(mask_bt, nll.shape[1:]))
-
-
 def compute_penalty(expected_depth_bt, num_layers: int, mask_bt=None):
     """Expected number of layer visits per token as a fraction of ``num_layers`` (mean over tokens)."""
     return _masked_mean(expected_depth_bt.astype(jnp.float32) / num_layers, _mask(mask_bt, expected_depth_bt.shape))
@@ -97,6 +90,3 @@ def router_z_loss(router_logits_sbtk, mask_bt=None):
     z = jax.nn.logsumexp(router_logits_sbtk.astype(jnp.float32), -1) ** 2
     return _masked_mean(jnp.mean(z, 0), _mask(mask_bt, z.shape[1:]))
 
-
-def perplexity(mean_nll) -> float:
-    return float(jnp.exp(mean_nll))

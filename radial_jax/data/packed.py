@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from radial_jax.data import load_text_source, tokenize
+from radial_jax.data.corpus import load_text_source, tokenize
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ def run_pipeline(args) -> int:
     from radial_jax.training.cli import SIZES
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
 
     thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])
     out = Path(args.out)
