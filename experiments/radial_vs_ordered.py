@@ -88,7 +88,7 @@ def part_a(args, data, windows, out):
         teacher, _ = train_lm(config, data, train=train_config(args, args.teacher_steps, 3e-3),
                               run_dir=out / "teacher_run")
         save_model(teacher, out / "teacher", data=data.source)
-    dcfg = DistillConfig(train="all", oracle_threshold=0.35, compute_weight=args.compute_weight)
+    dcfg = DistillConfig(compute_weight=args.compute_weight)  # radial_jax.defaults: train="all", threshold 0.35
     ordered, _ = distill(teacher, data, cfg=dcfg, train=train_config(args, args.distill_steps, 1e-3),
                          run_dir=out / "ordered_run")
     radial, history = distill(teacher, data, cfg=dcfg, mode="radial", start=ordered,

@@ -182,7 +182,7 @@ def test_distillation_lowers_kl_below_untrained_router(corpus, teacher):
     model, _ = teacher
     windows = corpus.dataset(32, 1, split="eval").all_windows(64)
     threshold = _median_probe_ratio(model, windows[:16])
-    cfg = DistillConfig(oracle_threshold=threshold, compute_weight=0.05)
+    cfg = DistillConfig(oracle_threshold=threshold, compute_weight=0.05, train="router")
     student, history = distill(model, corpus, 40, cfg=cfg, train=_distill_train(), progress=False)
     ev = make_distill_eval(student, windows, model)
     untrained, trained = ev(make_student(model, cfg).params), ev(student.params)
@@ -269,7 +269,7 @@ def test_cli_train_distill_eval(tmp_path):
     assert main(["eval", "--student", str(tmp_path / "s" / "student"), "--data", str(tokens), "--seq-len", "16",
                  "--max-windows", "32", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
-    assert res["radial_config"]["mode"] == "radial"
+    assert res["student"]["radial_config"]["mode"] == "radial"
     assert 0.0 <= res["student"]["depth"] <= 1.0 and (tmp_path / "e" / "curve.png").is_file()
     with pytest.raises(ValueError, match="not a radial_jax training artifact"):
         main(["eval", "--student", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])

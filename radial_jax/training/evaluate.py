@@ -33,14 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from radial_jax import defaults as D
 from radial_jax.flops import dense_flops, head_flops
 from radial_jax.io import atomic_write_json, figure, save_figure
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.radial.stats import RouteStats
 from radial_jax.training import losses
 
-DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8)
-DEFAULT_OFFSETS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+DEFAULT_THRESHOLDS = D.EVAL_THRESHOLDS
+DEFAULT_OFFSETS = D.EVAL_OFFSETS
 
 
 def _batches(windows, batch_size):
