@@ -35,7 +35,7 @@ def _done(path: Path) -> bool:
 def run_pipeline(args) -> int:
     import jax
     import radial_jax as rj
-    from radial_jax.data import perplexity_windows
+    from radial_jax.data import eval_windows, window_batches
     from radial_jax.io import atomic_write_json
     from radial_jax.profiling.skipping import check_thresholds
     from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
@@ -74,10 +74,9 @@ def run_pipeline(args) -> int:
     timings["teacher_s"] = time.perf_counter() - t0
     print(f"[teacher] {teacher!r}")
 
-    ids, mask, score = perplexity_windows(data.eval, args.window, args.window)
-    ids, mask, score = ids[:args.max_windows], mask[:args.max_windows], score[:args.max_windows]
-    batches = [(ids[i:i + args.batch_size], mask[i:i + args.batch_size], score[i:i + args.batch_size])
-               for i in range(0, len(ids), args.batch_size)]
+    # one window set for profile, simulate and evaluate: the same teacher perplexity in all of them
+    ids, mask, score = eval_windows(data.eval, args.window, args.max_windows)
+    batches = window_batches((ids, mask, score), args.batch_size)
     data_name = f"{data.source} (held-out split)"
 
     # 2. profile
@@ -100,7 +99,7 @@ def run_pipeline(args) -> int:
 
     # 4-6. distillation (ordered, then radial), evaluation, serving speed
     evaluation = speed = None
-    full = ids[mask.all(1)]  # whole windows only: evaluation scores every token of a window
+    full = ids  # whole windows: evaluation scores every token of a window but its first, as simulate does
     if args.distill_steps > 0:
         from radial_jax.training.distill import DistillConfig, distill
         cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,

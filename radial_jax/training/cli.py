@@ -189,8 +189,9 @@ def cmd_eval(args) -> int:
         teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(
             teacher.module, teacher.config, student.params, mesh, rules)))
+    from radial_jax.data import eval_windows
     data = text_data(args.data)
-    windows = data.dataset(args.seq_len, 1, split="eval").all_windows(args.max_windows)
+    windows = eval_windows(data.eval, args.seq_len, args.max_windows)[0]
     out = Path(args.out)
     result = evaluate(student, teacher, windows, png=out / "curve.png", out_json=out / "eval.json",
                       progress=not args.no_progress)

@@ -45,9 +45,11 @@ DEFAULT_OFFSETS = D.EVAL_OFFSETS
 
 
 def _batches(windows, batch_size):
-    if len(windows) < batch_size:
-        raise ValueError(f"need at least {batch_size} eval windows, got {len(windows)}")
-    for i in range(0, len(windows) - batch_size + 1, batch_size):
+    """Every window, in batches of ``batch_size`` (the last one may be smaller: one more compile, and
+    the same tokens as ``radial-jax simulate`` scores on the same windows)."""
+    if len(windows) < 1:
+        raise ValueError("need at least one eval window, got 0")
+    for i in range(0, len(windows), batch_size):
         yield jnp.asarray(windows[i:i + batch_size])
 
 
@@ -60,7 +62,7 @@ def _accumulate(fn, windows, batch_size, *args):
         tot, cnt, dep = tot + float(s), cnt + float(n), dep + float(d) * float(n)
         more = np.array([float(m) * float(n) for m in more])
         extra = more if extra is None else extra + more
-    row = {"ppl": float(np.exp(tot / cnt)), "nll": tot / cnt, "depth": dep / cnt}
+    row = {"ppl": losses.perplexity(tot, cnt), "nll": tot / cnt, "depth": dep / cnt}
     return row, (None if extra is None else extra / cnt)
 
 
