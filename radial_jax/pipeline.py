@@ -37,14 +37,14 @@ def run_pipeline(args) -> int:
     import radial_jax as rj
     from radial_jax.data import eval_windows, window_batches
     from radial_jax.io import atomic_write_json
-    from radial_jax.profiling.skipping import check_thresholds
+    from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
     from radial_jax.defaults import MIN_POSITIONS, SIZES
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
     from radial_jax.data.packed import text_data
 
-    thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])
+    thresholds = parse_thresholds(args.thresholds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -58,7 +58,7 @@ def run_pipeline(args) -> int:
     if args.model:
         teacher = rj.load(args.model)
         teacher_name = str(args.model)
-    elif _done(teacher_dir / "params.msgpack"):
+    elif _done(teacher_dir / "config.json"):
         teacher, teacher_name = load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
         print(f"[teacher] reusing {teacher_dir}")
     else:
@@ -111,7 +111,7 @@ def run_pipeline(args) -> int:
             if steps <= 0:
                 continue
             where = out / "distill" / mode
-            if _done(where / "params.msgpack"):
+            if _done(where / "config.json"):
                 students[mode], _ = load_student(where)
                 print(f"[distill] reusing {where}")
                 continue

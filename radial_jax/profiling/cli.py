@@ -82,9 +82,9 @@ def run_profile(args) -> int:
 
 def run_simulate(args) -> int:
     import radial_jax as rj
-    from radial_jax.profiling.skipping import check_thresholds
+    from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.pod import is_main_process, mesh_from_args
-    thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])  # before loading anything
+    thresholds = parse_thresholds(args.thresholds)  # before loading anything
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, with_scores=True, mesh=mesh)
     sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)

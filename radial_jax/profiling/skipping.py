@@ -34,6 +34,18 @@ from radial_jax.profiling.residual import as_batches, check_has_blocks
 from radial_jax.training import losses
 
 
+def parse_thresholds(text: str, flag: str = "--thresholds") -> List[float]:
+    """``"0,0.1,0.2"`` -> checked thresholds; a ValueError naming ``flag`` and the bad entry otherwise."""
+    values = []
+    for item in str(text).split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{flag}: {item.strip()!r} is not a number; expected comma-separated values "
+                             "in [0, 1], e.g. 0,0.1,0.2") from None
+    return check_thresholds(values)
+
+
 def check_thresholds(thresholds) -> List[float]:
     ts = [float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))]
     bad = [t for t in ts if not 0.0 <= t <= 1.0 or np.isnan(t)]
