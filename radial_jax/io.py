@@ -53,6 +53,12 @@ def figure(ncols: int = 1, width: float = 5.0, height: float = 3.8):
     return plt, fig, np.atleast_1d(axes)
 
 
+def integer_ticks(axis) -> None:
+    """Whole-number ticks on a layer / step / visit axis (``ax.xaxis``): no tick at "layer 2.5"."""
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save_figure(plt, fig, path, dpi: int = 110) -> Path:
     """Save a PNG atomically and close the figure."""
     path = Path(path)
