@@ -98,7 +98,7 @@ def run_simulate(args) -> int:
 
 def register(sub) -> None:
     from radial_jax.models.layer import RATIO_KINDS
-    p = sub.add_parser("profile", help="residual ratios per token, block and layer (DESIGN.md §2)")
+    p = sub.add_parser("profile", help="residual ratios per token, block and layer (docs/design.md §2)")
     add_data_args(p)
     p.add_argument("--streaming", action="store_true",
                    help="load one layer at a time from the checkpoint (models larger than memory)")
@@ -106,7 +106,7 @@ def register(sub) -> None:
     p.add_argument("--exact-limit", type=int, default=5_000_000,
                    help="values kept for exact quantiles; beyond it a log-histogram sketch (bound stated)")
     p.set_defaults(func=run_profile)
-    s = sub.add_parser("simulate", help="oracle layer skipping over a threshold sweep (DESIGN.md §3)")
+    s = sub.add_parser("simulate", help="oracle layer skipping over a threshold sweep (docs/design.md §3)")
     add_data_args(s)
     s.add_argument("--thresholds", default=D.csv(D.SIMULATE_THRESHOLDS), help="comma-separated values in [0, 1]")
     s.add_argument("--ratio", default=D.RATIO, choices=RATIO_KINDS, help="which ratio the threshold applies to")

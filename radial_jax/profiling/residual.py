@@ -1,4 +1,4 @@
-"""Residual-ratio profiling (DESIGN.md §2).
+"""Residual-ratio profiling (docs/design.md §2).
 
 For every token and every residual block ``y = x + f(x)`` (attention, MLP, and
 the whole layer as one block), two ratios of per-token L2 norms:

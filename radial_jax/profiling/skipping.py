@@ -1,4 +1,4 @@
-"""Oracle layer skipping (DESIGN.md §3): simulate dynamic depth at a threshold.
+"""Oracle layer skipping (docs/design.md §3): simulate dynamic depth at a threshold.
 
 Blocks are walked in order; for each token and block, ``f(x)`` is computed on
 the current (already altered) stream, and the update is dropped (``y = x``)

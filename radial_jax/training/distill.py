@@ -1,4 +1,4 @@
-"""Distillation of a sequential model into a Radial Network (DESIGN.md §5).
+"""Distillation of a sequential model into a Radial Network (docs/design.md §5).
 
 Teacher: a sequential OPT (``rj.Model``). Student:
 ``RadialNetwork.from_sequential(teacher)``: the teacher's layers as the pool, a

@@ -1,4 +1,4 @@
-"""Losses of distillation and joint training (DESIGN.md §5), as pure functions of arrays.
+"""Losses of distillation and joint training (docs/design.md §5), as pure functions of arrays.
 
 Shapes: ``b`` batch, ``t`` tokens, ``v`` vocabulary, ``e`` hidden, ``s`` router
 steps, ``k`` router choices (``L`` layers + exit), ``l`` layers. A ``mask_bt`` is
@@ -71,7 +71,7 @@ def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: 
     """Binary cross-entropy of ordered-mode keep/skip decisions against oracle labels.
 
     ``keep_logits[l, b, t]``: the router's logit for "token goes through layer l";
-    ``keep_labels``: the oracle's keep flags (DESIGN.md §3). Mean over layers and counted tokens.
+    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens.
     """
     x = keep_logits_lbt.astype(jnp.float32)
     y = keep_labels_lbt.astype(jnp.float32)

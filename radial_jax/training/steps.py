@@ -6,7 +6,7 @@ leaves the state unchanged inside the step (so the in-memory state stays the
 last good one) and sets ``metrics["finite"] = False``; the training loop then
 stops with ``NonFiniteLossError`` naming the step and batch.
 
-Sharding (DESIGN.md §6): ``shard_train_state`` places parameters by their
+Sharding (docs/design.md §6): ``shard_train_state`` places parameters by their
 logical axis names through the one rules table (``radial_jax.sharding``), the
 optimiser moments inherit the parameters' shardings, the batch is split over
 ``data`` x ``fsdp``; ``jit`` keeps the state's shardings on output. On a
