@@ -125,8 +125,8 @@ def run_pipeline(args) -> int:
         t0 = time.perf_counter()
         if not _done(out / "distill" / "eval.json"):
             from radial_jax.training.evaluate import evaluate
-            evaluate(students, teacher, full, png=out / "distill" / "curve.png", out_json=out / "distill" / "eval.json",
-                     routes_png=out / "distill")
+            evaluate(students, teacher, full, batch_size=min(args.batch_size, len(full)), png=out / "distill" / "curve.png",
+                     out_json=out / "distill" / "eval.json", routes_png=out / "distill")
         evaluation = json.loads((out / "distill" / "eval.json").read_text())
         timings["evaluate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
