@@ -1,8 +1,14 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the version is written once, in radial_jax/version.py (read, not imported: setup needs no jax)
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "radial_jax" / "version.py").read_text())[1]
 
 setup(
     name="radial_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Radial Networks in JAX/Flax: residual-ratio profiling, oracle layer skipping, "
                 "token-level layer routing with a global KV cache, distillation and joint training.",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
@@ -28,7 +34,7 @@ setup(
     ],
     extras_require={
         # torch is test-only; pinned to the CPU build that is installed from a local wheel.
-        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow"],
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow", "nbformat", "nbclient", "ipykernel"],
         "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["radial-jax=radial_jax.cli:main"]},

@@ -43,7 +43,7 @@ from radial_jax.training.joint import JointConfig, train_joint  # noqa: E402
 from radial_jax.training.lm import make_lm_eval, train_lm  # noqa: E402
 from radial_jax.training.loop import TrainConfig  # noqa: E402
 from radial_jax.training.optim import OptimConfig  # noqa: E402
-from radial_jax.training.pipeline import text_data  # noqa: E402
+from radial_jax.data.packed import text_data  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,7 +88,7 @@ def part_a(args, data, windows, out):
         teacher, _ = train_lm(config, data, train=train_config(args, args.teacher_steps, 3e-3),
                               run_dir=out / "teacher_run")
         save_model(teacher, out / "teacher", data=data.source)
-    dcfg = DistillConfig(train="all", oracle_threshold=0.35, compute_weight=args.compute_weight)
+    dcfg = DistillConfig(compute_weight=args.compute_weight)  # radial_jax.defaults: train="all", threshold 0.35
     ordered, _ = distill(teacher, data, cfg=dcfg, train=train_config(args, args.distill_steps, 1e-3),
                          run_dir=out / "ordered_run")
     radial, history = distill(teacher, data, cfg=dcfg, mode="radial", start=ordered,

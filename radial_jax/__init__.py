@@ -8,9 +8,9 @@ from radial_jax.kv_cache import KVCache
 from radial_jax.models.decoder import CausalLM
 from radial_jax.models.family import families
 
-__version__ = "0.2.0"
+from radial_jax.version import __version__
 
-__all__ = ["Bundle", "Model", "build", "init_params", "KVCache", "CausalLM", "families"]
+__all__ = ["__version__", "Bundle", "Model", "build", "init_params", "KVCache", "CausalLM", "families"]
 
 for _family in families().values():  # rj.OPTConfig, rj.ViTConfig, rj.LlamaConfig, ...
     globals()[_family.config_cls.__name__] = _family.config_cls

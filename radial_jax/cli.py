@@ -1,26 +1,39 @@
 """The ``radial-jax`` command: one subcommand per job (``radial-jax --help`` lists them).
 
 Feature packages contribute subcommands through a ``register(subparsers)``
-function in their own ``cli`` module, listed in ``COMMAND_MODULES``.
+function in their own ``cli`` module, listed in ``COMMAND_MODULES``. A bad input
+(``ValueError``, ``CheckpointError``, a missing file) ends the command with a one-line
+``radial-jax <command>: error: ...`` on stderr and exit status 2, as argparse does for bad flags.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+# transformers' "PyTorch was not found" advice is noise for a JAX tool; read when transformers is imported
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 COMMAND_MODULES = (
-    "radial_jax.end_to_end",
+    "radial_jax.pipeline",
     "radial_jax.plan",
     "radial_jax.profiling.cli",
-    "radial_jax.radial.cli",
+    "radial_jax.generation_cli",
     "radial_jax.training.cli",
 )
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # CheckpointError is a ValueError
+
+
+def _version() -> str:
+    from radial_jax.version import __version__
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="radial-jax", description="Radial Networks in JAX: profile, simulate, route, distil, train.")
+        prog="radial-jax", description="Radial Networks in JAX: profile, simulate, route, distil, train, generate.")
+    parser.add_argument("--version", action="version", version=f"radial-jax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -35,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        # the message names the file or flag; the traceback would only bury it
+        print(f"radial-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,14 +9,25 @@ from pathlib import Path
 import numpy as np
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write via a temporary file in the same directory and rename (created parents included)."""
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write via a temporary file in the same directory and rename (created parents included); on any
+    failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as f:
+        try:
+            f.write(data)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """``atomic_write_bytes`` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, value, indent: int = 1) -> Path:
@@ -40,6 +51,12 @@ def figure(ncols: int = 1, width: float = 5.0, height: float = 3.8):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height))
     return plt, fig, np.atleast_1d(axes)
+
+
+def integer_ticks(axis) -> None:
+    """Whole-number ticks on a layer / step / visit axis (``ax.xaxis``): no tick at "layer 2.5"."""
+    from matplotlib.ticker import MaxNLocator
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(plt, fig, path, dpi: int = 110) -> Path:

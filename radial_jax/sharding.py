@@ -1,4 +1,4 @@
-"""Device mesh and the one table of logical-axis rules (DESIGN.md §6).
+"""Device mesh and the one table of logical-axis rules (docs/design.md §6).
 
 Parameters carry logical axis names (``layers``, ``embed``, ``mlp``, ``heads``,
 ``kv``, ``vocab``); activations use ``batch``. ``AXIS_RULES`` maps them to the mesh

@@ -29,7 +29,7 @@ import numpy as np
 import radial_jax as rj
 from radial_jax.training.lm import train_lm
 from radial_jax.training.loop import TrainConfig
-from radial_jax.training.pipeline import text_data
+from radial_jax.data.packed import text_data
 
 run_dir, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokens = np.random.default_rng(0).integers(3, 40, 6000).astype(np.int32)
@@ -74,21 +74,43 @@ def test_kill9_then_resume_is_bitwise_equal(tmp_path):
 
 INTERRUPTED = r"""
 import os, signal, sys
+from pathlib import Path
 import jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
 from radial_jax.training.checkpoint import Checkpointer
-ck = Checkpointer(sys.argv[1], every=1, config={"a": 1})
+
+directory, marker = sys.argv[1], Path(sys.argv[2])
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize_then_die(self, *args, **kwargs):
+    # the known point: step 2's temporary directory is fully written, the rename has not happened
+    if Path(str(self._final_path)).name == "2":
+        files = sorted(str(p.relative_to(str(self._tmp_path))) for p in Path(str(self._tmp_path)).rglob("*"))
+        marker.write_text("\n".join([str(self._tmp_path)] + files))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize_then_die
+ck = Checkpointer(directory, every=1, config={"a": 1})
 ck.save(1, {"w": jnp.ones((256, 1024))}); ck.wait()
-ck.save(2, {"w": jnp.full((256, 1024), 2.0)})  # asynchronous: returns while writing
-os.kill(os.getpid(), signal.SIGKILL)
+ck.save(2, {"w": jnp.full((256, 1024), 2.0)}); ck.wait()  # killed inside the save, before the rename
+sys.exit(3)  # not reached
 """
 
 
 def test_interrupted_save_is_never_restored(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", INTERRUPTED, str(tmp_path)], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    """Deterministic: the child is killed (SIGKILL) at a known point of step 2's asynchronous save, after
+    its temporary directory is written and before the rename that commits it (orbax's
+    ``AtomicRenameTemporaryPath.finalize``, patched in the child); step 1 stays the latest."""
+    marker = tmp_path / "killed_at.txt"
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED, str(tmp_path), str(marker)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    tmp_dir, *written = marker.read_text().splitlines()
+    assert Path(tmp_dir).is_dir() and written, "the temporary write happened before the kill"
+    assert Path(tmp_dir).name.startswith("2.") and Path(tmp_dir).parent == tmp_path / "latest"
     leftovers = [p.name for p in (tmp_path / "latest").iterdir()]
-    assert "1" in leftovers and "2" not in leftovers, leftovers  # step 2 never committed
+    assert "1" in leftovers and "2" not in leftovers, leftovers  # step 2 never committed, only debris
     ck = Checkpointer(tmp_path, every=1, config={"a": 1})
     assert ck.latest_step() == 1
     state, meta = ck.restore({"w": jnp.zeros((256, 1024))})

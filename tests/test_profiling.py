@@ -245,3 +245,18 @@ def test_scaling_run_resumes_and_fits(tiny_opt_variants, tmp_path, capsys):
     b = (y[1] - y[0]) / (np.log10(x[1]) - np.log10(x[0]))  # two points: the line through them
     assert summary["trend"]["b"] == pytest.approx(b) and fit_trend(x, y)[1] == pytest.approx(b)
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
+
+
+def test_layer_axes_have_integer_ticks(tmp_path):
+    """Per-layer plots put ticks on whole layers only (MaxNLocator(integer=True)), even for 3 layers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from radial_jax.io import integer_ticks
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1.0, 2.0, 3.0])
+    integer_ticks(ax.xaxis)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)

@@ -16,7 +16,7 @@ from radial_jax.training.distill import (DistillConfig, distill, keep_logits_ord
                                          make_student, without_router)
 from radial_jax.training.loop import TrainConfig
 from radial_jax.training.optim import OptimConfig, make_optimizer, make_schedule
-from radial_jax.training.pipeline import PackedDataset, text_data
+from radial_jax.data.packed import PackedDataset, text_data
 
 RNG = np.random.default_rng(0)
 
@@ -182,7 +182,7 @@ def test_distillation_lowers_kl_below_untrained_router(corpus, teacher):
     model, _ = teacher
     windows = corpus.dataset(32, 1, split="eval").all_windows(64)
     threshold = _median_probe_ratio(model, windows[:16])
-    cfg = DistillConfig(oracle_threshold=threshold, compute_weight=0.05)
+    cfg = DistillConfig(oracle_threshold=threshold, compute_weight=0.05, train="router")
     student, history = distill(model, corpus, 40, cfg=cfg, train=_distill_train(), progress=False)
     ev = make_distill_eval(student, windows, model)
     untrained, trained = ev(make_student(model, cfg).params), ev(student.params)
@@ -269,7 +269,7 @@ def test_cli_train_distill_eval(tmp_path):
     assert main(["eval", "--student", str(tmp_path / "s" / "student"), "--data", str(tokens), "--seq-len", "16",
                  "--max-windows", "32", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
-    assert res["radial_config"]["mode"] == "radial"
+    assert res["student"]["radial_config"]["mode"] == "radial"
     assert 0.0 <= res["student"]["depth"] <= 1.0 and (tmp_path / "e" / "curve.png").is_file()
     with pytest.raises(ValueError, match="not a radial_jax training artifact"):
         main(["eval", "--student", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])
@@ -315,9 +315,12 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["students"]) == {"ordered", "radial"}
+    # one window set and one perplexity: the oracle at threshold 0 is the teacher that evaluation reports
+    assert summary["oracle"][0]["perplexity"] == pytest.approx(summary["teacher_perplexity"], rel=1e-6)
     for name, s in summary["students"].items():
         assert s["mode"] == name and 0 <= s["depth_fraction"] <= 1 and s["executed_flops_fraction"] > 0
-        assert s["speed"]["decode_b1_speedup"]["median"] > 0 and s["speed"]["prefill_speedup"]["n"] == 1
+        # timed, not asserted: a difference of 2 and 1 decoded tokens of a tiny model is within timing noise
+        assert math.isfinite(s["speed"]["decode_b1_speedup"]["median"]) and s["speed"]["prefill_speedup"]["n"] == 1
     for f in ("profile/profile.json", "simulate/simulation.json", "distill/eval.json", "distill/curve.png",
               "distill/radial_routes.png", "serve/speed.json"):
         assert (out / f).is_file(), f

@@ -42,7 +42,7 @@ from radial_jax.radial.router import with_keep_offset
 from radial_jax.sharding import logical_specs, make_mesh, override_rules
 from radial_jax.training.distill import DistillConfig, make_student
 from radial_jax.training.lm import lm_loss_fn
-from radial_jax.training.pipeline import PackedDataset
+from radial_jax.data.packed import PackedDataset
 from radial_jax.training.scale import distill_step
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import global_batch, make_sharded_train_step, make_train_step, to_host

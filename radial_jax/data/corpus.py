@@ -143,3 +143,26 @@ def perplexity_windows(tokens: np.ndarray, window: int, stride: Optional[int] = 
         if end == len(tokens):
             break
     return np.stack(ids), np.stack(attn), np.stack(score)
+
+
+def eval_windows(tokens: np.ndarray, window: int, max_windows: Optional[int] = None):
+    """Whole non-overlapping evaluation windows: ``perplexity_windows(tokens, window, window)`` without
+    its right-padded last window, at most ``max_windows`` of them.
+
+    The one window set of the pipeline's profile, oracle simulation and evaluation, so they score the
+    same tokens (every token of a window but its first) and report the same teacher perplexity.
+    Returns ``(ids[n, window], attention_mask[n, window], score_mask[n, window])``.
+    """
+    ids, mask, score = perplexity_windows(tokens, window, window)
+    whole = mask.all(1)
+    if not whole.any():
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {window}; "
+                         "use a smaller window or more text")
+    n = None if max_windows is None else int(max_windows)
+    return ids[whole][:n], mask[whole][:n], score[whole][:n]
+
+
+def window_batches(arrays, batch_size: int) -> list:
+    """``[(a[i:i + batch_size], b[i:i + batch_size], ...)]`` over aligned arrays (the last batch may be smaller)."""
+    n = len(arrays[0])
+    return [tuple(a[i:i + batch_size] for a in arrays) for i in range(0, n, batch_size)]

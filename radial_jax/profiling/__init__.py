@@ -1,4 +1,4 @@
-"""Residual-ratio profiling and oracle layer-skipping simulation (DESIGN.md §2, §3)."""
+"""Residual-ratio profiling and oracle layer-skipping simulation (docs/design.md §2, §3)."""
 from radial_jax.profiling.residual import DEFAULT_RATIO, ProfileResult, profile
 from radial_jax.profiling.skipping import SimulationResult, ThresholdResult, simulate_skipping
 from radial_jax.profiling.streaming import profile_streaming

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from radial_jax import defaults as D
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -11,11 +12,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="text: 'embedded' (offline), 'wikitext2', a .txt file or directory; "
                         "ViT: an image folder or 'coco' (default: wikitext2 / coco)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (text)")
+    p.add_argument("--window", type=int, default=D.PROFILE_WINDOW, help="tokens per window (text)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: window)")
     p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens of the text")
-    p.add_argument("--max-images", type=int, default=256, help="use at most this many images")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=D.MAX_IMAGES, help="use at most this many images")
+    p.add_argument("--batch-size", type=int, default=D.PROFILE_BATCH_SIZE)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--out", default=None, help="output directory (default: runs/<command>/<model>)")
     from radial_jax.pod import add_mesh_args
@@ -81,9 +82,9 @@ def run_profile(args) -> int:
 
 def run_simulate(args) -> int:
     import radial_jax as rj
-    from radial_jax.profiling.skipping import check_thresholds
+    from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.pod import is_main_process, mesh_from_args
-    thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])  # before loading anything
+    thresholds = parse_thresholds(args.thresholds)  # before loading anything
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, with_scores=True, mesh=mesh)
     sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)
@@ -96,7 +97,8 @@ def run_simulate(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="residual ratios per token, block and layer (DESIGN.md §2)")
+    from radial_jax.models.layer import RATIO_KINDS
+    p = sub.add_parser("profile", help="residual ratios per token, block and layer (docs/design.md §2)")
     add_data_args(p)
     p.add_argument("--streaming", action="store_true",
                    help="load one layer at a time from the checkpoint (models larger than memory)")
@@ -104,8 +106,8 @@ def register(sub) -> None:
     p.add_argument("--exact-limit", type=int, default=5_000_000,
                    help="values kept for exact quantiles; beyond it a log-histogram sketch (bound stated)")
     p.set_defaults(func=run_profile)
-    s = sub.add_parser("simulate", help="oracle layer skipping over a threshold sweep (DESIGN.md §3)")
+    s = sub.add_parser("simulate", help="oracle layer skipping over a threshold sweep (docs/design.md §3)")
     add_data_args(s)
-    s.add_argument("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", help="comma-separated values in [0, 1]")
-    s.add_argument("--ratio", default="out", choices=("out", "in"), help="which ratio the threshold applies to")
+    s.add_argument("--thresholds", default=D.csv(D.SIMULATE_THRESHOLDS), help="comma-separated values in [0, 1]")
+    s.add_argument("--ratio", default=D.RATIO, choices=RATIO_KINDS, help="which ratio the threshold applies to")
     s.set_defaults(func=run_simulate)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from radial_jax.io import figure, save_figure
+from radial_jax.io import figure, integer_ticks, save_figure
 
 
 def plot_profile(result, path) -> None:
@@ -16,6 +16,7 @@ def plot_profile(result, path) -> None:
         ax.fill_between(layers, [x["p10"] for x in s], [x["p90"] for x in s], color=color, alpha=0.15)
     ax.set(xlabel="layer", ylabel="ratio_out = |f(x)| / |x + f(x)|", yscale="log",
            title=f"{result.model_name}: residual ratio per layer")
+    integer_ticks(ax.xaxis)
     ax.legend(fontsize=8)
     h = result.acc[("out", "blocks", "all")].coarse_histogram(20)
     if h["counts"]:

@@ -1,4 +1,4 @@
-"""Residual-ratio profiling (DESIGN.md §2).
+"""Residual-ratio profiling (docs/design.md §2).
 
 For every token and every residual block ``y = x + f(x)`` (attention, MLP, and
 the whole layer as one block), two ratios of per-token L2 norms:
@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from radial_jax.defaults import RATIO
 from radial_jax.io import atomic_write_text
+from radial_jax.models.layer import RATIO_KINDS
 from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator
 
 BLOCKS = ("attn", "mlp", "layer")
 GROUPS = BLOCKS + ("blocks",)  # "blocks": attention and MLP blocks pooled
-RATIO_KINDS = ("out", "in")
-DEFAULT_RATIO = "out"
+DEFAULT_RATIO = RATIO
 RATIO_NAMES = {"out": "ratio_out = |f(x)| / |x + f(x)|", "in": "ratio_in = |f(x)| / |x|"}
 
 

@@ -1,4 +1,4 @@
-"""Oracle layer skipping (DESIGN.md §3): simulate dynamic depth at a threshold.
+"""Oracle layer skipping (docs/design.md §3): simulate dynamic depth at a threshold.
 
 Blocks are walked in order; for each token and block, ``f(x)`` is computed on
 the current (already altered) stream, and the update is dropped (``y = x``)
@@ -29,7 +29,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from radial_jax.io import atomic_write_text
-from radial_jax.profiling.residual import RATIO_KINDS, as_batches, check_has_blocks
+from radial_jax.models.layer import RATIO_KINDS
+from radial_jax.profiling.residual import as_batches, check_has_blocks
+from radial_jax.training import losses
+
+
+def parse_thresholds(text: str, flag: str = "--thresholds") -> List[float]:
+    """``"0,0.1,0.2"`` -> checked thresholds; a ValueError naming ``flag`` and the bad entry otherwise."""
+    values = []
+    for item in str(text).split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{flag}: {item.strip()!r} is not a number; expected comma-separated values "
+                             "in [0, 1], e.g. 0,0.1,0.2") from None
+    return check_thresholds(values)
 
 
 def check_thresholds(thresholds) -> List[float]:
@@ -40,12 +54,7 @@ def check_thresholds(thresholds) -> List[float]:
     return ts
 
 
-@jax.jit
-def _token_nll(logits_btv, ids_bt):
-    """``nll[b, j]`` of token ``j`` predicted from position ``j - 1`` (``nll[:, 0] = 0``)."""
-    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(nll, ((0, 0), (1, 0)))
+_token_nll = jax.jit(losses.token_nll)
 
 
 @dataclasses.dataclass
@@ -92,12 +101,6 @@ class SimulationResult:
         from radial_jax.profiling.plots import plot_simulation
         plot_simulation(self, out / "simulation.png")
         return out
-
-
-def _perplexity(mean_nll: float) -> float:
-    """``exp(mean_nll)``; ``inf`` (not a warning) when a model with no layers left overflows it."""
-    with np.errstate(over="ignore"):
-        return float(np.exp(mean_nll))
 
 
 def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, score_masks=None,
@@ -168,7 +171,7 @@ def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, sco
             depth_histogram=depth_counts.tolist(),
             per_layer_kept={k: (v / n_tok).tolist() for k, v in kept.items()},
             flops_kept=float(kept_flops / (n_tok * L * (flops["attn"] + flops["mlp"]))),
-            perplexity=_perplexity(nll_sum / n_scored) if decoder else None,
+            perplexity=losses.perplexity(nll_sum, n_scored) if decoder else None,
             top1_agreement=(agree / n_images if not decoder and reference[0].logits is not None else None),
             embedding_cosine=(cos_sum / n_images if not decoder else None)))
     bar.close()

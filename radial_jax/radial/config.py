@@ -25,6 +25,9 @@ from typing import Optional
 
 import numpy as np
 
+from radial_jax.defaults import RATIO, ROUTER_HIDDEN
+from radial_jax.models.layer import RATIO_KINDS
+
 MODES = ("ordered", "radial")
 CACHE_POLICIES = ("mask", "propagate")
 ROUTINGS = ("learned", "identity", "oracle")
@@ -64,16 +67,16 @@ class RadialConfig:
     routing: str = "learned"
     dispatch: str = "token"
     gate: str = "straight_through"
-    router_hidden: int = 64
+    router_hidden: int = ROUTER_HIDDEN
     router_last_layer: bool = False
     router_init_scale: float = 0.02
-    ratio_kind: str = "out"
+    ratio_kind: str = RATIO
     scan_unroll: bool = False  # unroll the step loop (XLA's cost analysis counts a rolled loop body once)
 
     def __post_init__(self):
         for name, value, allowed in (("mode", self.mode, MODES), ("cache_policy", self.cache_policy, CACHE_POLICIES),
                                      ("routing", self.routing, ROUTINGS), ("dispatch", self.dispatch, DISPATCHES),
-                                     ("gate", self.gate, GATES), ("ratio_kind", self.ratio_kind, ("out", "in"))):
+                                     ("gate", self.gate, GATES), ("ratio_kind", self.ratio_kind, RATIO_KINDS)):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not supported; allowed: {allowed}")
         if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \

@@ -11,7 +11,7 @@ from radial_jax.training.lm import train_lm
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import OptimConfig, make_optimizer
-from radial_jax.training.pipeline import PackedDataset, TextData, text_data
+from radial_jax.data.packed import PackedDataset, TextData, text_data
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import NonFiniteLossError, make_sharded_train_step, make_train_step
 

@@ -11,15 +11,18 @@ import jax
 import numpy as np
 
 from radial_jax.api import Model
+from radial_jax.io import atomic_write_bytes, atomic_write_text
 from radial_jax.models.family import families, family_of
 
 
 def save_params(directory, params, config, kind: str, **extra) -> Path:
+    """``config.json`` and ``params.msgpack`` in ``directory``, each written atomically, the config last:
+    a reader never sees half a file, and a directory with a config has its parameters."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "params.msgpack").write_bytes(flax.serialization.msgpack_serialize(jax.device_get(params)))
     meta = {"kind": kind, "family": family_of(config).name, "model": dataclasses.asdict(config), **extra}
-    (d / "config.json").write_text(json.dumps(meta, indent=2))
+    text = json.dumps(meta, indent=2)  # before any write: a non-JSON extra fails with nothing written
+    atomic_write_bytes(d / "params.msgpack", flax.serialization.msgpack_serialize(jax.device_get(params)))
+    atomic_write_text(d / "config.json", text)
     return d
 
 

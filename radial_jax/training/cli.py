@@ -13,24 +13,20 @@ import dataclasses
 import json
 from pathlib import Path
 
+from radial_jax import defaults as D
+from radial_jax.defaults import SIZES
 from radial_jax.pod import add_mesh_args, is_main_process, mesh_from_args, rules_for
 
-SIZES = {  # OPT-shaped presets (vocab is set from the tokenizer)
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2),
-    "small": dict(hidden_size=64, num_hidden_layers=4, ffn_dim=256, num_attention_heads=4),
-    "base": dict(hidden_size=128, num_hidden_layers=6, ffn_dim=512, num_attention_heads=4),
-}
 
-
-def _common(p, steps):
-    p.add_argument("--data", default="embedded", help="'embedded', 'wikitext2', a .txt file or a directory")
+def _common(p, steps, lr):
+    p.add_argument("--data", default=D.DATA, help="'embedded', 'wikitext2', a .txt file or a directory")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE, help="global batch")
+    p.add_argument("--seq-len", type=int, default=D.WINDOW)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=D.WARMUP_STEPS)
+    p.add_argument("--seed", type=int, default=D.SEED)
+    p.add_argument("--checkpoint-every", type=int, default=D.CHECKPOINT_EVERY)
     p.add_argument("--debug", action="store_true", help="chex shape/finite checks after every step")
     p.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard; resumed if present")
     p.add_argument("--no-progress", action="store_true")
@@ -57,19 +53,19 @@ def memory_config(args):
 
 def register(subparsers) -> None:
     t = subparsers.add_parser("train", help="train a sequential OPT-shaped LM (the teacher)")
-    _common(t, 600)
-    t.add_argument("--size", choices=sorted(SIZES), default="small")
+    _common(t, D.TEACHER_STEPS, D.LEARNING_RATE)
+    t.add_argument("--size", choices=sorted(SIZES), default=D.SIZE)
     t.set_defaults(func=cmd_train)
 
     d = subparsers.add_parser("distill", help="distil a sequential model into a Radial Network")
-    _common(d, 300)
+    _common(d, D.DISTILL_STEPS, D.DISTILL_LR)
     d.add_argument("--teacher", required=True, help="a 'radial-jax train' model dir or a hub-layout checkpoint")
-    d.add_argument("--train", choices=("router", "all"), default="router", help="what is trained")
-    d.add_argument("--temperature", type=float, default=2.0)
-    d.add_argument("--hidden-weight", type=float, default=0.0)
-    d.add_argument("--router-weight", type=float, default=0.5)
-    d.add_argument("--oracle-threshold", type=float, default=0.2)
-    d.add_argument("--compute-weight", type=float, default=0.1)
+    d.add_argument("--train", choices=("router", "all"), default=D.DISTILL_TRAIN, help="what is trained")
+    d.add_argument("--temperature", type=float, default=D.TEMPERATURE)
+    d.add_argument("--hidden-weight", type=float, default=D.HIDDEN_WEIGHT)
+    d.add_argument("--router-weight", type=float, default=D.ROUTER_WEIGHT)
+    d.add_argument("--oracle-threshold", type=float, default=D.ORACLE_THRESHOLD)
+    d.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT)
     d.add_argument("--mode", choices=("ordered", "radial"), default="ordered",
                    help="routing mode of the student (ordered: use or skip each layer in order)")
     d.add_argument("--capacity-factor", type=float, default=1.0, help="fraction of dense compute per step")
@@ -79,9 +75,9 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser("eval", help="perplexity, mean depth, FLOPs kept, curve vs the oracle (PNG)")
     e.add_argument("--student", required=True, help="the 'student' dir written by 'radial-jax distill'")
-    e.add_argument("--data", default="embedded")
-    e.add_argument("--seq-len", type=int, default=64)
-    e.add_argument("--max-windows", type=int, default=256)
+    e.add_argument("--data", default=D.DATA)
+    e.add_argument("--seq-len", type=int, default=D.WINDOW)
+    e.add_argument("--max-windows", type=int, default=D.MAX_WINDOWS)
     e.add_argument("--out", required=True, help="directory for eval.json and curve.png")
     e.add_argument("--no-progress", action="store_true")
     add_mesh_args(e)
@@ -102,10 +98,10 @@ def cmd_train(args) -> int:
     import radial_jax as rj
     from radial_jax.training.artifacts import save_model
     from radial_jax.training.lm import train_lm
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     data = text_data(args.data)
     train = _train_config(args)
-    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(128, args.seq_len),
+    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.seq_len),
                           **SIZES[args.size])
     model, history = train_lm(config, data, train=train, run_dir=args.run_dir, mesh=mesh,
                               progress=not args.no_progress, memory=memory_config(args), rules=rules_for(args.pool))
@@ -118,7 +114,7 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     if args.radial_steps and args.mode != "ordered":
         raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
     mesh = mesh_from_args(args)
@@ -175,7 +171,7 @@ def load_teacher(name: str, mesh=None, rules=None, memory=None):
 def cmd_eval(args) -> int:
     from radial_jax.training.artifacts import load_model, load_student
     from radial_jax.training.evaluate import evaluate
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
     mesh = mesh_from_args(args)
     student, meta = load_student(args.student)
     if not meta.get("teacher"):
@@ -193,8 +189,9 @@ def cmd_eval(args) -> int:
         teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(
             teacher.module, teacher.config, student.params, mesh, rules)))
+    from radial_jax.data import eval_windows
     data = text_data(args.data)
-    windows = data.dataset(args.seq_len, 1, split="eval").all_windows(args.max_windows)
+    windows = eval_windows(data.eval, args.seq_len, args.max_windows)[0]
     out = Path(args.out)
     result = evaluate(student, teacher, windows, png=out / "curve.png", out_json=out / "eval.json",
                       progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""Distillation of a sequential model into a Radial Network (DESIGN.md §5).
+"""Distillation of a sequential model into a Radial Network (docs/design.md §5).
 
 Teacher: a sequential OPT (``rj.Model``). Student:
 ``RadialNetwork.from_sequential(teacher)``: the teacher's layers as the pool, a
@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from radial_jax import defaults as D
 from radial_jax.api import Model
 from radial_jax.flops import step_cost_in_visits
 from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.steps import to_host
 
 TRAIN_MODES = ("router", "all")
@@ -51,16 +52,16 @@ TRAIN_MODES = ("router", "all")
 class DistillConfig:
     """Loss weights and what is trained (see the module docstring)."""
 
-    temperature: float = 2.0
+    temperature: float = D.TEMPERATURE
     kl_weight: float = 1.0
-    hidden_weight: float = 0.0
-    router_weight: float = 0.5
-    oracle_threshold: float = 0.3
-    compute_weight: float = 0.1
+    hidden_weight: float = D.HIDDEN_WEIGHT
+    router_weight: float = D.ROUTER_WEIGHT
+    oracle_threshold: float = D.ORACLE_THRESHOLD
+    compute_weight: float = D.COMPUTE_WEIGHT
     balance_weight: float = 0.01  # radial mode
     z_weight: float = 1e-3  # radial mode
-    train: str = "router"  # "router": layers frozen; "all": everything
-    router_hidden: int = 16
+    train: str = D.DISTILL_TRAIN  # "router": layers frozen; "all": everything
+    router_hidden: int = D.ROUTER_HIDDEN
     radial_push: float = 4.0  # radial warm start: how far other layers and exit start below the ordered route
 
     def __post_init__(self):

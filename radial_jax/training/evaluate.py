@@ -33,20 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from radial_jax import defaults as D
 from radial_jax.flops import dense_flops, head_flops
 from radial_jax.io import atomic_write_json, figure, save_figure
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.radial.stats import RouteStats
 from radial_jax.training import losses
 
-DEFAULT_THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8)
-DEFAULT_OFFSETS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+DEFAULT_THRESHOLDS = D.EVAL_THRESHOLDS
+DEFAULT_OFFSETS = D.EVAL_OFFSETS
 
 
 def _batches(windows, batch_size):
-    if len(windows) < batch_size:
-        raise ValueError(f"need at least {batch_size} eval windows, got {len(windows)}")
-    for i in range(0, len(windows) - batch_size + 1, batch_size):
+    """Every window, in batches of ``batch_size`` (the last one may be smaller: one more compile, and
+    the same tokens as ``radial-jax simulate`` scores on the same windows)."""
+    if len(windows) < 1:
+        raise ValueError("need at least one eval window, got 0")
+    for i in range(0, len(windows), batch_size):
         yield jnp.asarray(windows[i:i + batch_size])
 
 
@@ -59,7 +62,7 @@ def _accumulate(fn, windows, batch_size, *args):
         tot, cnt, dep = tot + float(s), cnt + float(n), dep + float(d) * float(n)
         more = np.array([float(m) * float(n) for m in more])
         extra = more if extra is None else extra + more
-    row = {"ppl": float(np.exp(tot / cnt)), "nll": tot / cnt, "depth": dep / cnt}
+    row = {"ppl": losses.perplexity(tot, cnt), "nll": tot / cnt, "depth": dep / cnt}
     return row, (None if extra is None else extra / cnt)
 
 

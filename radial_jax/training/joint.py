@@ -37,11 +37,12 @@ from radial_jax.api import init_params
 from radial_jax.radial import RadialModel, RadialConfig
 from radial_jax.radial.router import aligned_step_bias, with_keep_offset
 from radial_jax.radial.stats import route_rates
+from radial_jax.defaults import ROUTER_HIDDEN
 from radial_jax.training import losses
 from radial_jax.training.distill import expected_layer_visits, step_cost
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_train_step, to_host
 
@@ -60,7 +61,7 @@ class JointConfig:
     capacity_steps: int = 200
     capacity_stages: int = 3
     route_start: int = 100
-    router_hidden: int = 64
+    router_hidden: int = ROUTER_HIDDEN
     router_bias_init: float = 2.0
     router_align: float = 4.0
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from radial_jax.api import Model, build, example_inputs
 from radial_jax.models.family import module_for
-from radial_jax.training.losses import lm_cross_entropy
+from radial_jax.training.losses import lm_cross_entropy, perplexity
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer
-from radial_jax.training.pipeline import TextData
+from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_sharded_train_step, make_train_step, to_host
 
@@ -51,7 +51,7 @@ def make_lm_eval(module, windows: np.ndarray, batch_size: int = 16):
             s, n = nll_sum(params, jnp.asarray(windows[i:i + batch_size]))
             tot, cnt = tot + float(s), cnt + float(n)
         loss = tot / max(cnt, 1.0)
-        return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
+        return {"eval_loss": loss, "eval_ppl": perplexity(loss, 1)}
 
     return evaluate
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import jax
 from tqdm.auto import tqdm
 
+from radial_jax import defaults as D
 from radial_jax.training.checkpoint import Checkpointer
 from radial_jax.training.metrics import MetricsLogger, to_python
 from radial_jax.training.optim import OptimConfig
@@ -25,12 +26,12 @@ from radial_jax.training.steps import NonFiniteLossError, debug_checks, global_b
 class TrainConfig:
     """Settings of one run; stored in every checkpoint and compared on resume."""
 
-    steps: int = 200
-    batch_size: int = 16  # global batch
-    seq_len: int = 64
-    seed: int = 0
+    steps: int = D.TEACHER_STEPS
+    batch_size: int = D.BATCH_SIZE  # global batch
+    seq_len: int = D.WINDOW
+    seed: int = D.SEED
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    checkpoint_every: int = 50
+    checkpoint_every: int = D.CHECKPOINT_EVERY
     keep: int = 2
     keep_best: int = 1
     eval_every: int = 0  # 0: only at the end

@@ -1,4 +1,4 @@
-"""Losses of distillation and joint training (DESIGN.md §5), as pure functions of arrays.
+"""Losses of distillation and joint training (docs/design.md §5), as pure functions of arrays.
 
 Shapes: ``b`` batch, ``t`` tokens, ``v`` vocabulary, ``e`` hidden, ``s`` router
 steps, ``k`` router choices (``L`` layers + exit), ``l`` layers. A ``mask_bt`` is
@@ -7,9 +7,9 @@ the counted tokens (a scalar); an empty mask gives 0, never NaN.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _mask(mask_bt, shape_bt):
@@ -20,16 +20,31 @@ def _masked_mean(v_bt, m_bt):
     return jnp.sum(v_bt * m_bt) / jnp.maximum(jnp.sum(m_bt), 1.0)
 
 
+def token_nll(logits_btv, ids_bt):
+    """``nll[b, j]`` of token ``j`` predicted from position ``j - 1``, in float32 (``nll[:, 0] = 0``:
+    nothing in the window predicts its first token)."""
+    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    nll_bt = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(nll_bt, ((0, 0), (1, 0)))
+
+
 def lm_cross_entropy(logits_btv, ids_bt, mask_bt=None):
     """Next-token cross-entropy: ``logits[:, i]`` predicts ``ids[:, i+1]``.
 
     A target counts when both it and its input are valid. Returns ``(loss, n_targets)``.
     """
-    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]
     m = _mask(mask_bt, ids_bt.shape)
     m = m[:, 1:] * m[:, :-1]
-    return _masked_mean(nll_bt, m), jnp.sum(m)
+    return _masked_mean(token_nll(logits_btv, ids_bt)[:, 1:], m), jnp.sum(m)
+
+
+def perplexity(nll_sum, n_tokens) -> float:
+    """``exp(nll_sum / n_tokens)`` in float64, the one perplexity of simulation, evaluation and the
+    pipeline; ``inf`` (not an overflow warning) when a model with no layers left overflows it."""
+    if not n_tokens > 0:
+        raise ValueError(f"perplexity needs at least one scored token, got {n_tokens}")
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(nll_sum) / np.float64(n_tokens)))
 
 
 def distill_kl(student_logits_btv, teacher_logits_btv, mask_bt=None, temperature: float = 1.0):
@@ -56,19 +71,12 @@ def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: 
     """Binary cross-entropy of ordered-mode keep/skip decisions against oracle labels.
 
     ``keep_logits[l, b, t]``: the router's logit for "token goes through layer l";
-    ``keep_labels``: the oracle's keep flags (DESIGN.md §3). Mean over layers and counted tokens.
+    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens.
     """
     x = keep_logits_lbt.astype(jnp.float32)
     y = keep_labels_lbt.astype(jnp.float32)
     bce = pos_weight * y * jax.nn.softplus(-x) + (1.0 - y) * jax.nn.softplus(x)
     return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
-
-
-def router_choice_ce(router_logits_sbtk, target_sbt, mask_bt=None):
-    """Cross-entropy of the router's choice at each step against target choices (radial labels)."""
-    logp = jax.nn.log_softmax(router_logits_sbtk.astype(jnp.float32), -1)
-    nll = -jnp.take_along_axis(logp, target_sbt[..., None], -1)[..., 0]
-    return _masked_mean(jnp.mean(nll, 0), _mask(mask_bt, nll.shape[1:]))
 
 
 def compute_penalty(expected_depth_bt, num_layers: int, mask_bt=None):
@@ -97,6 +105,3 @@ def router_z_loss(router_logits_sbtk, mask_bt=None):
     z = jax.nn.logsumexp(router_logits_sbtk.astype(jnp.float32), -1) ** 2
     return _masked_mean(jnp.mean(z, 0), _mask(mask_bt, z.shape[1:]))
 
-
-def perplexity(mean_nll) -> float:
-    return float(jnp.exp(mean_nll))

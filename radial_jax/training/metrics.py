@@ -50,8 +50,3 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def read_jsonl(path) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -12,14 +12,16 @@ from typing import Callable, Optional
 import jax
 import optax
 
+from radial_jax import defaults as D
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warm-up + cosine; ``decay_steps`` is the whole run's length."""
 
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    decay_steps: int = 200
+    learning_rate: float = D.LEARNING_RATE
+    warmup_steps: int = D.WARMUP_STEPS
+    decay_steps: int = D.DECAY_STEPS
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.01
     b1: float = 0.9

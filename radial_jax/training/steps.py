@@ -6,7 +6,7 @@ leaves the state unchanged inside the step (so the in-memory state stays the
 last good one) and sets ``metrics["finite"] = False``; the training loop then
 stops with ``NonFiniteLossError`` naming the step and batch.
 
-Sharding (DESIGN.md §6): ``shard_train_state`` places parameters by their
+Sharding (docs/design.md §6): ``shard_train_state`` places parameters by their
 logical axis names through the one rules table (``radial_jax.sharding``), the
 optimiser moments inherit the parameters' shardings, the batch is split over
 ``data`` x ``fsdp``; ``jit`` keeps the state's shardings on output. On a
@@ -70,8 +70,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, jit:
                     memory: Optional[MemoryConfig] = None, mesh: Optional[Mesh] = None):
     """``step(state, batch, frozen=None) -> (state, metrics)``.
 
-    ``loss_fn(params, batch, key) -> (loss, metrics_dict)``; ``key`` is a fresh PRNG key per step. A
-    ``loss_fn`` with attribute ``needs_step = True`` also gets ``step=`` (the update count, for schedules).
+    ``loss_fn(params, batch, key) -> (loss, metrics_dict)``; ``key`` is a fresh PRNG key per step.
     ``frozen``: a pytree of arrays the loss reads but does not train (a distillation teacher's
     parameters), passed as ``loss_fn(..., frozen=frozen)``: an input of the compiled step, sharded by
     ``frozen_shardings``, never a constant baked into it. ``memory``: remat, mixed precision, gradient
@@ -84,7 +83,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, jit:
         mesh = batch_shardings.mesh
 
     def step(state: TrainState, batch, frozen=None):
-        extra = {"step": state.step} if getattr(loss_fn, "needs_step", False) else {}
+        extra = {}
         if jax.tree_util.tree_leaves(frozen):
             extra["frozen"] = frozen
         with remat(memory.remat), batch_sharded(mesh):  # entered while tracing: fixed for this compiled step

@@ -35,16 +35,16 @@ def _done(path: Path) -> bool:
 def run_pipeline(args) -> int:
     import jax
     import radial_jax as rj
-    from radial_jax.data import perplexity_windows
+    from radial_jax.data import eval_windows, window_batches
     from radial_jax.io import atomic_write_json
-    from radial_jax.profiling.skipping import check_thresholds
+    from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
-    from radial_jax.training.cli import SIZES
+    from radial_jax.defaults import MIN_POSITIONS, SIZES
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
-    from radial_jax.training.pipeline import text_data
+    from radial_jax.data.packed import text_data
 
-    thresholds = check_thresholds([float(t) for t in args.thresholds.split(",")])
+    thresholds = parse_thresholds(args.thresholds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -58,11 +58,11 @@ def run_pipeline(args) -> int:
     if args.model:
         teacher = rj.load(args.model)
         teacher_name = str(args.model)
-    elif _done(teacher_dir / "params.msgpack"):
+    elif _done(teacher_dir / "config.json"):
         teacher, teacher_name = load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
         print(f"[teacher] reusing {teacher_dir}")
     else:
-        config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(256, args.window),
+        config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(MIN_POSITIONS, args.window),
                               **SIZES[args.size])
         train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
                             optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
@@ -74,10 +74,9 @@ def run_pipeline(args) -> int:
     timings["teacher_s"] = time.perf_counter() - t0
     print(f"[teacher] {teacher!r}")
 
-    ids, mask, score = perplexity_windows(data.eval, args.window, args.window)
-    ids, mask, score = ids[:args.max_windows], mask[:args.max_windows], score[:args.max_windows]
-    batches = [(ids[i:i + args.batch_size], mask[i:i + args.batch_size], score[i:i + args.batch_size])
-               for i in range(0, len(ids), args.batch_size)]
+    # one window set for profile, simulate and evaluate: the same teacher perplexity in all of them
+    ids, mask, score = eval_windows(data.eval, args.window, args.max_windows)
+    batches = window_batches((ids, mask, score), args.batch_size)
     data_name = f"{data.source} (held-out split)"
 
     # 2. profile
@@ -100,7 +99,7 @@ def run_pipeline(args) -> int:
 
     # 4-6. distillation (ordered, then radial), evaluation, serving speed
     evaluation = speed = None
-    full = ids[mask.all(1)]  # whole windows only: evaluation scores every token of a window
+    full = ids  # whole windows: evaluation scores every token of a window but its first, as simulate does
     if args.distill_steps > 0:
         from radial_jax.training.distill import DistillConfig, distill
         cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
@@ -112,7 +111,7 @@ def run_pipeline(args) -> int:
             if steps <= 0:
                 continue
             where = out / "distill" / mode
-            if _done(where / "params.msgpack"):
+            if _done(where / "config.json"):
                 students[mode], _ = load_student(where)
                 print(f"[distill] reusing {where}")
                 continue
@@ -126,8 +125,8 @@ def run_pipeline(args) -> int:
         t0 = time.perf_counter()
         if not _done(out / "distill" / "eval.json"):
             from radial_jax.training.evaluate import evaluate
-            evaluate(students, teacher, full, png=out / "distill" / "curve.png", out_json=out / "distill" / "eval.json",
-                     routes_png=out / "distill")
+            evaluate(students, teacher, full, batch_size=min(args.batch_size, len(full)), png=out / "distill" / "curve.png",
+                     out_json=out / "distill" / "eval.json", routes_png=out / "distill")
         evaluation = json.loads((out / "distill" / "eval.json").read_text())
         timings["evaluate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -208,26 +207,27 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def register(sub) -> None:
+    from radial_jax import defaults as D
     p = sub.add_parser("pipeline", help="train (or load), profile, simulate, distil, evaluate, serve: the whole study")
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--model", default=None, help="use this checkpoint instead of training a small teacher")
-    p.add_argument("--data", default="embedded", help="'embedded' (offline default), 'wikitext2', or text files")
-    p.add_argument("--size", default="small", choices=("tiny", "small", "base"), help="teacher size preset")
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--distill-steps", type=int, default=300, help="ordered student; 0 skips distillation")
-    p.add_argument("--radial-steps", type=int, default=200,
+    p.add_argument("--data", default=D.DATA, help="'embedded' (offline default), 'wikitext2', or text files")
+    p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES), help="teacher size preset")
+    p.add_argument("--teacher-steps", type=int, default=D.TEACHER_STEPS)
+    p.add_argument("--distill-steps", type=int, default=D.DISTILL_STEPS, help="ordered student; 0 skips distillation")
+    p.add_argument("--radial-steps", type=int, default=D.RADIAL_STEPS,
                    help="radial student, continued from the ordered one; 0 skips it")
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the teacher's training")
-    p.add_argument("--max-windows", type=int, default=256, help="held-out windows for profile/simulate/eval")
-    p.add_argument("--thresholds", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5")
-    p.add_argument("--oracle-threshold", type=float, default=0.35, help="oracle labels for router supervision")
-    p.add_argument("--compute-weight", type=float, default=0.3, help="weight of the expected-compute penalty")
-    p.add_argument("--distill-train", choices=("router", "all"), default="all",
+    p.add_argument("--window", type=int, default=D.WINDOW)
+    p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
+    p.add_argument("--lr", type=float, default=D.LEARNING_RATE, help="learning rate of the teacher's training")
+    p.add_argument("--max-windows", type=int, default=D.MAX_WINDOWS, help="held-out windows for profile/simulate/eval")
+    p.add_argument("--thresholds", default=D.csv(D.PIPELINE_THRESHOLDS))
+    p.add_argument("--oracle-threshold", type=float, default=D.ORACLE_THRESHOLD, help="oracle labels for router supervision")
+    p.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT, help="weight of the expected-compute penalty")
+    p.add_argument("--distill-train", choices=("router", "all"), default=D.DISTILL_TRAIN,
                    help="what distillation trains: the router only (layers frozen) or everything")
-    p.add_argument("--distill-lr", type=float, default=1e-3)
-    p.add_argument("--serve-repeats", type=int, default=5, help="interleaved timing rounds; 0 skips serving speed")
-    p.add_argument("--serve-tokens", type=int, default=16, help="tokens decoded per row when timing")
+    p.add_argument("--distill-lr", type=float, default=D.DISTILL_LR)
+    p.add_argument("--serve-repeats", type=int, default=D.SERVE_REPEATS, help="interleaved timing rounds; 0 skips serving speed")
+    p.add_argument("--serve-tokens", type=int, default=D.SERVE_TOKENS, help="tokens decoded per row when timing")
     p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
     p.set_defaults(func=run_pipeline)

@@ -21,7 +21,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from radial_jax.data import load_text_source, tokenize
+from radial_jax import defaults as D
+from radial_jax.data.corpus import load_text_source, tokenize
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ class PackedDataset:
         return self.tokens[:n * self.seq_len].reshape(n, self.seq_len).astype(np.int32)
 
 
-def split_tokens(tokens: np.ndarray, eval_fraction: float = 0.1) -> tuple:
+def split_tokens(tokens: np.ndarray, eval_fraction: float = D.EVAL_FRACTION) -> tuple:
     """``(train, eval)``: the last ``eval_fraction`` of the stream is held out."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -130,7 +131,7 @@ class TextData:
         return PackedDataset(tokens, seq_len, batch_size, seed=seed, shuffle=(split == "train"), **kw)
 
 
-def text_data(source: Union[str, np.ndarray] = "embedded", eval_fraction: float = 0.1,
+def text_data(source: Union[str, np.ndarray] = D.DATA, eval_fraction: float = D.EVAL_FRACTION,
               tokenizer=None) -> TextData:
     """Load, tokenise and split a text source (see the module docstring)."""
     if isinstance(source, np.ndarray):

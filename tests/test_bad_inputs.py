@@ -1,0 +1,384 @@
+"""One table of bad inputs across the API and the CLI: each fails with the right exception type and a
+message that names the file or argument and what was expected; nothing half-written is left behind.
+
+Each row: ``(id, make, exception, patterns)``. ``make(env)`` builds the bad input in a fresh
+directory and returns a zero-argument callable that must raise; ``{dir}`` in a pattern is that
+directory (escaped). CLI rows go through ``radial_jax.cli.main`` and must exit 2 with one
+``radial-jax <cmd>: error: ...`` line (raised here as ``CLIError`` for the table).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import radial_jax as rj
+from radial_jax import CheckpointError
+
+
+class CLIError(Exception):
+    """A CLI command that exited 2 with one clean error line (its text)."""
+
+
+class Env:
+    """A fresh directory with a copy of a good tiny OPT checkpoint (``ckpt``) and helpers."""
+
+    def __init__(self, root: Path, good: Path, capsys):
+        self.dir, self.capsys = root, capsys
+        self.ckpt = root / "ckpt"
+        shutil.copytree(good, self.ckpt)
+        self.weights = self.ckpt / "model.safetensors"
+
+    def cli(self, *argv):
+        from radial_jax.cli import main
+
+        def run():
+            self.capsys.readouterr()
+            rc = main([str(a) for a in argv])
+            err = self.capsys.readouterr().err
+            assert rc == 2 and err.startswith(f"radial-jax {argv[0]}: error: ") and err.count("\n") == 1, (rc, err)
+            raise CLIError(err)
+        return run
+
+    def header(self):
+        (n,) = struct.unpack("<Q", self.weights.read_bytes()[:8])
+        return json.loads(self.weights.read_bytes()[8:8 + n]), n
+
+    def rewrite_header(self, edit):
+        """Apply ``edit(header)`` and write the header back, padded to its old length."""
+        raw = self.weights.read_bytes()
+        header, n = self.header()
+        edit(header)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= n
+        self.weights.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n:])
+
+    def edit_config(self, **changes):
+        cfg = json.loads((self.ckpt / "config.json").read_text())
+        cfg.update(changes)
+        (self.ckpt / "config.json").write_text(json.dumps(cfg))
+
+    def model(self):
+        return rj.load(str(self.ckpt))
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory):
+    from conftest import make_opt
+    d = tmp_path_factory.mktemp("good") / "ckpt"
+    make_opt(d, seed=5)
+    return d
+
+
+# --- builders of bad inputs (each returns the call that must fail) --------------------------------------
+
+def truncated_safetensors(env):
+    raw = env.weights.read_bytes()
+    env.weights.write_bytes(raw[:len(raw) // 2])
+    return env.model
+
+
+def garbage_safetensors(env):
+    env.weights.write_bytes(np.random.default_rng(0).bytes(4096))  # a random "header length" of ~2^63
+    return env.model
+
+
+def tiny_safetensors(env):
+    env.weights.write_bytes(b"\x01\x02")
+    return env.model
+
+
+def header_not_json(env):
+    env.weights.write_bytes(struct.pack("<Q", 16) + b"{not json at all" + b"\0" * 64)
+    return env.model
+
+
+def unsupported_dtype(env):
+    def edit(h):
+        name = next(k for k in h if k != "__metadata__")
+        h[name]["dtype"] = "C64"
+    env.rewrite_header(edit)
+    return env.model
+
+
+def tensor_bytes_outside_file(env):
+    def edit(h):
+        name = next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)
+        h[name]["shape"] = [int("9" * len(str(d))) for d in h[name]["shape"]]  # same header length, more bytes
+    env.rewrite_header(edit)
+    return env.model
+
+
+def malformed_config(env):
+    (env.ckpt / "config.json").write_text('{"model_type": "opt", "hidden_size": ')
+    return env.model
+
+
+def config_not_an_object(env):
+    (env.ckpt / "config.json").write_text("[1, 2, 3]")
+    return env.model
+
+
+def missing_config(env):
+    (env.ckpt / "config.json").unlink()
+    return env.model
+
+
+def unknown_model_type(env):
+    env.edit_config(model_type="mamba")
+    return env.model
+
+
+def config_shape_mismatch(env):
+    env.edit_config(ffn_dim=48)  # the tensors were written for ffn_dim 64
+    return env.model
+
+
+def no_checkpoint_dir(env):
+    return lambda: rj.load(str(env.dir / "nowhere"))
+
+
+def checkpoint_is_a_file(env):
+    return lambda: rj.load(str(env.weights))
+
+
+def shard_index_names_absent_file(env):
+    env.weights.rename(env.ckpt / "model-00001-of-00002.safetensors")
+    header, _ = Env.header(type("E", (), {"weights": env.ckpt / "model-00001-of-00002.safetensors"})())
+    names = [k for k in header if k != "__metadata__"]
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names[:-1]}
+    weight_map[names[-1]] = "model-00002-of-00002.safetensors"
+    (env.ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return env.model
+
+
+def shard_index_without_weight_map(env):
+    env.weights.rename(env.ckpt / "model-00001-of-00001.safetensors")
+    (env.ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    return env.model
+
+
+def gguf_unsupported_architecture(env):
+    import gguf
+    path = env.dir / "mamba.gguf"
+    writer = gguf.GGUFWriter(path, "mamba")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return lambda: rj.load(str(path))
+
+
+def gguf_garbage(env):
+    path = env.dir / "model.gguf"
+    path.write_bytes(np.random.default_rng(1).bytes(2048))
+    return lambda: rj.load(str(path))
+
+
+def image_folder_without_images(env):
+    from radial_jax.data import image_folder
+    (env.dir / "imgs").mkdir()
+    (env.dir / "imgs" / "notes.txt").write_text("no pictures here")
+    return lambda: list(image_folder(env.dir / "imgs", 16))
+
+
+def run_dir_of_another_kind(env):
+    from radial_jax.training.artifacts import load_student, save_model
+    save_model(rj.build(rj.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=16)), env.dir / "lm")
+    return lambda: load_student(env.dir / "lm")
+
+
+def not_an_artifact(env):
+    from radial_jax.training.artifacts import load_student
+    return lambda: load_student(env.ckpt)
+
+
+def artifact_with_unserialisable_extra(env):
+    from radial_jax.training.artifacts import save_model
+    m = rj.build(rj.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                              num_attention_heads=2, max_position_embeddings=16))
+    return lambda: save_model(m, env.dir / "out", data=object())
+
+
+def _ids(n=2, t=5):
+    return np.arange(3, 3 + n * t, dtype=np.int32).reshape(n, t)
+
+
+def mask_wrong_shape(env):
+    m = env.model()
+    return lambda: m(_ids(), np.ones((2, 4), bool))
+
+
+def mask_not_binary(env):
+    m = env.model()
+    return lambda: m(_ids(), np.full((2, 5), 2))
+
+
+def float_ids(env):
+    m = env.model()
+    return lambda: m(_ids().astype(np.float32))
+
+
+def out_of_vocabulary_ids(env):
+    m = env.model()
+    return lambda: m(_ids() + 200)
+
+
+def one_dimensional_ids(env):
+    m = env.model()
+    return lambda: m(_ids()[0])
+
+
+def too_long_ids(env):
+    m = env.model()
+    return lambda: m(np.full((1, 49), 5, np.int32))
+
+
+def generate_zero_new_tokens(env):
+    m = env.model()
+    return lambda: m.generate(_ids(), max_new_tokens=0)
+
+
+def generate_sampling_without_rng(env):
+    m = env.model()
+    return lambda: m.generate(_ids(), max_new_tokens=2, do_sample=True)
+
+
+def radial_zero_capacity(env):
+    from radial_jax.radial import RadialConfig
+    return lambda: RadialConfig(capacity_factor=0.0)
+
+
+def radial_unknown_mode(env):
+    from radial_jax.radial import RadialConfig
+    return lambda: RadialConfig(mode="sideways")
+
+
+def radial_zero_router_hidden(env):
+    from radial_jax.radial import RadialConfig
+    return lambda: RadialConfig(router_hidden=0)
+
+
+def distill_unknown_train(env):
+    from radial_jax.training.distill import DistillConfig
+    return lambda: DistillConfig(train="layers")
+
+
+def thresholds_out_of_range(env):
+    return lambda: rj.simulate_skipping(env.model(), [(_ids(), np.ones((2, 5), bool))], [1.5], progress=False)
+
+
+def windows_bad_stride(env):
+    from radial_jax.data import perplexity_windows
+    return lambda: perplexity_windows(np.arange(100), 16, 32)
+
+
+def cli_thresholds_not_numbers(env):
+    return env.cli("simulate", "--model", env.ckpt, "--data", "embedded", "--thresholds", "0,abc",
+                   "--out", env.dir / "out")
+
+
+def cli_profile_missing_model(env):
+    return env.cli("profile", "--model", env.dir / "nowhere", "--data", "embedded", "--out", env.dir / "out")
+
+
+def cli_profile_garbage_checkpoint(env):
+    env.weights.write_bytes(np.random.default_rng(2).bytes(1024))
+    return env.cli("profile", "--model", env.ckpt, "--data", "embedded", "--window", "16", "--out", env.dir / "out")
+
+
+def cli_eval_of_a_teacher_dir(env):
+    run_dir_of_another_kind(env)
+    return env.cli("eval", "--student", env.dir / "lm", "--out", env.dir / "out", "--no-progress")
+
+
+def cli_generate_negative_tokens(env):
+    return env.cli("generate", "--model", env.ckpt, "--prompt", "x", "--max-new-tokens", "-3")
+
+
+def cli_pipeline_bad_thresholds(env):
+    return env.cli("pipeline", "--out", env.dir / "out", "--thresholds", "0,2")
+
+
+def cli_profile_bad_dtype(env):
+    return env.cli("profile", "--model", env.ckpt, "--dtype", "float8", "--out", env.dir / "out")
+
+
+CASES = [
+    ("truncated safetensors", truncated_safetensors, CheckpointError, ["{dir}/ckpt/model.safetensors", "truncated"]),
+    ("garbage safetensors", garbage_safetensors, CheckpointError, ["{dir}/ckpt/model.safetensors", "header of"]),
+    ("2-byte safetensors", tiny_safetensors, CheckpointError, ["model.safetensors", "8-byte header"]),
+    ("header not JSON", header_not_json, CheckpointError, ["model.safetensors", "not JSON"]),
+    ("unsupported tensor dtype", unsupported_dtype, CheckpointError, ["model.safetensors", "unsupported dtype C64",
+                                                                     "supported"]),
+    ("tensor bytes outside the file", tensor_bytes_outside_file, CheckpointError, ["model.safetensors", "claims bytes"]),
+    ("malformed config.json", malformed_config, CheckpointError, ["{dir}/ckpt/config.json", "not valid JSON"]),
+    ("config.json not an object", config_not_an_object, CheckpointError, ["config.json", "expected an object"]),
+    ("missing config.json", missing_config, CheckpointError, ["{dir}/ckpt", "no config.json"]),
+    ("unknown model_type", unknown_model_type, CheckpointError, ["mamba"]),
+    ("config disagrees with tensors", config_shape_mismatch, CheckpointError, ["{dir}/ckpt", "shape"]),
+    ("no checkpoint directory", no_checkpoint_dir, CheckpointError, ["{dir}/nowhere", "no checkpoint directory"]),
+    ("checkpoint path is a file", checkpoint_is_a_file, CheckpointError, ["model.safetensors", "is a file"]),
+    ("shard index names an absent file", shard_index_names_absent_file, CheckpointError,
+     ["model-00002-of-00002.safetensors", "missing"]),
+    ("shard index without weight_map", shard_index_without_weight_map, CheckpointError,
+     ["model.safetensors.index.json", "weight_map"]),
+    ("GGUF of an unsupported architecture", gguf_unsupported_architecture, CheckpointError,
+     ["{dir}/mamba.gguf", "'mamba'", "not supported"]),
+    ("GGUF of random bytes", gguf_garbage, CheckpointError, ["{dir}/model.gguf"]),
+    ("image folder without images", image_folder_without_images, ValueError, ["no images", "{dir}/imgs"]),
+    ("run dir of another kind", run_dir_of_another_kind, ValueError, ["{dir}/lm", "'lm'", "radial_student"]),
+    ("artifact with a non-JSON extra", artifact_with_unserialisable_extra, TypeError, ["not JSON serializable"]),
+    ("checkpoint given as a run dir", not_an_artifact, ValueError, ["{dir}/ckpt", "not a radial_jax training artifact"]),
+    ("attention_mask of the wrong shape", mask_wrong_shape, ValueError, ["attention_mask", r"\(2, 4\)", r"\(2, 5\)"]),
+    ("attention_mask not 0/1", mask_not_binary, ValueError, ["attention_mask", "0/1"]),
+    ("float token ids", float_ids, ValueError, ["input_ids", "integers", "float32"]),
+    ("out-of-vocabulary ids", out_of_vocabulary_ids, ValueError, [r"\[0, 96\)", "tokenizer of another model"]),
+    ("1-D token ids", one_dimensional_ids, ValueError, ["input_ids", "2-D"]),
+    ("too many tokens", too_long_ids, ValueError, ["49", "48 positions"]),
+    ("generate max_new_tokens=0", generate_zero_new_tokens, ValueError, ["max_new_tokens", ">= 1"]),
+    ("sampling without rng", generate_sampling_without_rng, ValueError, ["rng"]),
+    ("RadialConfig capacity_factor=0", radial_zero_capacity, ValueError, ["capacity_factor", "> 0"]),
+    ("RadialConfig unknown mode", radial_unknown_mode, ValueError, ["mode", "'sideways'", "allowed"]),
+    ("RadialConfig router_hidden=0", radial_zero_router_hidden, ValueError, ["router_hidden", ">= 1"]),
+    ("DistillConfig unknown train", distill_unknown_train, ValueError, ["train", "'layers'", "router"]),
+    ("thresholds outside [0, 1]", thresholds_out_of_range, ValueError, ["thresholds", r"\[0, 1\]", "1.5"]),
+    ("windows with stride > window", windows_bad_stride, ValueError, ["stride=32", "window=16"]),
+    ("CLI simulate --thresholds 0,abc", cli_thresholds_not_numbers, CLIError, ["--thresholds", "'abc'", "number"]),
+    ("CLI profile of a missing model", cli_profile_missing_model, CLIError, ["{dir}/nowhere"]),
+    ("CLI profile of a garbage checkpoint", cli_profile_garbage_checkpoint, CLIError, ["model.safetensors"]),
+    ("CLI eval of a teacher dir", cli_eval_of_a_teacher_dir, CLIError, ["{dir}/lm", "'lm'"]),
+    ("CLI generate --max-new-tokens -3", cli_generate_negative_tokens, CLIError, ["--max-new-tokens", ">= 1"]),
+    ("CLI pipeline --thresholds 0,2", cli_pipeline_bad_thresholds, CLIError, ["thresholds", r"\[0, 1\]"]),
+    ("CLI profile --dtype float8", cli_profile_bad_dtype, CLIError, ["float8", "float32"]),
+]
+
+
+@pytest.mark.parametrize("make, exception, patterns", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_fails_clearly(tmp_path, good_ckpt, capsys, make, exception, patterns):
+    env = Env(tmp_path, good_ckpt, capsys)
+    call = make(env)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(exception) as e:
+        call()
+    assert not isinstance(e.value, MemoryError)
+    message = str(e.value)
+    for pattern in patterns:
+        assert re.search(pattern.replace("{dir}", re.escape(str(tmp_path))), message), (pattern, message)
+    # nothing half-written: the failed call left no new file or directory behind
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before, set(after) - set(before)
+
+
+def test_the_table_is_broad():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+    assert sum(c[2] is CLIError for c in CASES) >= 5
