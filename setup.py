@@ -31,10 +31,13 @@ setup(
         "matplotlib",
         "pyarrow",
         "tensorboardX",
+        "gguf>=0.10",  # rj.load of .gguf files
     ],
     extras_require={
-        # torch is test-only; pinned to the CPU build that is installed from a local wheel.
-        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow", "nbformat", "nbclient", "ipykernel"],
+        # torch is test-only; pinned to the CPU build that is installed from a local wheel. accelerate:
+        # transformers' own GGUF reader (the reference of tests/test_gguf.py) needs it.
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow", "accelerate", "nbformat", "nbclient",
+                 "ipykernel"],
         "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["radial-jax=radial_jax.cli:main"]},
