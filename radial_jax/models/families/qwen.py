@@ -24,7 +24,8 @@ from typing import Optional, Union
 from radial_jax.models.decoder import CausalLM, DecoderSpec
 from radial_jax.models.family import Family
 from radial_jax.models.layer import ACTIVATIONS, LayerConfig
-from radial_jax.models.names import FamilyNames, Rule, linear, norm
+from radial_jax.models.families.llama import NAMES as LLAMA_NAMES
+from radial_jax.models.names import norm
 from radial_jax.models.rope import RoPE
 from radial_jax.models.stack import layer_meta
 
@@ -149,27 +150,10 @@ class QwenConfig:
         return DecoderSpec(embed_dim=self.hidden_size, final_norm=True, tie_embeddings=self.tie_word_embeddings)
 
 
-NAMES = FamilyNames(
-    strip_prefixes=("model.",),
-    rules=(
-        Rule("embed_tokens.weight", ("embed_tokens", "embedding")),
-        *norm("norm", "final_norm"),
-        Rule("lm_head.weight", ("lm_head", "kernel"), "linear"),
-    ),
-    layer_rules=(
-        *linear("layers.{i}.self_attn.q_proj", "q_proj"),
-        *linear("layers.{i}.self_attn.k_proj", "k_proj"),
-        *linear("layers.{i}.self_attn.v_proj", "v_proj"),
-        *linear("layers.{i}.self_attn.o_proj", "out_proj"),
-        *norm("layers.{i}.self_attn.q_norm", "q_norm"),
-        *norm("layers.{i}.self_attn.k_norm", "k_norm"),
-        *norm("layers.{i}.input_layernorm", "attn_norm"),
-        *linear("layers.{i}.mlp.up_proj", "fc1"),
-        *linear("layers.{i}.mlp.gate_proj", "gate"),
-        *linear("layers.{i}.mlp.down_proj", "fc2"),
-        *norm("layers.{i}.post_attention_layernorm", "mlp_norm"),
-    ),
-    ignorable=("lm_head.weight",),  # a copy of embed_tokens when the head is tied
-)
+# Llama's names, plus Qwen3's q/k norms (Qwen2 checkpoints simply have none)
+NAMES = dataclasses.replace(LLAMA_NAMES, layer_rules=LLAMA_NAMES.layer_rules + (
+    *norm("layers.{i}.self_attn.q_norm", "q_norm"),
+    *norm("layers.{i}.self_attn.k_norm", "k_norm"),
+))
 
 FAMILY = Family(name="qwen", model_types=MODEL_TYPES, config_cls=QwenConfig, module_cls=CausalLM, names=NAMES)
