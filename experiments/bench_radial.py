@@ -39,6 +39,7 @@ from tqdm import tqdm  # noqa: E402
 
 import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
+from radial_jax.kv_cache import split_layers  # noqa: E402
 from radial_jax.radial import RadialNetwork  # noqa: E402
 from radial_jax.radial.router import with_keep_offset  # noqa: E402
 
@@ -84,6 +85,8 @@ def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
                                                           cache=model.module.init_cache(b, total),
                                                           compute_logits=False).cache)(model.params, prompt)
     routed_cache = rm.forward(prompt, positions_bt=slots, max_len=total, compute_logits=False).cache
+    # both sides in the inference layout (what ``generate`` serves): per-layer weights and caches
+    dense_cache, routed_cache = split_layers(dense_cache), routed_cache.replace(kv=split_layers(routed_cache.kv))
 
     def make(head):
         @jax.jit
@@ -111,12 +114,13 @@ def bench_decode(model, b, depth, args, figures, details):
     rm = RadialNetwork.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
     rm, offset = calibrate(rm, ids, depth)
     make, dense_cache, routed_cache, feed = decode_loops(model, rm, b, args.decode_prompt, args.decode_steps)
-    row = {"batch": b, "target_depth": depth, "keep_offset": offset}
+    dense_params, routed_params = model.with_layout("per_layer").params, rm.with_layout("per_layer").params
+    row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
     for head in (False, True):
         dense, routed = make(head)
-        frac = routed(rm.params, routed_cache, feed)
-        rounds = benchlib.interleave({"dense": lambda: dense(model.params, dense_cache, feed),
-                                      "routed": lambda: routed(rm.params, routed_cache, feed)}, args.repeats)
+        frac = routed(routed_params, routed_cache, feed)
+        rounds = benchlib.interleave({"dense": lambda: dense(dense_params, dense_cache, feed),
+                                      "routed": lambda: routed(routed_params, routed_cache, feed)}, args.repeats)
         speedup = benchlib.ratio(rounds, "dense", "routed")
         key = "with_head" if head else "layers"
         row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(frac[0])),

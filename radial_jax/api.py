@@ -59,6 +59,28 @@ class Bundle:
         from radial_jax.generation import generate
         return generate(self, input_ids, attention_mask, **kwargs)
 
+    @property
+    def layout(self) -> str:
+        """``"stacked"`` (``params["layers"]`` leaves ``[L, ...]``) or ``"per_layer"`` (a tuple of ``L`` layers)."""
+        from radial_jax.models.stack import is_per_layer
+        return "per_layer" if is_per_layer(self.params.get("layers")) else "stacked"
+
+    def with_layout(self, layout: str):
+        """This bundle with its layer pool in ``layout``: ``"stacked"`` (training, sharding) or
+        ``"per_layer"`` (inference: every layer's weights read in place, and a Radial Network's steps
+        unrolled; see ``radial_jax.models.stack``). Other parameters are shared; the pool is copied once."""
+        from radial_jax.models.stack import stack_pool, unstack_pool
+        if layout not in ("stacked", "per_layer"):
+            raise ValueError(f"layout {layout!r} is unknown; allowed: 'stacked', 'per_layer'")
+        if layout == self.layout:
+            return self
+        convert = unstack_pool if layout == "per_layer" else stack_pool
+        return self._with_params({**self.params, "layers": jax.block_until_ready(convert(self.params["layers"]))})
+
+    def _with_params(self, params):
+        """The same bundle over other parameters (same shapes)."""
+        raise NotImplementedError
+
     def tokenizer(self):
         """The checkpoint's tokenizer through ``transformers.AutoTokenizer`` (local files only)."""
         if self.tokenizer_path is None:
@@ -84,23 +106,7 @@ class Model(Bundle):
             kwargs["attention_mask_bt"] = jnp.asarray(attention_mask)
         return self._apply(self.params, jnp.asarray(inputs), **kwargs)
 
-    @property
-    def layout(self) -> str:
-        """``"stacked"`` (``params["layers"]`` leaves ``[L, ...]``) or ``"per_layer"`` (a tuple of ``L`` layers)."""
-        from radial_jax.models.stack import is_per_layer
-        return "per_layer" if is_per_layer(self.params.get("layers")) else "stacked"
-
-    def with_layout(self, layout: str) -> "Model":
-        """This model with its layer pool in ``layout``: ``"stacked"`` (training, sharding, the Radial
-        Network) or ``"per_layer"`` (inference: every layer's weights read in place; see
-        ``radial_jax.models.stack``). Other parameters are shared; the pool is copied once."""
-        from radial_jax.models.stack import stack_pool, unstack_pool
-        if layout not in ("stacked", "per_layer"):
-            raise ValueError(f"layout {layout!r} is unknown; allowed: 'stacked', 'per_layer'")
-        if layout == self.layout:
-            return self
-        convert = unstack_pool if layout == "per_layer" else stack_pool
-        params = {**self.params, "layers": jax.block_until_ready(convert(self.params["layers"]))}
+    def _with_params(self, params) -> "Model":
         return Model(self.config, params, dtype=self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
 
     # -- decoding (radial_jax.generation) ---------------------------------------------------------

@@ -168,11 +168,6 @@ class Decoding:
     prepare: Callable = lambda params: params
 
 
-def _cache_len(cache) -> int:
-    """Slots of a ``KVCache`` or of per-layer caches (``kv_cache.split_layers``)."""
-    return (cache[0] if isinstance(cache, (tuple, list)) else cache).max_len
-
-
 def sequential_decoding(module) -> Decoding:
     """``Decoding`` of a sequential ``CausalLM`` module: every token through every layer.
 
@@ -182,7 +177,7 @@ def sequential_decoding(module) -> Decoding:
     so no step copies a layer's weights or K/V out of a stacked array.
     """
     from radial_jax.flops import dense_flops, head_flops
-    from radial_jax.kv_cache import split_layers
+    from radial_jax.kv_cache import cache_max_len, split_layers
     from radial_jax.models.stack import unstack_pool
     config = module.config
     L = config.num_layers
@@ -195,14 +190,14 @@ def sequential_decoding(module) -> Decoding:
         lengths_b = valid_bt.sum(1)
         last_be = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
         logits_bv = module.apply({"params": params}, last_be, method="logits")
-        flops = dense_flops(config, b * t, _cache_len(cache), with_head=False) + head_flops(config, b)
+        flops = dense_flops(config, b * t, cache_max_len(cache), with_head=False) + head_flops(config, b)
         return logits_bv, out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
 
     def step(params, tok_b, pos_b, live_b, cache):
         b = tok_b.shape[0]
         out = module.apply({"params": params}, tok_b[:, None], live_b[:, None], positions_bt=pos_b[:, None],
                            cache=cache)
-        flops = dense_flops(config, b, _cache_len(cache))
+        flops = dense_flops(config, b, cache_max_len(cache))
         return out.logits[:, 0], out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
 
     def prepare(params):

@@ -78,6 +78,36 @@ def stack_layers(caches) -> KVCache:
     return KVCache(*(jnp.concatenate([getattr(c, f) for c in caches]) for f in ("k", "v", "written_at")))
 
 
+def is_split(cache) -> bool:
+    """Whether ``cache`` is in the per-layer layout (a tuple of single-layer caches, ``split_layers``)."""
+    return isinstance(cache, (tuple, list))
+
+
+def cache_max_len(cache) -> int:
+    """Slots of a ``KVCache`` or of per-layer caches."""
+    return (cache[0] if is_split(cache) else cache).max_len
+
+
+def layer_view(cache, layer):
+    """``(k [B, G, T, D], v, written_at [B, T])`` of ``layer``, in either layout.
+
+    Stacked: ``layer`` may be traced (a slice of the ``[L, ...]`` buffers). Per-layer: a Python
+    int, and the layer's own buffers are read in place.
+    """
+    if is_split(cache):
+        return cache[int(layer)].layer(0)
+    return cache.layer(layer)
+
+
+def write_layer(cache, layer, row_q, slot_q, k_qgd, v_qgd, valid_q, step):
+    """``write_first_visit`` into one ``layer`` of a cache in either layout (see ``layer_view``)."""
+    if is_split(cache):
+        l = int(layer)
+        new = write_first_visit(cache[l], 0, row_q, slot_q, k_qgd, v_qgd, valid_q, step)
+        return tuple(cache[:l]) + (new,) + tuple(cache[l + 1:])
+    return write_first_visit(cache, layer, row_q, slot_q, k_qgd, v_qgd, valid_q, step)
+
+
 def write_first_visit(cache: KVCache, layer_q, row_q, slot_q, k_qgd, v_qgd, valid_q, step) -> KVCache:
     """Rule 1: write new K/V at ``(layer, row, slot)`` per entry, where ``valid`` and the entry is empty.
 

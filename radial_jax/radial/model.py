@@ -91,6 +91,10 @@ class RadialModel(Bundle):
             params["router"] = fresh(jax.random.key(seed))  # the router's shapes changed (steps, width)
         return RadialModel(self.config, rc, params, self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
 
+    def _with_params(self, params) -> "RadialModel":
+        return RadialModel(self.config, self.radial, params, self.dtype, name=self.name,
+                           tokenizer_path=self.tokenizer_path)
+
     def to_radial(self, push: float = 8.0, **radial_changes) -> "RadialModel":
         """The radial-mode network that starts where this ordered one is (docs/design.md §5).
 
@@ -133,6 +137,8 @@ class RadialModel(Bundle):
     def _decoding(self):  # one object per bundle: generation's compiled loop is keyed on it
         from radial_jax.flops import head_flops
         from radial_jax.generation import Decoding
+        from radial_jax.kv_cache import split_layers
+        from radial_jax.models.stack import unstack_pool
         module, config = self.module, self.config
 
         def prefill(params, ids_bt, valid_bt, cache):
@@ -152,7 +158,14 @@ class RadialModel(Bundle):
             flops = out.metrics.executed_flops + head_flops(config, tok_b.shape[0])
             return out.logits[:, 0], out.cache, {"depth": out.metrics.depth[:, 0], "flops": jnp.float32(flops)}
 
-        return Decoding(init_cache=module.init_cache, prefill=prefill, step=step)
+        def prepare(params):  # the inference layout: steps unrolled, each layer's weights read in place
+            return {**params, "layers": unstack_pool(params["layers"])}
+
+        def init_cache(batch, max_len):
+            cache = module.init_cache(batch, max_len)
+            return cache.replace(kv=split_layers(cache.kv))
+
+        return Decoding(init_cache=init_cache, prefill=prefill, step=step, prepare=prepare)
 
     def __repr__(self):
         return f"RadialModel({self.name!r}, {type(self.config).__name__}, {self.radial})"

@@ -36,10 +36,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from radial_jax.kv_cache import KVCache, visible_mask, write_first_visit
+from radial_jax.kv_cache import (KVCache, cache_max_len, is_split, layer_view, split_layers, stack_layers, visible_mask,
+                                 write_first_visit, write_layer)
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 from radial_jax.models.remat import remat_layer, shard_batch
-from radial_jax.models.stack import layer_forward, meta_at, pool_layer
+from radial_jax.models.stack import is_per_layer, layer_forward, meta_at, pool_layer, stack_pool
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.router import Router
@@ -50,7 +51,7 @@ from radial_jax.radial.routing import decide, gate
 class RadialCache:
     """The decoding state of a Radial Network: the global KV cache and the causal budget's counters."""
 
-    kv: KVCache
+    kv: KVCache  # or a tuple of L single-layer caches (the inference layout, ``kv_cache.split_layers``)
     admitted: jax.Array  # [B, S, L] int32: tokens of row b admitted to layer l at step s so far
 
     @classmethod
@@ -61,7 +62,7 @@ class RadialCache:
 
     @property
     def max_len(self) -> int:
-        return self.kv.max_len
+        return cache_max_len(self.kv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,7 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
     """Router logits ``[G, N, L+2]``, the decision, and the oracle probe's ratios (or None)."""
     rc, L = plan.rc, plan.num_layers
     router = Router(L, plan.steps, rc.router_hidden, rc.router_last_layer, rc.router_init_scale, parent=None)
-    logits = router.apply({"params": router_params}, x, s, last).astype(jnp.float32)
+    logits = router.apply({"params": router_params}, x, jnp.asarray(s, jnp.int32), last).astype(jnp.float32)
     eligible = active & tok.valid
     probe = None
     if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
@@ -143,14 +144,18 @@ def admit(plan: Plan, decision, admitted_bsl, tok: Tokens, s, layer_ids):
 def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: KVCache, s):
     """*propagate*: layer ``s``'s K/V of every eligible token from its current state, written first-visit."""
     k, v = _layer(plan).apply({"params": params_s}, x, tok.positions, meta_s["rope"], method="kv")
-    return write_first_visit(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
+    return write_layer(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
 
 
 # --------------------------------------------------------------------------- 4. run a layer
 
-def _attend(plan: Plan, kv: KVCache, l, q, k, v, slot_gc, row_gc, s, window):
+def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
     """Attention of the gathered queries to layer ``l`` of the cache plus their own fresh K/V."""
-    kc, vc, wc = kv.layer(l)
+    return _attend_to(plan, *layer_view(kv, l), q, k, v, slot_gc, row_gc, s, window)
+
+
+def _attend_to(plan: Plan, kc, vc, wc, q, k, v, slot_gc, row_gc, s, window):
+    """``_attend`` on one layer's cache buffers ``kc, vc [B, G, T, D]``, ``wc [B, T]``."""
     if plan.decoding:  # each query reads its own cache row: C groups of one query
         g, c = q.shape[:2]
         one = lambda a: a.reshape((g * c, 1) + a.shape[2:])  # noqa: E731
@@ -169,17 +174,21 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
 
     ``state = (x_acc, kv, ratio_gn)``; returns it updated and the size that ran (0: nothing).
     ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
+    Per-layer caches (``l`` an int): only layer ``l``'s buffers enter the branch.
     """
     layer = _layer(plan)
     N = x_start.shape[1]
-    t_max = state[1].max_len
+    x_acc, kv, ratio_gn = state
+    t_max = cache_max_len(kv)
+    split = is_split(kv)
+    own, at = ((kv[l],), 0) if split else (kv, l)  # the cache the branch reads and writes, and its layer index
     expert = plan.rc.dispatch == "expert"
     load = jnp.max(jnp.sum(admitted_gn, axis=-1))
     sizes = plan.sizes[-1:] if expert else plan.sizes  # expert choice: a static C_max, no load to follow
 
     def branch(size):
         def run(st):
-            x_acc, kv, ratio_gn = st
+            x_acc, own, ratio_gn = st
             if size == 0:
                 return st
             idx = dsp.select(admitted_gn, size)
@@ -190,17 +199,71 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
             row_gc = dsp.gather(tok.rows, idx)
             if skip_kv is None:
                 q, k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="qkv")
-                kv = write_first_visit(kv, l, row_gc, slot_gc, k, v, ok, s)
+                own = write_layer(own, at, row_gc, slot_gc, k, v, ok, s)
             else:
                 q = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="query")
                 k, v = dsp.gather(skip_kv[0], idx), dsp.gather(skip_kv[1], idx)
-            ctx = _attend(plan, kv, l, q, k, v, slot_gc, row_gc, s, meta_l["window"])
+            ctx = _attend(plan, own, at, q, k, v, slot_gc, row_gc, s, meta_l["window"])
             y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
             g_gc = jnp.where(ok, dsp.gather(gate_gn, idx), 0.0)
             upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
             x_acc = dsp.scatter_add(x_acc, idx, upd)
             r = jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
             ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
+            return x_acc, own, ratio_gn
+        return run
+
+    (x_acc, own, ratio_gn), size = dsp.run_at_size(sizes, load, branch, (x_acc, own, ratio_gn))
+    if split:
+        own = tuple(kv[:l]) + tuple(own) + tuple(kv[l + 1:])
+    return (x_acc, own, ratio_gn), size
+
+
+def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, tok: Tokens, s, state):
+    """Radial mode, parallel forward: the ``L`` layers of step ``s`` as one batched computation.
+
+    The same values as ``run_layer`` for each layer in turn (the layers of a step read
+    the step's starting state and write their own cache layer, so they are independent),
+    at one static size for all of them: the smallest that holds the largest load of any
+    layer (``lax.switch``; size 0: nothing runs). The matmuls are batched over the stacked
+    ``[L, ...]`` weights and the ``[L, B, ...]`` cache, read in place: one switch and one
+    set of matmuls per step, where a loop over layers pays ``L`` of each and, on CPU, a
+    copy of every layer's weights. Returns the state and the size (that of every layer).
+    """
+    layer = _layer(plan)
+    L = plan.num_layers
+    G, N = x_start.shape[:2]
+    x_acc, kv, ratio_gn = state
+    t_max = kv.max_len
+    expert = plan.rc.dispatch == "expert"
+    load = jnp.max(jnp.sum(admitted_kgn, axis=-1))
+    sizes = plan.sizes[-1:] if expert else plan.sizes
+    rope_k, window_k = jnp.asarray(meta["rope"]), jnp.asarray(meta["window"])
+    layer_k = jnp.arange(L, dtype=jnp.int32)
+
+    def branch(size):
+        def run(st):
+            x_acc, kv, ratio_gn = st
+            if size == 0:
+                return st
+            idx = jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn)  # [L, G, C]
+            ok = idx < N
+            take = jax.vmap(dsp.gather, in_axes=(None, 0))
+            x_kgc, pos_kgc, row_kgc = take(x_start, idx), take(tok.positions, idx), take(tok.rows, idx)
+            slot_kgc = jnp.where(ok, take(tok.slots, idx), t_max)
+            q, k, v = jax.vmap(lambda p, x, pos, rope: layer.apply({"params": p}, x, pos, rope, method="qkv"))(
+                pool, x_kgc, pos_kgc, rope_k)
+            kv = write_first_visit(kv, layer_k[:, None, None], row_kgc, slot_kgc, k, v, ok, s)
+            ctx = jax.vmap(lambda kc, vc, wc, q, k, v, slot, row, window: _attend_to(
+                plan, kc, vc, wc, q, k, v, slot, row, s, window))(kv.k, kv.v, kv.written_at, q, k, v, slot_kgc,
+                                                                  row_kgc, window_k)
+            y, stats = jax.vmap(lambda p, x, c: layer.apply({"params": p}, x, c, method="finish"))(pool, x_kgc, ctx)
+            g_kgc = jnp.where(ok, jax.vmap(dsp.gather)(gate_kgn, idx), 0.0)
+            upd = (y.astype(jnp.float32) - x_kgc.astype(jnp.float32)) * g_kgc[..., None]
+            r = jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
+            flat = lambda a: jnp.moveaxis(a, 0, 1).reshape((G, L * size) + a.shape[3:])  # noqa: E731 [G, L*C, ...]
+            x_acc = dsp.scatter_add(x_acc, flat(idx), flat(upd))
+            ratio_gn = dsp.scatter_add(ratio_gn[..., None], flat(idx), flat(r)[..., None])[..., 0]
             return x_acc, kv, ratio_gn
         return run
 
@@ -209,13 +272,14 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
 
 # --------------------------------------------------------------------------- 5. propagate exits (radial)
 
-def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv: KVCache, s):
+def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
     """Radial *propagate*: an exiting token fills every still-empty layer of its slot from its final state
     (``written_at = s + 1``: see the module docstring)."""
     layer = _layer(plan)
     N = x.shape[1]
-    t_max = kv.max_len
+    t_max = cache_max_len(kv)
     load = jnp.max(jnp.sum(exiting_gn, axis=-1))
+    L = plan.num_layers
 
     def branch(size):
         def run(kv):
@@ -227,14 +291,16 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv: KVCa
             slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx), t_max)
             row_gc = dsp.gather(tok.rows, idx)
 
-            def one_layer(kv, xs):
-                params_l, meta_l, l = xs
-                k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="kv")
-                return write_first_visit(kv, l, row_gc, slot_gc, k, v, ok, s + 1), None
+            def one_layer(kv, params_l, rope_l, l):
+                k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="kv")
+                return write_layer(kv, l, row_gc, slot_gc, k, v, ok, s + 1)
 
-            L = plan.num_layers
-            return jax.lax.scan(one_layer, kv, (pool, {k: jnp.asarray(v) for k, v in meta.items()},
-                                                jnp.arange(L, dtype=jnp.int32)))[0]
+            if is_per_layer(pool):  # the inference layout: every layer's own arrays, unrolled
+                for l in range(L):
+                    kv = one_layer(kv, pool[l], meta_at(meta, l)["rope"], l)
+                return kv
+            xs = (pool, jnp.asarray(meta["rope"]), jnp.arange(L, dtype=jnp.int32))
+            return jax.lax.scan(lambda kv, xs: (one_layer(kv, *xs), None), kv, xs)[0]
         return run
 
     return dsp.run_at_size(plan.exit_sizes, load, branch, kv)
@@ -274,10 +340,14 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         sizes_l = jnp.zeros((L,), jnp.int32).at[s].set(size)
     else:
         if rc.cache_policy == "propagate":  # the step-aligned writes of steps s < L (see the module docstring)
-            s_l = jnp.minimum(s, L - 1)
-            params_s = pool_layer(pool, s_l)
-            kv = jax.lax.cond(s < L, lambda kv: propagate_skips(plan, params_s, meta_at(meta, s_l), x, eligible, tok,
-                                                                kv, s)[0], lambda kv: kv, kv)
+            if isinstance(s, int):  # unrolled steps (the inference layout)
+                if s < L:
+                    kv = propagate_skips(plan, pool_layer(pool, s), meta_at(meta, s), x, eligible, tok, kv, s)[0]
+            else:
+                s_l = jnp.minimum(s, L - 1)
+                params_s = pool_layer(pool, s_l)
+                kv = jax.lax.cond(s < L, lambda kv: propagate_skips(plan, params_s, meta_at(meta, s_l), x, eligible,
+                                                                    tok, kv, s)[0], lambda kv: kv, kv)
             state = (x, kv, ratio_gn)
 
         def one_layer(l, st):
@@ -286,7 +356,16 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
             state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok, s,
                                     state)
             return state, sizes_l.at[l].set(size)
-        state, sizes_l = jax.lax.fori_loop(0, L, one_layer, (state, jnp.zeros((L,), jnp.int32)))
+        st = (state, jnp.zeros((L,), jnp.int32))
+        if not plan.decoding:  # whole sequences: every layer busy, one batched computation per step
+            state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, state)
+            sizes_l = jnp.full((L,), size, jnp.int32)
+        elif is_per_layer(pool):  # decoding, the inference layout: each layer reads its own arrays (unrolled)
+            for l in range(L):
+                st = one_layer(l, st)
+            state, sizes_l = st
+        else:
+            state, sizes_l = jax.lax.fori_loop(0, L, one_layer, st)
     x_new, kv, ratio_gn = state
     exit_size = jnp.int32(0)
     if not rc.ordered and rc.cache_policy == "propagate":
@@ -320,12 +399,23 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
     The parallel forward scans every step (differentiable); decoding runs a
     ``while_loop`` that ends as soon as no token of the batch is left (every row
     exited) or ``S`` steps ran, and fills the records of the steps that did not run
-    with ``choice = -1`` and zeros.
+    with ``choice = -1`` and zeros. A per-layer pool (the inference layout,
+    ``stack.unstack_pool``) unrolls the steps instead, so that every step and layer
+    index is static and each layer reads its own weights and cache in place; decoding
+    then skips the steps after every row has exited with a ``lax.cond``. Both give the
+    same values.
     """
     S, L = plan.steps, plan.num_layers
     G, N = tok.valid.shape
     carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
                   admitted=cache.admitted)
+    if plan.decoding and is_per_layer(pool):
+        return _run_steps_unrolled(plan, pool, meta, router_params, carry, tok, threshold)
+    if is_split(cache.kv):  # whole sequences run one compiled step body on the stacked layouts (a copy per call)
+        x, cache, records = run_steps(plan, stack_pool(pool), meta, router_params, x_gne, tok,
+                                      cache.replace(kv=stack_layers(cache.kv)), threshold)
+        return x, cache.replace(kv=split_layers(cache.kv)), records
+    pool = stack_pool(pool)
 
     if not plan.decoding:
         def body(carry, s):
@@ -335,10 +425,7 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
                                       unroll=bool(plan.rc.scan_unroll))
         return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
 
-    template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, jnp.int32(0), threshold)[1],
-                              carry)
-    records = jax.tree_util.tree_map(lambda a: jnp.zeros((S,) + a.shape, a.dtype), template)
-    records["choice"] = jnp.full_like(records["choice"], -1)
+    records = _empty_records(plan, pool, meta, router_params, carry, tok, threshold)
 
     def cond(state):
         s, carry, _ = state
@@ -352,4 +439,31 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
         return s + 1, carry, records
 
     _, carry, records = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, records))
+    return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
+
+
+def _empty_records(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
+    """The records of ``S`` steps that did not run: zeros, ``choice = -1``."""
+    s0 = 0 if is_per_layer(pool) else jnp.int32(0)  # static steps for a per-layer pool
+    template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, s0, threshold)[1], carry)
+    records = jax.tree_util.tree_map(lambda a: jnp.zeros((plan.steps,) + a.shape, a.dtype), template)
+    records["choice"] = jnp.full_like(records["choice"], -1)
+    return records
+
+
+def _run_steps_unrolled(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
+    """``run_steps`` with static step indices (a per-layer pool); see there."""
+    unused = jax.tree_util.tree_map(lambda a: a[0], _empty_records(plan, pool, meta, router_params, carry, tok,
+                                                                   threshold))
+    recs = []
+    for s in range(plan.steps):
+        if plan.decoding:  # steps after every row exited do not run
+            carry, rec = jax.lax.cond(
+                jnp.any(carry.active & tok.valid),
+                lambda c: run_step(plan, pool, meta, router_params, c, tok, s, threshold),
+                lambda c: (c, unused), carry)
+        else:
+            carry, rec = run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
+        recs.append(rec)
+    records = jax.tree_util.tree_map(lambda *r: jnp.stack(r), *recs)
     return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
