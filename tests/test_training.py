@@ -60,6 +60,10 @@ def test_router_losses_match_numpy():
     p = 1 / (1 + np.exp(-x))
     ref = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))
     np.testing.assert_allclose(float(losses.router_keep_bce(jnp.asarray(x), jnp.asarray(y))), ref, rtol=1e-5)
+    w = RNG.integers(0, 2, (3, 2, 4))  # radial mode: only (step, token) pairs still active count
+    terms = [-(y[i] * np.log(p[i]) + (1 - y[i]) * np.log(1 - p[i])) for i in np.ndindex(w.shape) if w[i]]
+    np.testing.assert_allclose(float(losses.router_keep_bce(jnp.asarray(x), jnp.asarray(y), weight_lbt=w)),
+                               np.mean(terms), rtol=1e-5)
     logits = RNG.normal(size=(2, 2, 4, 5))
     ref_z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
     np.testing.assert_allclose(float(losses.router_z_loss(jnp.asarray(logits))), ref_z, rtol=1e-5)
@@ -209,6 +213,8 @@ def test_distill_all_moves_layers_then_radial_mode_continues(corpus, teacher):
     radial, more = distill(model, corpus, 2, cfg=dataclasses.replace(cfg, train="router"), mode="radial",
                            start=student, train=small, progress=False)
     assert radial.radial.mode == "radial" and all(np.isfinite(h["balance"]) for h in more if "balance" in h)
+    assert any("router_bce" in h for h in more), "radial mode keeps the oracle's keep-vs-skip supervision"
+    assert all(np.isfinite(h["router_bce"]) for h in more if "router_bce" in h)
     assert all(0 <= h["drop_rate"] <= 1 for h in more if "drop_rate" in h)
     other = make_student(model, cfg, mode="ordered", router_hidden=8)
     with pytest.raises(ValueError, match="cannot continue"):

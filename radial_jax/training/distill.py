@@ -17,7 +17,10 @@ logit is ``router_logits[s, ..., s] - router_logits[s, ..., L]``. Loss per batch
 ``mode="radial"`` (optionally continuing from the ordered phase: ``start_params=``):
 KL (+ hidden) + compute penalty on the expected layer visits (layer probabilities
 summed over active steps) + ``balance_weight`` * load balance over layers +
-``z_weight`` * router z-loss.
+``z_weight`` * router z-loss + ``router_weight`` * the ordered oracle's BCE on the
+keep-vs-skip logit (column ``s`` against skip) of the first ``L`` steps, for tokens
+still active: it anchors the meaning the warm start gave those columns, and the
+rest (other layers, reuse, exit) is learnt from the KL and the compute penalty.
 
 Gradients reach the router through the network's straight-through gate (value 1,
 gradient of the router probability). ``train="router"`` freezes everything but
@@ -133,9 +136,19 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
     student = student.replace(prefill_buckets=1)
     module = student.module
     ordered = student.radial.mode == "ordered"
-    oracle_module = student.replace(routing="oracle").module if ordered else None
     teacher_params = jax.tree_util.tree_map(jnp.asarray, teacher.params)
     L = teacher.config.num_layers
+    # The oracle's keep labels (§3 per layer) supervise the keep-vs-skip choice of steps s < L in both
+    # modes: in radial mode that is column s against skip, the columns the warm start gave the ordered
+    # meaning (``to_radial``). Without it the compute penalty pushes every token to *skip*: the
+    # straight-through gate gives the KL no gradient towards a layer a token did not visit.
+    if ordered:
+        oracle_module, oracle_router = student.replace(routing="oracle").module, None
+    else:
+        oracle_net = make_student(teacher, cfg, mode="ordered", routing="oracle",
+                                  capacity_factor=student.radial.capacity_factor, prefill_buckets=1)
+        oracle_module, oracle_router = oracle_net.module, jax.tree_util.tree_map(jnp.asarray,
+                                                                                 oracle_net.params["router"])
 
     def loss(params, ids_bt, key):
         del key
@@ -150,17 +163,18 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
             total += cfg.hidden_weight * hm
             metrics["hidden"] = hm
         r = s_out.router
-        if ordered:
-            keep = keep_logits_ordered(r.logits)
-            if cfg.router_weight:
-                oracle = oracle_module.apply(
-                    {"params": {**tparams, "router": jax.lax.stop_gradient(params["router"])}}, ids_bt,
-                    threshold=cfg.oracle_threshold)
-                labels = jax.lax.stop_gradient(oracle.router.processed)
-                rl = losses.router_keep_bce(keep, labels)
-                total += cfg.router_weight * rl
-                metrics.update(router_bce=rl, oracle_depth=jnp.mean(labels))
-        else:
+        if cfg.router_weight:
+            router_s = jax.lax.stop_gradient(params["router"]) if ordered else oracle_router
+            oracle = oracle_module.apply({"params": {**tparams, "router": router_s}}, ids_bt,
+                                         threshold=cfg.oracle_threshold)
+            labels = jax.lax.stop_gradient(oracle.router.processed)  # [L, b, t]
+            keep = keep_logits_ordered(r.logits[:L])  # radial mode: the first L steps, column s vs skip
+            # radial mode: only tokens still active at the step (an exited token has no choice to supervise)
+            weight = None if ordered else (r.choice[:L] >= 0).astype(jnp.float32)
+            rl = losses.router_keep_bce(keep, labels, weight_lbt=weight)
+            total += cfg.router_weight * rl
+            metrics.update(router_bce=rl, oracle_depth=jnp.mean(labels))
+        if not ordered:
             lb = losses.load_balance(r.probs, r.assign)
             z = losses.router_z_loss(r.logits)
             total += cfg.balance_weight * lb + cfg.z_weight * z

@@ -67,16 +67,19 @@ def hidden_match(student_bte, teacher_bte, mask_bt=None):
     return _masked_mean(err_bt, _mask(mask_bt, err_bt.shape))
 
 
-def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: float = 1.0):
-    """Binary cross-entropy of ordered-mode keep/skip decisions against oracle labels.
+def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: float = 1.0, weight_lbt=None):
+    """Binary cross-entropy of keep/skip decisions against oracle labels.
 
     ``keep_logits[l, b, t]``: the router's logit for "token goes through layer l";
-    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens.
+    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens;
+    ``weight_lbt`` (optional): which ``(l, b, t)`` count (radial mode: tokens still active at step l).
     """
     x = keep_logits_lbt.astype(jnp.float32)
     y = keep_labels_lbt.astype(jnp.float32)
     bce = pos_weight * y * jax.nn.softplus(-x) + (1.0 - y) * jax.nn.softplus(x)
-    return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
+    if weight_lbt is None:
+        return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
+    return _masked_mean(bce, weight_lbt.astype(jnp.float32) * _mask(mask_bt, bce.shape[1:])[None])
 
 
 def compute_penalty(expected_depth_bt, num_layers: int, mask_bt=None):
