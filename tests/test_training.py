@@ -60,10 +60,18 @@ def test_router_losses_match_numpy():
     p = 1 / (1 + np.exp(-x))
     ref = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))
     np.testing.assert_allclose(float(losses.router_keep_bce(jnp.asarray(x), jnp.asarray(y))), ref, rtol=1e-5)
-    w = RNG.integers(0, 2, (3, 2, 4))  # radial mode: only (step, token) pairs still active count
-    terms = [-(y[i] * np.log(p[i]) + (1 - y[i]) * np.log(1 - p[i])) for i in np.ndindex(w.shape) if w[i]]
-    np.testing.assert_allclose(float(losses.router_keep_bce(jnp.asarray(x), jnp.asarray(y), weight_lbt=w)),
-                               np.mean(terms), rtol=1e-5)
+    # radial mode's anchor: the ordered path as router columns, then cross-entropy on active (step, token)s
+    L = y.shape[0]
+    want = np.empty_like(y)
+    for l, b, t in np.ndindex(y.shape):
+        want[l, b, t] = l if y[l, b, t] else (L if y[l:, b, t].any() else L + 1)
+    targets = np.asarray(losses.ordered_route_targets(jnp.asarray(y)))
+    np.testing.assert_array_equal(targets, want)
+    logits5 = RNG.normal(size=(L, 2, 4, L + 2))
+    w = RNG.integers(0, 2, (L, 2, 4))
+    terms = [np.log(np.exp(logits5[i]).sum()) - logits5[i][want[i]] for i in np.ndindex(w.shape) if w[i]]
+    np.testing.assert_allclose(float(losses.router_route_ce(jnp.asarray(logits5), jnp.asarray(want),
+                                                            jnp.asarray(w))), np.mean(terms), rtol=1e-5)
     logits = RNG.normal(size=(2, 2, 4, 5))
     ref_z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
     np.testing.assert_allclose(float(losses.router_z_loss(jnp.asarray(logits))), ref_z, rtol=1e-5)
@@ -192,7 +200,7 @@ def test_distillation_lowers_kl_below_untrained_router(corpus, teacher):
     untrained, trained = ev(make_student(model, cfg).params), ev(student.params)
     assert trained["eval_loss"] < untrained["eval_loss"], (trained, untrained)
     assert trained["eval_depth"] < 1.0  # it does skip layers
-    assert [h for h in history if "router_bce" in h]
+    assert [h for h in history if "router_loss" in h]
     # router-only: the layers, embeddings and head are bitwise the teacher's
     for a, b in zip(jax.tree_util.tree_leaves(without_router(student.params)),
                     jax.tree_util.tree_leaves(model.params)):
@@ -213,8 +221,8 @@ def test_distill_all_moves_layers_then_radial_mode_continues(corpus, teacher):
     radial, more = distill(model, corpus, 2, cfg=dataclasses.replace(cfg, train="router"), mode="radial",
                            start=student, train=small, progress=False)
     assert radial.radial.mode == "radial" and all(np.isfinite(h["balance"]) for h in more if "balance" in h)
-    assert any("router_bce" in h for h in more), "radial mode keeps the oracle's keep-vs-skip supervision"
-    assert all(np.isfinite(h["router_bce"]) for h in more if "router_bce" in h)
+    assert any("router_loss" in h for h in more), "radial mode keeps the oracle's supervision"
+    assert all(np.isfinite(h["router_loss"]) for h in more if "router_loss" in h)
     assert all(0 <= h["drop_rate"] <= 1 for h in more if "drop_rate" in h)
     other = make_student(model, cfg, mode="ordered", router_hidden=8)
     with pytest.raises(ValueError, match="cannot continue"):

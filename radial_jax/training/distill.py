@@ -17,10 +17,11 @@ logit is ``router_logits[s, ..., s] - router_logits[s, ..., L]``. Loss per batch
 ``mode="radial"`` (optionally continuing from the ordered phase: ``start_params=``):
 KL (+ hidden) + compute penalty on the expected layer visits (layer probabilities
 summed over active steps) + ``balance_weight`` * load balance over layers +
-``z_weight`` * router z-loss + ``router_weight`` * the ordered oracle's BCE on the
-keep-vs-skip logit (column ``s`` against skip) of the first ``L`` steps, for tokens
-still active: it anchors the meaning the warm start gave those columns, and the
-rest (other layers, reuse, exit) is learnt from the KL and the compute penalty.
+``z_weight`` * router z-loss + ``router_weight`` * cross-entropy of the router,
+over all its columns, against the oracle's ordered path at the first ``L`` steps
+(layer ``s`` where the oracle keeps it, exit once it keeps nothing later, else
+skip; tokens still active): it anchors the meaning the warm start gave the
+columns; departures from it (other layers, reuse) must pay for themselves in KL.
 
 Gradients reach the router through the network's straight-through gate (value 1,
 gradient of the router probability). ``train="router"`` freezes everything but
@@ -138,10 +139,11 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
     ordered = student.radial.mode == "ordered"
     teacher_params = jax.tree_util.tree_map(jnp.asarray, teacher.params)
     L = teacher.config.num_layers
-    # The oracle's keep labels (§3 per layer) supervise the keep-vs-skip choice of steps s < L in both
-    # modes: in radial mode that is column s against skip, the columns the warm start gave the ordered
-    # meaning (``to_radial``). Without it the compute penalty pushes every token to *skip*: the
-    # straight-through gate gives the KL no gradient towards a layer a token did not visit.
+    # The oracle's keep labels (§3 per layer) supervise the router in both modes. Radial mode: the
+    # ordered path they give (layer s at step s if kept, exit once nothing later is kept, else skip)
+    # is the target of the first L steps, the meaning the warm start gave those columns
+    # (``to_radial``). Without it the compute penalty drives every token to skip or exit: the
+    # straight-through gate gives the KL no gradient towards a visit that did not happen.
     if ordered:
         oracle_module, oracle_router = student.replace(routing="oracle").module, None
     else:
@@ -168,12 +170,12 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
             oracle = oracle_module.apply({"params": {**tparams, "router": router_s}}, ids_bt,
                                          threshold=cfg.oracle_threshold)
             labels = jax.lax.stop_gradient(oracle.router.processed)  # [L, b, t]
-            keep = keep_logits_ordered(r.logits[:L])  # radial mode: the first L steps, column s vs skip
-            # radial mode: only tokens still active at the step (an exited token has no choice to supervise)
-            weight = None if ordered else (r.choice[:L] >= 0).astype(jnp.float32)
-            rl = losses.router_keep_bce(keep, labels, weight_lbt=weight)
+            if ordered:
+                rl = losses.router_keep_bce(keep_logits_ordered(r.logits), labels)
+            else:  # the first L steps, tokens still active (an exited token has no choice to supervise)
+                rl = losses.router_route_ce(r.logits[:L], losses.ordered_route_targets(labels), r.choice[:L] >= 0)
             total += cfg.router_weight * rl
-            metrics.update(router_bce=rl, oracle_depth=jnp.mean(labels))
+            metrics.update(router_loss=rl, oracle_depth=jnp.mean(labels))
         if not ordered:
             lb = losses.load_balance(r.probs, r.assign)
             z = losses.router_z_loss(r.logits)

@@ -67,19 +67,35 @@ def hidden_match(student_bte, teacher_bte, mask_bt=None):
     return _masked_mean(err_bt, _mask(mask_bt, err_bt.shape))
 
 
-def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: float = 1.0, weight_lbt=None):
-    """Binary cross-entropy of keep/skip decisions against oracle labels.
+def router_keep_bce(keep_logits_lbt, keep_labels_lbt, mask_bt=None, pos_weight: float = 1.0):
+    """Binary cross-entropy of ordered-mode keep/skip decisions against oracle labels.
 
     ``keep_logits[l, b, t]``: the router's logit for "token goes through layer l";
-    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens;
-    ``weight_lbt`` (optional): which ``(l, b, t)`` count (radial mode: tokens still active at step l).
+    ``keep_labels``: the oracle's keep flags (docs/design.md §3). Mean over layers and counted tokens.
     """
     x = keep_logits_lbt.astype(jnp.float32)
     y = keep_labels_lbt.astype(jnp.float32)
     bce = pos_weight * y * jax.nn.softplus(-x) + (1.0 - y) * jax.nn.softplus(x)
-    if weight_lbt is None:
-        return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
-    return _masked_mean(bce, weight_lbt.astype(jnp.float32) * _mask(mask_bt, bce.shape[1:])[None])
+    return _masked_mean(jnp.mean(bce, 0), _mask(mask_bt, bce.shape[1:]))
+
+
+def ordered_route_targets(keep_labels_lbt):
+    """The radial router's column that follows the ordered path ``[L, b, t]`` int32: layer ``l`` at
+    step ``l`` where the label keeps it, *exit* (``L + 1``) where it skips every layer from ``l`` on,
+    else *skip* (``L``)."""
+    keep = keep_labels_lbt.astype(bool)
+    L = keep.shape[0]
+    kept_later = jnp.flip(jnp.cumsum(jnp.flip(keep, 0), 0), 0) > 0  # [l]: some layer >= l is kept
+    step = jnp.arange(L, dtype=jnp.int32).reshape((L,) + (1,) * (keep.ndim - 1))
+    return jnp.where(keep, step, jnp.where(kept_later, L, L + 1)).astype(jnp.int32)
+
+
+def router_route_ce(router_logits_lbtk, targets_lbt, weight_lbt):
+    """Cross-entropy of the router's softmax over all columns against ``targets``, mean over the
+    ``(l, b, t)`` where ``weight`` is set (radial mode: tokens still active at step ``l``)."""
+    logp = jax.nn.log_softmax(router_logits_lbtk.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_lbt[..., None], axis=-1)[..., 0]
+    return _masked_mean(nll, weight_lbt.astype(jnp.float32))
 
 
 def compute_penalty(expected_depth_bt, num_layers: int, mask_bt=None):
