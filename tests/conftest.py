@@ -142,3 +142,41 @@ def tiny_vit_dir(tmp_path_factory):
     make_vit(d, seed=11, classifier=False)
     return d
 
+
+# -- scheduling under pytest-xdist (``--dist loadgroup --no-loadscope-reorder``, setup.cfg) -------------------
+# Modules known to take longest, longest first (measured with ``--durations``; a module of this list runs
+# first with all its tests, grouped or not), so that the work started last is short and no worker idles at
+# the end while the other finishes a long module.
+LONGEST_FIRST = ("test_training",)
+
+
+def _module_name(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else item.nodeid.split("::")[0]
+
+
+def _module_scoped(item) -> bool:
+    """Whether ``item`` uses a fixture of module scope (computed once per module in each worker)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a module-scoped fixture share one xdist worker (``xdist_group`` named after their
+    module), so that the fixture is computed once, not once per worker. Then the order in which work is
+    handed out: the modules of ``LONGEST_FIRST``, then the other modules with a group, the largest group
+    first (what xdist's own reordering would do), then the rest in collection order. Every worker sorts the
+    same collection the same way (xdist requires equal collections)."""
+    grouped = {}
+    for item in items:
+        if _module_scoped(item):
+            name = _module_name(item)
+            item.add_marker(pytest.mark.xdist_group(name=name))
+            grouped[name] = grouped.get(name, 0) + 1
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item):
+        name = _module_name(item)
+        return rank.get(name, len(rank)), -grouped.get(name, 0)
+    items.sort(key=key)  # stable: collection order within a module, and among the rest
