@@ -8,13 +8,50 @@ every tensor's mapping matters.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tests run tiny models, whose cost is compilation: LLVM's cheapest code generation compiles about 2.5x
-# faster and changes nothing XLA computes (benchmarks in experiments/ never set it).
+
+
+def _has_xla_flag(flag: str) -> bool:
+    """Whether ``XLA_FLAGS`` sets ``flag``'s option already, to any value (xdist workers inherit the
+    controller's environment; a value set by the user is kept)."""
+    return any(f.split("=")[0] == flag.split("=")[0] for f in os.environ.get("XLA_FLAGS", "").split())
+
+
+def _add_xla_flag(flag: str) -> None:
+    if not _has_xla_flag(flag):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jax starts and runs a jit with ``flag`` (an unknown flag aborts the process): probed
+    once in a throwaway process, the answer handed to the xdist workers in the environment."""
+    key = "RADIAL_JAX_TEST_XLA_PROBE_" + "".join(c if c.isalnum() else "_" for c in flag.strip("-"))
+    if key not in os.environ:
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+        try:
+            ok = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; "
+                                 "jax.block_until_ready(jax.jit(lambda x: x * 2 + 1)(jnp.arange(3.0)))"],
+                                env=env, capture_output=True, timeout=300).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        os.environ[key] = "1" if ok else "0"
+    return os.environ[key] == "1"
+
+
+# Tests run tiny models, whose cost is compilation (benchmarks in experiments/ set neither flag):
+# * LLVM's cheapest code generation compiles about 2.5x faster and changes nothing XLA computes;
+# * the CPU backend's older (non-"fusion emitter") code generation compiles tiny programs much faster; it
+#   rounds differently (logits move by ~1e-7). A jax that does not know the flag would abort on it, so it is
+#   used only where a throwaway process accepted it.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+NO_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_add_xla_flag(FAST_COMPILE)
+if not _has_xla_flag(NO_FUSION_EMITTERS) and _xla_accepts(NO_FUSION_EMITTERS):
+    _add_xla_flag(NO_FUSION_EMITTERS)
 
 
 def xla_flags(*flags: str) -> str:
@@ -104,3 +141,42 @@ def tiny_vit_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("vit_bare")
     make_vit(d, seed=11, classifier=False)
     return d
+
+
+# -- scheduling under pytest-xdist (``--dist loadgroup --no-loadscope-reorder``, setup.cfg) -------------------
+# Modules known to take longest, longest first (measured with ``--durations``; a module of this list runs
+# first with all its tests, grouped or not), so that the work started last is short and no worker idles at
+# the end while the other finishes a long module.
+LONGEST_FIRST = ("test_training",)
+
+
+def _module_name(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else item.nodeid.split("::")[0]
+
+
+def _module_scoped(item) -> bool:
+    """Whether ``item`` uses a fixture of module scope (computed once per module in each worker)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a module-scoped fixture share one xdist worker (``xdist_group`` named after their
+    module), so that the fixture is computed once, not once per worker. Then the order in which work is
+    handed out: the modules of ``LONGEST_FIRST``, then the other modules with a group, the largest group
+    first (what xdist's own reordering would do), then the rest in collection order. Every worker sorts the
+    same collection the same way (xdist requires equal collections)."""
+    grouped = {}
+    for item in items:
+        if _module_scoped(item):
+            name = _module_name(item)
+            item.add_marker(pytest.mark.xdist_group(name=name))
+            grouped[name] = grouped.get(name, 0) + 1
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item):
+        name = _module_name(item)
+        return rank.get(name, len(rank)), -grouped.get(name, 0)
+    items.sort(key=key)  # stable: collection order within a module, and among the rest

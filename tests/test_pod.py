@@ -98,23 +98,33 @@ def _loss_and_grads(policy, params, ids):
         return jax.jit(jax.value_and_grad(lambda p: lm_loss_fn(module)(p, ids, None)[0]))(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-def test_remat_gives_the_same_loss_and_gradients(policy):
+def _grad_program(name, params, ids):
+    """The lowered text of the LM loss's gradient under remat policy ``name``."""
+    from radial_jax.models.remat import remat
+    module = rj.api.module_for(CFG)
+    with remat(name):
+        return jax.jit(jax.grad(lambda p: lm_loss_fn(module)(p, ids, None)[0])).lower(params).as_text()
+
+
+@pytest.fixture(scope="module")
+def remat_reference():
+    """The model, the batch, and the reference without remat (its loss, gradients and gradient program),
+    computed once for every policy."""
     model = rj.build(CFG, seed=0)
     ids = jnp.asarray(_batches(1)[0])
     ref_loss, ref_grads = _loss_and_grads("none", model.params, ids)
+    return model, ids, ref_loss, ref_grads, _grad_program("none", model.params, ids)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_gives_the_same_loss_and_gradients(policy, remat_reference):
+    model, ids, ref_loss, ref_grads, ref_program = remat_reference
     loss, grads = _loss_and_grads(policy, model.params, ids)
     assert abs(float(loss) - float(ref_loss)) < 1e-6
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     # the policy really changed the compiled program (recomputation in the backward pass)
-    module = rj.api.module_for(CFG)
-    from radial_jax.models.remat import remat
-
-    def text(name):
-        with remat(name):
-            return jax.jit(jax.grad(lambda p: lm_loss_fn(module)(p, ids, None)[0])).lower(model.params).as_text()
-    assert text(policy) != text("none")
+    assert _grad_program(policy, model.params, ids) != ref_program
 
 
 def _train(memory, steps, lr=0.05, repeat=False, tx=None):

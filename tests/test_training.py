@@ -242,7 +242,7 @@ def test_evaluate_curves_meet_the_teacher_and_the_empty_network(tmp_path, teache
     from radial_jax.training.evaluate import evaluate
     model, _ = teacher
     student = make_student(model)
-    windows = corpus.dataset(32, 1, split="eval").all_windows(32)
+    windows = corpus.dataset(32, 1, split="eval").all_windows(16)  # one batch of evaluate's default 16
     res = evaluate(student, model, windows, thresholds=(0.0, 0.3, 2.0), offsets=(-30.0, 0.0, 30.0),
                    png=tmp_path / "c.png", out_json=tmp_path / "e.json", progress=False)
     assert (tmp_path / "c.png").stat().st_size > 1000 and json.loads((tmp_path / "e.json").read_text())
@@ -281,7 +281,7 @@ def test_cli_train_distill_eval(tmp_path):
                  "--seq-len", "16", "--data", str(tokens), "--run-dir", str(tmp_path / "s"), "--no-progress",
                  "--radial-steps", "2"]) == 0
     assert main(["eval", "--student", str(tmp_path / "s" / "student"), "--data", str(tokens), "--seq-len", "16",
-                 "--max-windows", "32", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+                 "--max-windows", "16", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert res["student"]["radial_config"]["mode"] == "radial"
     assert 0.0 <= res["student"]["depth"] <= 1.0 and (tmp_path / "e" / "curve.png").is_file()
@@ -323,7 +323,7 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     from radial_jax.training.artifacts import load_model, load_student
     out = tmp_path / "p"
     argv = ["pipeline", "--out", str(out), "--size", "tiny", "--teacher-steps", "4", "--distill-steps", "2",
-            "--radial-steps", "2", "--window", "16", "--batch-size", "4", "--max-windows", "32", "--thresholds",
+            "--radial-steps", "2", "--window", "8", "--batch-size", "4", "--max-windows", "8", "--thresholds",
             "0,0.3", "--serve-repeats", "1", "--serve-tokens", "2", "--results", str(tmp_path / "r.json"),
             "--distill-train", "router"]
     assert main(argv) == 0

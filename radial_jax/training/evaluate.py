@@ -133,9 +133,11 @@ def block_oracle_curve(teacher, windows, thresholds, batch_size: int = 16, progr
     return curve
 
 
-def student_offset_curve(student, windows, offsets, batch_size: int = 16, progress: bool = False) -> list:
-    """The student's router with every layer column ``offset`` above skip and exit, over ``offsets``."""
-    fn = _radial_fn(student)
+def student_offset_curve(student, windows, offsets, batch_size: int = 16, progress: bool = False,
+                         fn=None) -> list:
+    """The student's router with every layer column ``offset`` above skip and exit, over ``offsets``.
+    ``fn``: the student's compiled forward (``_radial_fn``), when the caller has one already."""
+    fn = fn or _radial_fn(student)
     rows = []
     for o in tqdm(offsets, desc="router offsets", disable=not progress, leave=False):
         params = {**student.params, "router": with_keep_offset(student.params["router"], o)}
@@ -183,8 +185,9 @@ def evaluate(students, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offse
     for name, student in named.items():
         L, S = student.config.num_layers, student.radial.steps(student.config.num_layers)
         routes = RouteStats(L, S)
-        point = radial_stats(student, student.params, windows, batch_size, routes=routes); bar.update()
-        curve = student_offset_curve(student, windows, offsets, batch_size, progress); bar.update()
+        fn = _radial_fn(student)  # one compile for the student's point and its offset curve
+        point = radial_stats(student, student.params, windows, batch_size, fn=fn, routes=routes); bar.update()
+        curve = student_offset_curve(student, windows, offsets, batch_size, progress, fn=fn); bar.update()
         oracle_ppl = interpolate_at(oracle, point["compute"])
         rows[name] = {
             **point, "mode": student.radial.mode, "radial_config": dataclasses.asdict(student.radial),
