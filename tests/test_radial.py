@@ -300,3 +300,36 @@ def test_budget_helper_equals_config_capacity():
             last = dsp.budget(jnp.asarray([[t - 1]]), jnp.asarray([[True]]), rc.budget_fraction(4),
                               rc.capacity_slack)
             assert rc.max_capacity(4, t) == min(t, int(last[0, 0]))
+
+
+@pytest.mark.parametrize("policy", ["mask", "propagate"])
+def test_grouped_step_equals_the_loop_over_layers_when_the_budget_binds(small, policy):
+    """``run_layers_grouped`` (balanced loads, one batched computation) == ``run_layer`` for each layer in turn."""
+    from radial_jax.kv_cache import KVCache
+    from radial_jax.radial.steps import Plan, Tokens, run_layer, run_layers_grouped
+    rm = RadialNetwork.from_sequential(small, mode="radial", cache_policy=policy, capacity_factor=0.5)
+    config, L, G, N = rm.config, SMALL.num_hidden_layers, 2, 12
+    lc = config.layer_config()
+    plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=L, causal=True, decoding=False,
+                sizes=(0, 4, 8, 12), exit_sizes=(12,), phi=1.0, hidden_size=config.hidden_size)
+    rng = np.random.default_rng(0)
+    admitted_kgn = jnp.asarray(rng.random((L, G, N)) < 0.4)  # uneven loads: sizes 4 and 8 both run
+    gate_kgn = jnp.asarray(rng.uniform(0.5, 1.5, (L, G, N)), jnp.float32)
+    slots = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (G, N))
+    tok = Tokens(rows=jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32)[:, None], (G, N)), slots=slots,
+                 positions=slots, valid=jnp.ones((G, N), bool), budget=jnp.full((G, N), 10 ** 6, jnp.int32))
+    x = jnp.asarray(rng.normal(size=(G, N, config.hidden_size)), jnp.float32)
+    kv = KVCache.create(L, G, N, lc.kv_heads, lc.head_size)
+    meta = config.layer_meta()
+    pool = rm.params["layers"]
+    state = (x, kv, jnp.zeros((G, N), jnp.float32))
+    want = state
+    for l in range(L):  # the plain loop: each layer at its own size, in turn
+        params_l = jax.tree_util.tree_map(lambda a: a[l], pool)
+        meta_l = {k: jnp.asarray(v[l]) for k, v in meta.items()}
+        want, _ = run_layer(plan, jnp.int32(l), params_l, meta_l, x, admitted_kgn[l], gate_kgn[l], tok, jnp.int32(1),
+                            want)
+    got, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, jnp.int32(1), state)
+    assert int(size) == 8  # the largest load of any layer, rounded up to a static size
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=TOL)

@@ -351,15 +351,25 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
             state = (x, kv, ratio_gn)
 
         def one_layer(l, st):
-            state, sizes_l = st
-            params_l = pool_layer(pool, l)
-            state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok, s,
-                                    state)
-            return state, sizes_l.at[l].set(size)
+            def run(st):
+                state, sizes_l = st
+                params_l = pool_layer(pool, l)
+                state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok,
+                                        s, state)
+                return state, sizes_l.at[l].set(size)
+            if is_per_layer(pool):  # static layer: its own arrays, nothing to slice
+                return run(st)
+            # a layer no token uses at this step is not even sliced out of the stack (a copy on CPU)
+            return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
         st = (state, jnp.zeros((L,), jnp.int32))
-        if not plan.decoding:  # whole sequences: every layer busy, one batched computation per step
-            state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, state)
-            sizes_l = jnp.full((L,), size, jnp.int32)
+        if not plan.decoding:  # whole sequences: one batched computation when the layers share the load
+            def grouped(st):
+                state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, st[0])
+                return state, jnp.full((L,), size, jnp.int32)
+
+            load_l = jnp.max(jnp.sum(admitted_kgn, axis=-1), axis=-1)  # [L]
+            balanced = L * jnp.max(load_l) <= 2 * jnp.sum(load_l)  # grouped runs L x the largest load
+            state, sizes_l = jax.lax.cond(balanced, grouped, lambda st: jax.lax.fori_loop(0, L, one_layer, st), st)
         elif is_per_layer(pool):  # decoding, the inference layout: each layer reads its own arrays (unrolled)
             for l in range(L):
                 st = one_layer(l, st)
