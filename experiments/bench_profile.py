@@ -136,7 +136,7 @@ def main(argv=None):
 
     def ours():
         r = rj.profile(model, [(ids, None)], progress=False)
-        return r, {key: acc.summary() for key, acc in r.acc.items()}
+        return r, [acc.summary() for acc in r.acc.values()]
 
     def theirs():
         return torch_reference(ref.model.decoder, tids, edges)
@@ -144,7 +144,9 @@ def main(argv=None):
     r_ours, _ = ours()
     r_ref = theirs()
     med_ours, med_ref = r_ours.median, float(r_ref[("out", "blocks", "all")][2])
-    rounds = interleave({"ours": ours, "torch": theirs}, repeats=args.rounds)
+    # lists, not the dicts: their keys mix str and int layer ids, which jax.block_until_ready cannot sort
+    rounds = interleave({"ours": lambda: list(ours()[1]), "torch": lambda: list(theirs().values())},
+                        repeats=args.rounds)
     tokens = ids.size
     speed = ratio(rounds, "torch", "ours")
     figures = [figure("profile_vs_hooks", f"profiling tokens/s vs PyTorch hooks at equal work (decoder only, "
