@@ -207,7 +207,8 @@ def test_plan_command_on_simulated_devices(tmp_path):
         model_type="opt", vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
         max_position_embeddings=64)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
+    from conftest import xla_flags
+    env["XLA_FLAGS"] = xla_flags()  # the suite's compile flags; plan sets its own simulated device count
     cmd = [sys.executable, "-m", "radial_jax.cli", "plan", "--model", str(tmp_path), "--mesh", "2,2,2", "--task",
            "train", "--batch", "8", "--seq-len", "16", "--grad-accum", "1", "--json", str(tmp_path / "plan.json")]
     proc = subprocess.run(cmd + ["--accelerator", "tpu-v4"], env=env, capture_output=True, text=True, timeout=600)
