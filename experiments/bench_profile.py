@@ -118,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--out", default=str(RESULTS / "bench_profile.json"))
     args = ap.parse_args(argv)
+    import jax
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -144,7 +145,6 @@ def main(argv=None):
     r_ours, _ = ours()
     r_ref = theirs()
     med_ours, med_ref = r_ours.median, float(r_ref[("out", "blocks", "all")][2])
-    import jax
     decoder = jax.jit(lambda p, x: model.module.apply({"params": p}, x, compute_logits=False).hidden)
 
     # lists, not the dicts: their keys mix str and int layer ids, which jax.block_until_ready cannot sort
@@ -163,7 +163,8 @@ def main(argv=None):
                           note="1.0 means profiling costs what the forward costs; the rest is the matmuls"))
     details = {"ours_tokens_per_s": rate(rounds, "ours", tokens), "torch_tokens_per_s": rate(rounds, "torch", tokens),
                "decoder_alone_tokens_per_s": rate(rounds, "decoder_alone", tokens),
-               "speedup": speed, "profile_over_bare_forward": cost, "median_ratio_out": {"radial_jax": med_ours, "torch_hooks": med_ref},
+               "speedup": speed, "profile_over_bare_forward": cost,
+               "median_ratio_out": {"radial_jax": med_ours, "torch_hooks": med_ref},
                "seconds": rounds,
                "work": "both: decoder without LM head; x and f of every block; ratio_out and ratio_in per token; "
                        "count, mean, p10, median, p90 and a log histogram per (kind, group, layer) and over layers"}
