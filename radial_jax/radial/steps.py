@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from radial_jax.kv_cache import (KVCache, cache_max_len, is_split, layer_view, split_layers, stack_layers, visible_mask,
-                                 write_first_visit, write_layer)
+                                 write_layer)
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 from radial_jax.models.remat import remat_layer, shard_batch
 from radial_jax.models.stack import is_per_layer, layer_forward, meta_at, pool_layer, stack_pool
@@ -151,11 +151,7 @@ def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: 
 
 def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
     """Attention of the gathered queries to layer ``l`` of the cache plus their own fresh K/V."""
-    return _attend_to(plan, *layer_view(kv, l), q, k, v, slot_gc, row_gc, s, window)
-
-
-def _attend_to(plan: Plan, kc, vc, wc, q, k, v, slot_gc, row_gc, s, window):
-    """``_attend`` on one layer's cache buffers ``kc, vc [B, G, T, D]``, ``wc [B, T]``."""
+    kc, vc, wc = layer_view(kv, l)
     if plan.decoding:  # each query reads its own cache row: C groups of one query
         g, c = q.shape[:2]
         one = lambda a: a.reshape((g * c, 1) + a.shape[2:])  # noqa: E731
@@ -168,6 +164,39 @@ def _attend_to(plan: Plan, kc, vc, wc, q, k, v, slot_gc, row_gc, s, window):
     return attention(plan.lc, q, kc, vc, mask, self_kv=(k, v))
 
 
+def _visit(plan: Plan, params_l, rope_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, s,
+           skip_kv=None):
+    """One layer's visit by the gathered tokens ``idx_gc [G, C]`` (``N``: an empty slot).
+
+    Writes their K/V into layer ``at`` of ``cache`` (first visit), attends to it, and
+    returns ``(cache, upd_gce, ratio_gc)``: the gated update and the residual ratio of
+    each gathered token (0 for empty slots), for the caller to scatter back.
+    """
+    layer = _layer(plan)
+    N = x_start.shape[1]
+    ok = idx_gc < N
+    x_gc = dsp.gather(x_start, idx_gc)
+    pos_gc = dsp.gather(tok.positions, idx_gc)
+    slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx_gc), cache_max_len(cache))
+    row_gc = dsp.gather(tok.rows, idx_gc)
+    if skip_kv is None:
+        q, k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="qkv")
+        cache = write_layer(cache, at, row_gc, slot_gc, k, v, ok, s)
+    else:
+        q = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="query")
+        k, v = dsp.gather(skip_kv[0], idx_gc), dsp.gather(skip_kv[1], idx_gc)
+    ctx = _attend(plan, cache, at, q, k, v, slot_gc, row_gc, s, window_l)
+    y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
+    g_gc = jnp.where(ok, dsp.gather(gate_gn, idx_gc), 0.0)
+    upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
+    return cache, upd, jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
+
+
+def _sizes(plan: Plan):
+    """The static sizes a visit may run at (expert choice: a static C_max, no load to follow)."""
+    return plan.sizes[-1:] if plan.rc.dispatch == "expert" else plan.sizes
+
+
 def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, tok: Tokens, s, state,
               skip_kv=None):
     """Layer ``l`` on its admitted tokens at the smallest static size that holds them.
@@ -176,15 +205,10 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
     Per-layer caches (``l`` an int): only layer ``l``'s buffers enter the branch.
     """
-    layer = _layer(plan)
-    N = x_start.shape[1]
     x_acc, kv, ratio_gn = state
-    t_max = cache_max_len(kv)
     split = is_split(kv)
     own, at = ((kv[l],), 0) if split else (kv, l)  # the cache the branch reads and writes, and its layer index
-    expert = plan.rc.dispatch == "expert"
     load = jnp.max(jnp.sum(admitted_gn, axis=-1))
-    sizes = plan.sizes[-1:] if expert else plan.sizes  # expert choice: a static C_max, no load to follow
 
     def branch(size):
         def run(st):
@@ -192,28 +216,14 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
             if size == 0:
                 return st
             idx = dsp.select(admitted_gn, size)
-            ok = idx < N
-            x_gc = dsp.gather(x_start, idx)
-            pos_gc = dsp.gather(tok.positions, idx)
-            slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx), t_max)
-            row_gc = dsp.gather(tok.rows, idx)
-            if skip_kv is None:
-                q, k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="qkv")
-                own = write_layer(own, at, row_gc, slot_gc, k, v, ok, s)
-            else:
-                q = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="query")
-                k, v = dsp.gather(skip_kv[0], idx), dsp.gather(skip_kv[1], idx)
-            ctx = _attend(plan, own, at, q, k, v, slot_gc, row_gc, s, meta_l["window"])
-            y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
-            g_gc = jnp.where(ok, dsp.gather(gate_gn, idx), 0.0)
-            upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
+            own, upd, r = _visit(plan, params_l, meta_l["rope"], meta_l["window"], x_start, idx, gate_gn, tok, own,
+                                 at, s, skip_kv)
             x_acc = dsp.scatter_add(x_acc, idx, upd)
-            r = jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
             ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
             return x_acc, own, ratio_gn
         return run
 
-    (x_acc, own, ratio_gn), size = dsp.run_at_size(sizes, load, branch, (x_acc, own, ratio_gn))
+    (x_acc, own, ratio_gn), size = dsp.run_at_size(_sizes(plan), load, branch, (x_acc, own, ratio_gn))
     if split:
         own = tuple(kv[:l]) + tuple(own) + tuple(kv[l + 1:])
     return (x_acc, own, ratio_gn), size
@@ -225,21 +235,20 @@ def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, 
     The same values as ``run_layer`` for each layer in turn (the layers of a step read
     the step's starting state and write their own cache layer, so they are independent),
     at one static size for all of them: the smallest that holds the largest load of any
-    layer (``lax.switch``; size 0: nothing runs). The matmuls are batched over the stacked
+    layer (``lax.switch``; size 0: nothing runs). ``_visit`` is vmapped over the stacked
     ``[L, ...]`` weights and the ``[L, B, ...]`` cache, read in place: one switch and one
     set of matmuls per step, where a loop over layers pays ``L`` of each and, on CPU, a
     copy of every layer's weights. Returns the state and the size (that of every layer).
     """
-    layer = _layer(plan)
     L = plan.num_layers
-    G, N = x_start.shape[:2]
-    x_acc, kv, ratio_gn = state
-    t_max = kv.max_len
-    expert = plan.rc.dispatch == "expert"
+    G = x_start.shape[0]
     load = jnp.max(jnp.sum(admitted_kgn, axis=-1))
-    sizes = plan.sizes[-1:] if expert else plan.sizes
     rope_k, window_k = jnp.asarray(meta["rope"]), jnp.asarray(meta["window"])
-    layer_k = jnp.arange(L, dtype=jnp.int32)
+
+    def visit(params_l, rope_l, window_l, idx_gc, gate_gn, k, v, written_at):  # one layer, its own cache view
+        own = KVCache(k[None], v[None], written_at[None])
+        own, upd, r = _visit(plan, params_l, rope_l, window_l, x_start, idx_gc, gate_gn, tok, own, 0, s)
+        return own.k[0], own.v[0], own.written_at[0], upd, r
 
     def branch(size):
         def run(st):
@@ -247,27 +256,15 @@ def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, 
             if size == 0:
                 return st
             idx = jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn)  # [L, G, C]
-            ok = idx < N
-            take = jax.vmap(dsp.gather, in_axes=(None, 0))
-            x_kgc, pos_kgc, row_kgc = take(x_start, idx), take(tok.positions, idx), take(tok.rows, idx)
-            slot_kgc = jnp.where(ok, take(tok.slots, idx), t_max)
-            q, k, v = jax.vmap(lambda p, x, pos, rope: layer.apply({"params": p}, x, pos, rope, method="qkv"))(
-                pool, x_kgc, pos_kgc, rope_k)
-            kv = write_first_visit(kv, layer_k[:, None, None], row_kgc, slot_kgc, k, v, ok, s)
-            ctx = jax.vmap(lambda kc, vc, wc, q, k, v, slot, row, window: _attend_to(
-                plan, kc, vc, wc, q, k, v, slot, row, s, window))(kv.k, kv.v, kv.written_at, q, k, v, slot_kgc,
-                                                                  row_kgc, window_k)
-            y, stats = jax.vmap(lambda p, x, c: layer.apply({"params": p}, x, c, method="finish"))(pool, x_kgc, ctx)
-            g_kgc = jnp.where(ok, jax.vmap(dsp.gather)(gate_kgn, idx), 0.0)
-            upd = (y.astype(jnp.float32) - x_kgc.astype(jnp.float32)) * g_kgc[..., None]
-            r = jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
+            k, v, written_at, upd, r = jax.vmap(visit)(pool, rope_k, window_k, idx, gate_kgn, kv.k, kv.v,
+                                                       kv.written_at)
             flat = lambda a: jnp.moveaxis(a, 0, 1).reshape((G, L * size) + a.shape[3:])  # noqa: E731 [G, L*C, ...]
             x_acc = dsp.scatter_add(x_acc, flat(idx), flat(upd))
             ratio_gn = dsp.scatter_add(ratio_gn[..., None], flat(idx), flat(r)[..., None])[..., 0]
-            return x_acc, kv, ratio_gn
+            return x_acc, KVCache(k, v, written_at), ratio_gn
         return run
 
-    return dsp.run_at_size(sizes, load, branch, state)
+    return dsp.run_at_size(_sizes(plan), load, branch, state)
 
 
 # --------------------------------------------------------------------------- 5. propagate exits (radial)
