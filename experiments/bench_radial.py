@@ -3,6 +3,8 @@
 OPT-125M shapes by default (random weights; 12 layers of width 768), on a small
 shared CPU pass smaller flags. Every timed pair is interleaved (dense, routed,
 dense, routed, ...); ratios are per round, reported as the median and spread.
+Both sides run in the inference layout (``with_layout("per_layer")``: per-layer
+weights and caches, what ``generate`` serves).
 
 * **decoding** (one token per row per step over a prefilled cache, the layer
   stack alone and with the LM head): batch 1 at 50 % and 25 % mean depth, batch 8
@@ -114,7 +116,7 @@ def bench_decode(model, b, depth, args, figures, details):
     rm = RadialNetwork.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
     rm, offset = calibrate(rm, ids, depth)
     make, dense_cache, routed_cache, feed = decode_loops(model, rm, b, args.decode_prompt, args.decode_steps)
-    dense_params, routed_params = model.with_layout("per_layer").params, rm.with_layout("per_layer").params
+    dense_params, routed_params = serving_params(model, rm)
     row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
     for head in (False, True):
         dense, routed = make(head)
@@ -139,6 +141,11 @@ def bench_decode(model, b, depth, args, figures, details):
     details.setdefault("decode", []).append(row)
 
 
+def serving_params(model, rm):
+    """Both sides' parameters in the inference layout (what ``generate`` serves: per-layer weights)."""
+    return model.with_layout("per_layer").params, rm.with_layout("per_layer").params
+
+
 def routed_forward(rm):
     @jax.jit
     def f(params, ids):
@@ -154,14 +161,15 @@ def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
         rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
     rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # routes that want about what the budget allows
     f = routed_forward(rm)
-    _, m = f(rm.params, ids)
-    rounds = benchlib.interleave({"dense": lambda: dense_fwd(model.params, ids),
-                                  "routed": lambda: f(rm.params, ids)}, args.repeats)
+    dense_params, routed_params = serving_params(model, rm)
+    _, m = f(routed_params, ids)
+    rounds = benchlib.interleave({"dense": lambda: dense_fwd(dense_params, ids),
+                                  "routed": lambda: f(routed_params, ids)}, args.repeats)
     speedup = benchlib.ratio(rounds, "dense", "routed")
     row = {"mode": mode, "capacity_factor": cf, "keep_offset": offset, "speedup": speedup,
            "depth_fraction": float(m.depth_fraction), "compute_fraction": float(m.compute_fraction),
            "executed_flops": float(m.executed_flops), "dense_flops": float(m.dense_flops),
-           "dropped": int(m.dropped.sum()), "layer_sizes": np.asarray(m.layer_sizes).tolist()}
+           "dropped": int(m.dropped.sum()), "layer_sizes": np.asarray(m.layer_sizes).tolist(), "layout": "per_layer"}
     target = {0.5: 1.6, 0.25: 3.2}.get(cf)
     figures.append(benchlib.figure(
         f"prefill_{mode}_c{int(cf * 100)}", f"routed prefill vs dense, {mode} mode, capacity {cf}", speedup,
@@ -183,15 +191,16 @@ def bench_overhead(model, ids, dense_fwd, mode, args, figures, details):
     else:  # identity routes (layer s at step s) with a budget that drops nothing
         rm = RadialNetwork.from_sequential(model, mode="radial", routing="identity", capacity_factor=float(L))
     f = routed_forward(rm)
-    _, m = f(rm.params, ids)
+    dense_params, routed_params = serving_params(model, rm)
+    _, m = f(routed_params, ids)
     assert float(m.depth_fraction) == 1.0 and int(m.dropped.sum()) == 0
-    rounds = benchlib.interleave({"dense": lambda: dense_fwd(model.params, ids),
-                                  "routed": lambda: f(rm.params, ids)}, args.repeats)
+    rounds = benchlib.interleave({"dense": lambda: dense_fwd(dense_params, ids),
+                                  "routed": lambda: f(routed_params, ids)}, args.repeats)
     speed = benchlib.ratio(rounds, "dense", "routed")
     figures.append(benchlib.figure(f"overhead_{mode}", f"routed forward at full depth vs dense, {mode} mode",
                                    speed, unit="x", target=">= 0.95", met=speed["median"] >= 0.95,
                                    note=f"executed FLOPs {100 * float(m.compute_fraction):.0f} % of dense"))
-    details.setdefault("overhead", []).append({"mode": mode, "speed": speed,
+    details.setdefault("overhead", []).append({"mode": mode, "speed": speed, "layout": "per_layer",
                                                "compute_fraction": float(m.compute_fraction)})
     print("overhead", mode, speed, flush=True)
 

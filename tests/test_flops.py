@@ -54,7 +54,7 @@ def _branch_flops(rm, size, decoding, groups, tokens, cache_len):
     config = rm.config
     lc = config.layer_config()
     plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=config.num_layers, causal=True,
-                decoding=decoding, sizes=(size,), exit_sizes=(size,), phi=1.0, hidden_size=config.hidden_size)
+                decoding=decoding, sizes=(size,), exit_chunk=size, phi=1.0, hidden_size=config.hidden_size)
     params_l = jax.tree_util.tree_map(lambda a: a[0], rm.params["layers"])
     meta_l = {k: jnp.asarray(v[0]) for k, v in config.layer_meta().items()}
     admitted = jnp.zeros((groups, tokens), bool).at[:, :size].set(True)

@@ -13,6 +13,7 @@ import radial_jax as rj
 from radial_jax.models.layer import TransformerLayer
 from radial_jax.radial import RadialConfig, RadialNetwork, decode_tokens
 from radial_jax.radial import dispatch as dsp
+from radial_jax.radial.router import with_keep_offset
 
 TOL = 1e-5
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
@@ -168,6 +169,25 @@ def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
         assert (assign.sum(0) >= 2).any()
 
 
+@pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
+def test_the_inference_layout_computes_what_the_stacked_layout_does_when_the_budget_binds(small, kw):
+    """Per-layer weights and caches (``with_layout("per_layer")``: each layer read in place at its own
+    size, exits in chunks) == the stacked layout (grouped steps or a loop over the stack)."""
+    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **{**kw, "prefill_buckets": 4})
+    exits_many = kw["mode"] == "radial" and kw["cache_policy"] == "propagate"
+    if exits_many:  # more exits than one chunk of 3 (12 tokens / 4 buckets) at some step
+        rm = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], -2.0)})
+    ids = np.random.default_rng(5).integers(3, 64, (3, 12))
+    want, got = rm.forward(ids), rm.with_layout("per_layer").forward(ids)
+    np.testing.assert_array_equal(np.asarray(got.router.choice), np.asarray(want.router.choice))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=TOL, rtol=0)
+    for a, b in zip(jax.tree_util.tree_leaves(got.cache), jax.tree_util.tree_leaves(want.cache)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, rtol=0)
+    assert int(want.metrics.dropped.sum()) > 0, "the budget must bind"
+    if exits_many:
+        assert int(np.asarray(want.router.exited).sum(-1).max()) > 3
+
+
 def _early(rm, ids, n_early):
     """Logits and routes of the first ``n_early`` tokens, in the parallel forward and in decoding."""
     par = rm.forward(ids)
@@ -311,7 +331,7 @@ def test_grouped_step_equals_the_loop_over_layers_when_the_budget_binds(small, p
     config, L, G, N = rm.config, SMALL.num_hidden_layers, 2, 12
     lc = config.layer_config()
     plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=L, causal=True, decoding=False,
-                sizes=(0, 4, 8, 12), exit_sizes=(12,), phi=1.0, hidden_size=config.hidden_size)
+                sizes=(0, 4, 8, 12), exit_chunk=12, phi=1.0, hidden_size=config.hidden_size)
     rng = np.random.default_rng(0)
     admitted_kgn = jnp.asarray(rng.random((L, G, N)) < 0.4)  # uneven loads: sizes 4 and 8 both run
     gate_kgn = jnp.asarray(rng.uniform(0.5, 1.5, (L, G, N)), jnp.float32)

@@ -19,7 +19,7 @@ the sequence. Decoding replays it one token at a time from per-row counters.
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -81,25 +81,15 @@ def size_index(sizes: Tuple[int, ...], load):
     return jnp.sum(jnp.asarray(sizes, jnp.int32) < load).astype(jnp.int32)
 
 
-def run_at_size(sizes: Tuple[int, ...], load, branch: Callable[[int], Callable], operand):
-    """``branch(size)(operand)`` at the smallest of ``sizes`` holding ``load``; returns ``(result, size)``.
-
-    Several sizes: ``lax.switch`` (under XLA only the chosen branch runs). One size: a plain call.
-    """
-    if len(sizes) == 1:
-        return branch(sizes[0])(operand), jnp.int32(sizes[0])
-    index = size_index(sizes, load)
-    return jax.lax.switch(index, [branch(size) for size in sizes], operand), jnp.asarray(sizes, jnp.int32)[index]
-
-
-def select(admitted_gn, capacity: int):
+def select(admitted_gn, capacity: int, start=0):
     """``idx[G, C]``: the admitted tokens of each group in position order; unused slots hold ``N``.
 
-    At most ``capacity`` tokens of a group may be admitted (the bucket was chosen so).
+    The group's admitted tokens of rank ``start`` to ``start + capacity - 1`` (``start`` may be
+    traced: a chunk of a larger load); without ``start``, at most ``capacity`` may be admitted.
     """
     n = admitted_gn.shape[-1]
-    rank = jnp.cumsum(admitted_gn.astype(jnp.int32), axis=-1) - 1
-    target = jnp.where(admitted_gn, rank, capacity)
+    rank = jnp.cumsum(admitted_gn.astype(jnp.int32), axis=-1) - 1 - start
+    target = jnp.where(admitted_gn & (rank >= 0), rank, capacity)
     g = jnp.arange(admitted_gn.shape[0])[:, None]
     return jnp.full(admitted_gn.shape[:-1] + (capacity,), n, jnp.int32).at[g, target].set(
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), admitted_gn.shape), mode="drop")

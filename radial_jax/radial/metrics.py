@@ -3,7 +3,7 @@
 Executed FLOPs are counted by construction from the shapes that ran
 (``radial_jax.flops``): for every step that ran, the router on every token, and
 each layer at the static size its load was rounded up to (``G`` groups of that
-many tokens, attending to the whole cache plus their own K/V), the *propagate*
+many tokens, attending to the whole cache, in radial mode plus their own K/V), the *propagate*
 writes (K/V of every token at every step ``s < L``; radial mode also K/V of
 every layer for the exiting tokens' size). The oracle's probe is a simulation device and is
 not counted. ``dense_flops`` is the sequential model on the same tokens and
@@ -57,7 +57,8 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     """FLOPs of what ran (see the module docstring), from the step records of ``steps.run_steps``."""
     lc, L, rc = plan.lc, plan.num_layers, plan.rc
     ran = records["ran"].astype(jnp.float32)
-    per_visit = layer_flops(lc, 1, cache_len + 1)  # one token at a layer: all cache slots plus its own K/V
+    # one token at a layer: all cache slots (ordered mode: its own K/V among them), radial: plus its own K/V
+    per_visit = layer_flops(lc, 1, cache_len + (0 if rc.ordered else 1))
     total = num_groups * jnp.sum(records["layer_sizes"].astype(jnp.float32)) * per_visit
     total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 2, num_groups * num_tokens)
     if rc.cache_policy == "propagate":  # step-aligned writes (steps s < L), and radial exits' fills

@@ -82,10 +82,10 @@ class RadialNetwork(nn.Module):
         self.router = self.param("router", init_router(L, self.radial.steps(L), self.radial, c.hidden_size))
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _plan(self, decoding: bool, sizes, exit_sizes) -> Plan:
+    def _plan(self, decoding: bool, sizes, exit_chunk: int) -> Plan:
         c = self.base_config
         return Plan(rc=self.radial, lc=c.layer_config(), dtype=self.dtype, num_layers=c.num_layers,
-                    causal=self.family.is_decoder, decoding=decoding, sizes=tuple(sizes), exit_sizes=tuple(exit_sizes),
+                    causal=self.family.is_decoder, decoding=decoding, sizes=tuple(sizes), exit_chunk=exit_chunk,
                     phi=self.radial.budget_fraction(c.num_layers), hidden_size=c.hidden_size)
 
     def _tokens(self, plan: Plan, rows, slots, positions, valid) -> Tokens:
@@ -135,8 +135,8 @@ class RadialNetwork(nn.Module):
         # The most a sequence can admit to a layer at a step in this call: its budget at the last slot.
         c_max = rc.max_capacity(L, t if positions_bt is None else cache.max_len)
         c_max = min(c_max, t)
-        # exits are not budgeted: any of a sequence's t tokens may leave at a step
-        plan = self._plan(False, dsp.prefill_sizes(c_max, rc.prefill_buckets), dsp.prefill_sizes(t, rc.prefill_buckets))
+        # exits are not budgeted: any of a sequence's t tokens may leave at a step, a bucket's worth at a time
+        plan = self._plan(False, dsp.prefill_sizes(c_max, rc.prefill_buckets), -(-t // rc.prefill_buckets))
         rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
         tok = self._tokens(plan, rows, slots, positions, valid)
         x, cache, records = run_steps(plan, self.base.layers, self.base_config.layer_meta(), self.router, x, tok,
@@ -166,7 +166,7 @@ class RadialNetwork(nn.Module):
         live = jnp.ones((b,), bool) if live_b is None else live_b.astype(bool)
         slots = slots_b.astype(jnp.int32)
         x = self.base.embed(ids_b[:, None], slots[:, None]).reshape(1, b, -1)
-        plan = self._plan(True, dsp.decode_sizes(b), dsp.decode_sizes(b))
+        plan = self._plan(True, dsp.decode_sizes(b), b)  # exits: the batch's at once (one read of the weights)
         tok = self._tokens(plan, jnp.arange(b, dtype=jnp.int32)[None], slots[None], slots[None], live[None])
         x, cache, records = run_steps(plan, self.base.layers, self.base_config.layer_meta(), self.router, x, tok,
                                       cache)

@@ -76,7 +76,7 @@ class Plan:
     causal: bool
     decoding: bool  # one group of one token per batch row (else: one group per sequence)
     sizes: Tuple[int, ...]  # the static sizes a layer's load is rounded up to (sizes[0] = 0)
-    exit_sizes: Tuple[int, ...]  # the same for a step's exiting tokens (any number of a group's tokens)
+    exit_chunk: int  # a step's exiting tokens are processed this many per group at a time
     phi: float  # the budget fraction
     hidden_size: int
 
@@ -94,6 +94,9 @@ class Tokens:
     positions: jax.Array  # position (RoPE, the budget)
     valid: jax.Array  # false: padding
     budget: jax.Array  # the causal budget of each token
+
+
+NOBODY = jnp.iinfo(jnp.int32).max  # a gathered slot with no token (beyond every group: scatters drop it)
 
 
 def _layer(plan: Plan) -> TransformerLayer:
@@ -147,54 +150,154 @@ def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: 
     return write_layer(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
 
 
+def propagate_skips_traced(plan: Plan, pool, meta, x, eligible, tok: Tokens, kv, s):
+    """``propagate_skips`` at a traced step of radial mode (nothing at ``s >= L``), in either layout.
+
+    The K/V are computed under a ``lax.switch`` on the layer (per-layer weights, each read
+    in place) or a ``lax.cond`` (stacked); the cache is written outside it: a switch
+    copies any operand it returns updated. Per-layer caches: every layer's write is
+    masked to ``s == l``.
+    """
+    L = plan.num_layers
+    layer = _layer(plan)
+
+    def kv_of(params_l, rope_l):
+        return lambda: layer.apply({"params": params_l}, x, tok.positions, rope_l, method="kv")
+
+    shapes = jax.eval_shape(kv_of(pool_layer(pool, 0), meta_at(meta, 0)["rope"]))
+    nothing = lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)  # noqa: E731
+    if is_per_layer(pool):
+        branches = [kv_of(pool[l], meta_at(meta, l)["rope"]) for l in range(L)] + [nothing]
+        k, v = jax.lax.switch(jnp.minimum(s, L), branches)
+    else:
+        s_l = jnp.minimum(s, L - 1)
+        k, v = jax.lax.cond(s < L, kv_of(pool_layer(pool, s_l), meta_at(meta, s_l)["rope"]), nothing)
+    write = eligible & (s < L)
+    if not is_split(kv):
+        return write_layer(kv, jnp.minimum(s, L - 1), tok.rows, tok.slots, k, v, write, s)
+    for l in range(L):
+        kv = write_layer(kv, l, tok.rows, tok.slots, k, v, write & (s == l), s)
+    return kv
+
+
 # --------------------------------------------------------------------------- 4. run a layer
 
 def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
-    """Attention of the gathered queries to layer ``l`` of the cache plus their own fresh K/V."""
+    """Attention of the gathered queries to layer ``l`` of the cache (their K/V written) and their own K/V.
+
+    Radial mode: a token's own entry may hold K/V of an earlier visit (reuse), so it is
+    masked and the fresh K/V join as ``self_kv``. Ordered mode: the entry holds this
+    visit's K/V (layer ``s`` is visited at step ``s`` only; *propagate* wrote it from the
+    same state), so it is read from the cache like any other (plain attention).
+    """
     kc, vc, wc = layer_view(kv, l)
+    own_in_cache = plan.rc.ordered
     if plan.decoding:  # each query reads its own cache row: C groups of one query
         g, c = q.shape[:2]
         one = lambda a: a.reshape((g * c, 1) + a.shape[2:])  # noqa: E731
         rows = row_gc.reshape(-1)
-        mask = visible_mask(wc[rows], slot_gc.reshape(-1, 1), s, causal=plan.causal, exclude_self=True,
+        mask = visible_mask(wc[rows], slot_gc.reshape(-1, 1), s, causal=plan.causal, exclude_self=not own_in_cache,
                             window=window)
-        ctx = attention(plan.lc, one(q), kc[rows], vc[rows], mask, self_kv=(one(k), one(v)))
+        ctx = attention(plan.lc, one(q), kc[rows], vc[rows], mask,
+                        self_kv=None if own_in_cache else (one(k), one(v)))
         return ctx.reshape(q.shape)
-    mask = visible_mask(wc, slot_gc, s, causal=plan.causal, exclude_self=True, window=window)
-    return attention(plan.lc, q, kc, vc, mask, self_kv=(k, v))
+    mask = visible_mask(wc, slot_gc, s, causal=plan.causal, exclude_self=not own_in_cache, window=window)
+    return attention(plan.lc, q, kc, vc, mask, self_kv=None if own_in_cache else (k, v))
 
 
-def _visit(plan: Plan, params_l, rope_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, s,
-           skip_kv=None):
-    """One layer's visit by the gathered tokens ``idx_gc [G, C]`` (``N``: an empty slot).
+def _dispatched(tok: Tokens, idx_gc, t_max: int):
+    """``(ok, positions, slots, rows)`` of the gathered tokens ``idx_gc`` (slot ``t_max`` where empty)."""
+    ok = idx_gc < tok.valid.shape[1]
+    return (ok, dsp.gather(tok.positions, idx_gc), jnp.where(ok, dsp.gather(tok.slots, idx_gc), t_max),
+            dsp.gather(tok.rows, idx_gc))
 
-    Writes their K/V into layer ``at`` of ``cache`` (first visit), attends to it, and
-    returns ``(cache, upd_gce, ratio_gc)``: the gated update and the residual ratio of
-    each gathered token (0 for empty slots), for the caller to scatter back.
-    """
+
+# A layer visit by the gathered tokens ``idx_gc [G, C]`` (``NOBODY``: an empty slot) has two phases with
+# the cache write between them (rule 1: a visit writes, then attends): ``_project`` (queries and K/V),
+# ``_write_visit``, ``_finish`` (attention, the rest of the layer, the gated update).
+
+def _project(plan: Plan, params_l, rope_l, x_start, idx_gc, tok: Tokens, skip_kv=None):
+    """``(q, k, v)`` of the gathered tokens. ``skip_kv``: K/V already in the cache (ordered *propagate*)."""
     layer = _layer(plan)
-    N = x_start.shape[1]
-    ok = idx_gc < N
-    x_gc = dsp.gather(x_start, idx_gc)
-    pos_gc = dsp.gather(tok.positions, idx_gc)
-    slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx_gc), cache_max_len(cache))
-    row_gc = dsp.gather(tok.rows, idx_gc)
+    x_gc, pos_gc = dsp.gather(x_start, idx_gc), dsp.gather(tok.positions, idx_gc)
     if skip_kv is None:
-        q, k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="qkv")
-        cache = write_layer(cache, at, row_gc, slot_gc, k, v, ok, s)
-    else:
-        q = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="query")
-        k, v = dsp.gather(skip_kv[0], idx_gc), dsp.gather(skip_kv[1], idx_gc)
-    ctx = _attend(plan, cache, at, q, k, v, slot_gc, row_gc, s, window_l)
+        return layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="qkv")
+    q = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="query")
+    return q, dsp.gather(skip_kv[0], idx_gc), dsp.gather(skip_kv[1], idx_gc)
+
+
+def _write_visit(cache, at, tok: Tokens, idx, k, v, s):
+    """Rule 1 for a visit's tokens ``idx [..., G, C]`` (``at``: the layer, or ``[K, 1, 1]`` layers)."""
+    ok, _, slot, row = _dispatched(tok, idx, cache_max_len(cache))
+    return write_layer(cache, at, row, slot, k, v, ok, s)
+
+
+def _finish(plan: Plan, params_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, qkv, s):
+    """``(upd_gce, ratio_gc)``: attention to layer ``at`` of ``cache`` (the visit's K/V written), the rest
+    of the layer, the update times the gate and the residual ratio (0 for empty slots)."""
+    layer = _layer(plan)
+    ok, _, slot_gc, row_gc = _dispatched(tok, idx_gc, cache_max_len(cache))
+    x_gc = dsp.gather(x_start, idx_gc)
+    ctx = _attend(plan, cache, at, *qkv, slot_gc, row_gc, s, window_l)
     y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
     g_gc = jnp.where(ok, dsp.gather(gate_gn, idx_gc), 0.0)
     upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
-    return cache, upd, jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
+    return upd, jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
 
 
 def _sizes(plan: Plan):
     """The static sizes a visit may run at (expert choice: a static C_max, no load to follow)."""
     return plan.sizes[-1:] if plan.rc.dispatch == "expert" else plan.sizes
+
+
+def _run_visit(plan: Plan, load, idx_of, project, write, finish):
+    """A visit at the smallest static size that holds ``load``: ``(idx, upd, ratio, cache, size)``.
+
+    ``idx_of(size)`` gathers the tokens, ``project(idx) -> (q, k, v)``, ``write(idx, k, v) -> cache``,
+    ``finish(idx, (q, k, v), cache) -> (upd, ratio)``. The two computing phases each run under a
+    ``lax.switch`` on the size (only the chosen branch runs; size 0 runs nothing) and return the
+    largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them, outside: XLA
+    copies every buffer a switch branch returns updated (the layer's cache, the hidden states).
+    """
+    sizes = _sizes(plan)
+    largest = sizes[-1]
+    if len(sizes) == 1:  # one size: no switch at all
+        idx = idx_of(largest)
+        qkv = project(idx)
+        cache = write(idx, qkv[1], qkv[2])
+        return (idx, *finish(idx, qkv, cache), cache, jnp.int32(largest))
+    axis = idx_of(largest).ndim - 1  # the token axis of idx and of every per-token array
+
+    def padded(a, value=0):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, largest - a.shape[axis])
+        return jnp.pad(a, widths, constant_values=value)
+
+    def nothing(shapes):  # size 0: the largest size's shapes, nobody in them
+        return tuple(jnp.full(a.shape, NOBODY if a.dtype == jnp.int32 else 0, a.dtype) for a in shapes)
+
+    def projected(size):
+        if size == 0:
+            return lambda _: nothing(jax.eval_shape(lambda: (idx_of(largest), *project(idx_of(largest)))))
+        def run(_):
+            idx = idx_of(size)
+            return (padded(idx, NOBODY),) + tuple(padded(a) for a in project(idx))
+        return run
+
+    index = dsp.size_index(sizes, load)
+    idx, *qkv = jax.lax.switch(index, [projected(size) for size in sizes], None)
+    cache = write(idx, qkv[1], qkv[2])
+
+    def finished(size):
+        if size == 0:
+            return lambda _: nothing(jax.eval_shape(lambda: finish(idx, tuple(qkv), cache)))
+        def run(_):
+            cut = lambda a: jax.lax.slice_in_dim(a, 0, size, axis=axis)  # noqa: E731
+            return tuple(padded(a) for a in finish(cut(idx), tuple(cut(a) for a in qkv), cache))
+        return run
+
+    upd, ratio = jax.lax.switch(index, [finished(size) for size in sizes], None)
+    return idx, upd, ratio, cache, jnp.asarray(sizes, jnp.int32)[index]
 
 
 def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, tok: Tokens, s, state,
@@ -203,104 +306,90 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
 
     ``state = (x_acc, kv, ratio_gn)``; returns it updated and the size that ran (0: nothing).
     ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
-    Per-layer caches (``l`` an int): only layer ``l``'s buffers enter the branch.
+    ``l`` is a Python int for per-layer caches (only layer ``l``'s buffers are read and written).
     """
     x_acc, kv, ratio_gn = state
-    split = is_split(kv)
-    own, at = ((kv[l],), 0) if split else (kv, l)  # the cache the branch reads and writes, and its layer index
-    load = jnp.max(jnp.sum(admitted_gn, axis=-1))
-
-    def branch(size):
-        def run(st):
-            x_acc, own, ratio_gn = st
-            if size == 0:
-                return st
-            idx = dsp.select(admitted_gn, size)
-            own, upd, r = _visit(plan, params_l, meta_l["rope"], meta_l["window"], x_start, idx, gate_gn, tok, own,
-                                 at, s, skip_kv)
-            x_acc = dsp.scatter_add(x_acc, idx, upd)
-            ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
-            return x_acc, own, ratio_gn
-        return run
-
-    (x_acc, own, ratio_gn), size = dsp.run_at_size(_sizes(plan), load, branch, (x_acc, own, ratio_gn))
-    if split:
-        own = tuple(kv[:l]) + tuple(own) + tuple(kv[l + 1:])
-    return (x_acc, own, ratio_gn), size
+    idx, upd, r, kv, size = _run_visit(
+        plan, jnp.max(jnp.sum(admitted_gn, axis=-1)),
+        idx_of=lambda size: dsp.select(admitted_gn, size),
+        project=lambda idx: _project(plan, params_l, meta_l["rope"], x_start, idx, tok, skip_kv),
+        write=lambda idx, k, v: kv if skip_kv is not None else _write_visit(kv, l, tok, idx, k, v, s),
+        finish=lambda idx, qkv, kv: _finish(plan, params_l, meta_l["window"], x_start, idx, gate_gn, tok, kv, l,
+                                            qkv, s))
+    x_acc = dsp.scatter_add(x_acc, idx, upd)
+    ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
+    return (x_acc, kv, ratio_gn), size
 
 
 def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, tok: Tokens, s, state):
-    """Radial mode, parallel forward: the ``L`` layers of step ``s`` as one batched computation.
+    """Radial mode, parallel forward, stacked layout: the ``L`` layers of step ``s`` as one batched computation.
 
     The same values as ``run_layer`` for each layer in turn (the layers of a step read
     the step's starting state and write their own cache layer, so they are independent),
     at one static size for all of them: the smallest that holds the largest load of any
-    layer (``lax.switch``; size 0: nothing runs). ``_visit`` is vmapped over the stacked
-    ``[L, ...]`` weights and the ``[L, B, ...]`` cache, read in place: one switch and one
-    set of matmuls per step, where a loop over layers pays ``L`` of each and, on CPU, a
-    copy of every layer's weights. Returns the state and the size (that of every layer).
+    layer. The phases are vmapped over the stacked ``[L, ...]`` weights and the
+    ``[L, B, ...]`` cache, read in place: one set of matmuls per step, where a loop over
+    stacked layers pays ``L`` and, on CPU, a copy of every layer's weights. Returns the
+    state and the size (that of every layer).
     """
     L = plan.num_layers
     G = x_start.shape[0]
-    load = jnp.max(jnp.sum(admitted_kgn, axis=-1))
+    x_acc, kv, ratio_gn = state
     rope_k, window_k = jnp.asarray(meta["rope"]), jnp.asarray(meta["window"])
 
-    def visit(params_l, rope_l, window_l, idx_gc, gate_gn, k, v, written_at):  # one layer, its own cache view
-        own = KVCache(k[None], v[None], written_at[None])
-        own, upd, r = _visit(plan, params_l, rope_l, window_l, x_start, idx_gc, gate_gn, tok, own, 0, s)
-        return own.k[0], own.v[0], own.written_at[0], upd, r
+    def project(idx):
+        return jax.vmap(lambda p, rope, i: _project(plan, p, rope, x_start, i, tok))(pool, rope_k, idx)
 
-    def branch(size):
-        def run(st):
-            x_acc, kv, ratio_gn = st
-            if size == 0:
-                return st
-            idx = jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn)  # [L, G, C]
-            k, v, written_at, upd, r = jax.vmap(visit)(pool, rope_k, window_k, idx, gate_kgn, kv.k, kv.v,
-                                                       kv.written_at)
-            flat = lambda a: jnp.moveaxis(a, 0, 1).reshape((G, L * size) + a.shape[3:])  # noqa: E731 [G, L*C, ...]
-            x_acc = dsp.scatter_add(x_acc, flat(idx), flat(upd))
-            ratio_gn = dsp.scatter_add(ratio_gn[..., None], flat(idx), flat(r)[..., None])[..., 0]
-            return x_acc, KVCache(k, v, written_at), ratio_gn
-        return run
+    def finish(idx, qkv, kv):
+        def one(params_l, window_l, idx_gc, gate_gn, qkv, k, v, written_at):  # one layer, its own cache view
+            own = KVCache(k[None], v[None], written_at[None])
+            return _finish(plan, params_l, window_l, x_start, idx_gc, gate_gn, tok, own, 0, qkv, s)
+        return jax.vmap(one)(pool, window_k, idx, gate_kgn, qkv, kv.k, kv.v, kv.written_at)
 
-    return dsp.run_at_size(_sizes(plan), load, branch, state)
+    idx, upd, r, kv, size = _run_visit(
+        plan, jnp.max(jnp.sum(admitted_kgn, axis=-1)),
+        idx_of=lambda size: jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn),  # [L, G, C]
+        project=project,
+        write=lambda idx, k, v: _write_visit(kv, jnp.arange(L, dtype=jnp.int32)[:, None, None], tok, idx, k, v, s),
+        finish=finish)
+    flat = lambda a: jnp.moveaxis(a, 0, 1).reshape((G, -1) + a.shape[3:])  # noqa: E731 [G, L*C, ...]
+    x_acc = dsp.scatter_add(x_acc, flat(idx), flat(upd))
+    ratio_gn = dsp.scatter_add(ratio_gn[..., None], flat(idx), flat(r)[..., None])[..., 0]
+    return (x_acc, kv, ratio_gn), size
 
 
 # --------------------------------------------------------------------------- 5. propagate exits (radial)
 
 def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
     """Radial *propagate*: an exiting token fills every still-empty layer of its slot from its final state
-    (``written_at = s + 1``: see the module docstring)."""
+    (``written_at = s + 1``: see the module docstring).
+
+    The exiting tokens go in chunks of ``exit_chunk`` (position order), as many as the
+    load needs (a ``while_loop``: the cache is updated in place, no switch copies it);
+    returns the cache and the number of token slots that ran.
+    """
     layer = _layer(plan)
-    N = x.shape[1]
-    t_max = cache_max_len(kv)
+    L, chunk = plan.num_layers, plan.exit_chunk
     load = jnp.max(jnp.sum(exiting_gn, axis=-1))
-    L = plan.num_layers
+    n_chunks = (load + chunk - 1) // chunk
 
-    def branch(size):
-        def run(kv):
-            if size == 0:
-                return kv
-            idx = dsp.select(exiting_gn, size)
-            ok = idx < N
-            x_gc, pos_gc = dsp.gather(x, idx), dsp.gather(tok.positions, idx)
-            slot_gc = jnp.where(ok, dsp.gather(tok.slots, idx), t_max)
-            row_gc = dsp.gather(tok.rows, idx)
+    def body(i, kv):
+        idx = dsp.select(exiting_gn, chunk, start=i * chunk)
+        ok, pos_gc, slot_gc, row_gc = _dispatched(tok, idx, cache_max_len(kv))
+        x_gc = dsp.gather(x, idx)
 
-            def one_layer(kv, params_l, rope_l, l):
-                k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="kv")
-                return write_layer(kv, l, row_gc, slot_gc, k, v, ok, s + 1)
+        def one_layer(kv, params_l, rope_l, l):
+            k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="kv")
+            return write_layer(kv, l, row_gc, slot_gc, k, v, ok, s + 1)
 
-            if is_per_layer(pool):  # the inference layout: every layer's own arrays, unrolled
-                for l in range(L):
-                    kv = one_layer(kv, pool[l], meta_at(meta, l)["rope"], l)
-                return kv
-            xs = (pool, jnp.asarray(meta["rope"]), jnp.arange(L, dtype=jnp.int32))
-            return jax.lax.scan(lambda kv, xs: (one_layer(kv, *xs), None), kv, xs)[0]
-        return run
+        if is_per_layer(pool):  # the inference layout: every layer's own arrays, unrolled
+            for l in range(L):
+                kv = one_layer(kv, pool[l], meta_at(meta, l)["rope"], l)
+            return kv
+        xs = (pool, jnp.asarray(meta["rope"]), jnp.arange(L, dtype=jnp.int32))
+        return jax.lax.scan(lambda kv, xs: (one_layer(kv, *xs), None), kv, xs)[0]
 
-    return dsp.run_at_size(plan.exit_sizes, load, branch, kv)
+    return jax.lax.fori_loop(0, n_chunks, body, kv), n_chunks * chunk
 
 
 # --------------------------------------------------------------------------- one step
@@ -341,10 +430,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
                 if s < L:
                     kv = propagate_skips(plan, pool_layer(pool, s), meta_at(meta, s), x, eligible, tok, kv, s)[0]
             else:
-                s_l = jnp.minimum(s, L - 1)
-                params_s = pool_layer(pool, s_l)
-                kv = jax.lax.cond(s < L, lambda kv: propagate_skips(plan, params_s, meta_at(meta, s_l), x, eligible,
-                                                                    tok, kv, s)[0], lambda kv: kv, kv)
+                kv = propagate_skips_traced(plan, pool, meta, x, eligible, tok, kv, s)
             state = (x, kv, ratio_gn)
 
         def one_layer(l, st):
@@ -359,7 +445,11 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
             # a layer no token uses at this step is not even sliced out of the stack (a copy on CPU)
             return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
         st = (state, jnp.zeros((L,), jnp.int32))
-        if not plan.decoding:  # whole sequences: one batched computation when the layers share the load
+        if is_per_layer(pool):  # the inference layout: each layer reads its own arrays (unrolled)
+            for l in range(L):
+                st = one_layer(l, st)
+            state, sizes_l = st
+        elif not plan.decoding:  # whole sequences: one batched computation when the layers share the load
             def grouped(st):
                 state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, st[0])
                 return state, jnp.full((L,), size, jnp.int32)
@@ -367,10 +457,6 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
             load_l = jnp.max(jnp.sum(admitted_kgn, axis=-1), axis=-1)  # [L]
             balanced = L * jnp.max(load_l) <= 2 * jnp.sum(load_l)  # grouped runs L x the largest load
             state, sizes_l = jax.lax.cond(balanced, grouped, lambda st: jax.lax.fori_loop(0, L, one_layer, st), st)
-        elif is_per_layer(pool):  # decoding, the inference layout: each layer reads its own arrays (unrolled)
-            for l in range(L):
-                st = one_layer(l, st)
-            state, sizes_l = st
         else:
             state, sizes_l = jax.lax.fori_loop(0, L, one_layer, st)
     x_new, kv, ratio_gn = state
@@ -403,25 +489,23 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
               threshold=None) -> tuple:
     """All ``S`` steps: ``(x, cache, records)`` with records stacked ``[S, ...]``.
 
-    The parallel forward scans every step (differentiable); decoding runs a
-    ``while_loop`` that ends as soon as no token of the batch is left (every row
-    exited) or ``S`` steps ran, and fills the records of the steps that did not run
-    with ``choice = -1`` and zeros. A per-layer pool (the inference layout,
-    ``stack.unstack_pool``) unrolls the steps instead, so that every step and layer
-    index is static and each layer reads its own weights and cache in place; decoding
-    then skips the steps after every row has exited with a ``lax.cond``. Both give the
-    same values.
+    Stacked pool (training): the parallel forward scans every step (differentiable);
+    decoding runs a ``while_loop`` that ends as soon as no token of the batch is left
+    (every row exited) or ``S`` steps ran, and fills the records of the steps that did
+    not run with ``choice = -1`` and zeros. A per-layer pool (the inference layout,
+    ``stack.unstack_pool``) runs ``_run_steps_per_layer``: each layer reads its own
+    weights and cache in place. Both give the same values.
     """
     S, L = plan.steps, plan.num_layers
     G, N = tok.valid.shape
     carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
                   admitted=cache.admitted)
-    if plan.decoding and is_per_layer(pool):
-        return _run_steps_unrolled(plan, pool, meta, router_params, carry, tok, threshold)
-    if is_split(cache.kv):  # whole sequences run one compiled step body on the stacked layouts (a copy per call)
-        x, cache, records = run_steps(plan, stack_pool(pool), meta, router_params, x_gne, tok,
-                                      cache.replace(kv=stack_layers(cache.kv)), threshold)
-        return x, cache.replace(kv=split_layers(cache.kv)), records
+    if is_per_layer(pool) and plan.rc.routing != "oracle":  # the oracle's probe picks layers by a traced step
+        return _run_steps_per_layer(plan, pool, meta, router_params, carry, tok, threshold)
+    if is_split(cache.kv):
+        x, out, records = run_steps(plan, stack_pool(pool), meta, router_params, x_gne, tok,
+                                    cache.replace(kv=stack_layers(cache.kv)), threshold)
+        return x, out.replace(kv=split_layers(out.kv)), records
     pool = stack_pool(pool)
 
     if not plan.decoding:
@@ -458,8 +542,30 @@ def _empty_records(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tok
     return records
 
 
+def _run_steps_per_layer(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
+    """``run_steps`` in the inference layout: per-layer weights and caches (a stacked cache is split
+    on the way in and stacked on the way out).
+
+    Decoding and ordered mode unroll the steps, so every step and layer index is static
+    (decoding skips the steps after every row has exited with a ``lax.cond``); radial
+    whole sequences scan the steps, the ``L`` layers unrolled in the step body, each at
+    its own size (one compiled step, where unrolling would compile ``S x L`` layers).
+    """
+    stacked = not is_split(carry.kv)
+    carry = carry.replace(kv=split_layers(carry.kv) if stacked else carry.kv)
+    if plan.decoding or plan.rc.ordered:
+        carry, records = _run_steps_unrolled(plan, pool, meta, router_params, carry, tok, threshold)
+    else:
+        def body(carry, s):
+            return run_step(plan, pool, meta, router_params, carry.replace(x=shard_batch(carry.x)), tok, s,
+                            threshold)
+        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(plan.steps, dtype=jnp.int32))
+    kv = stack_layers(carry.kv) if stacked else carry.kv
+    return carry.x, RadialCache(kv=kv, admitted=carry.admitted), records
+
+
 def _run_steps_unrolled(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
-    """``run_steps`` with static step indices (a per-layer pool); see there."""
+    """The steps with static indices (a per-layer pool): ``(carry, records)``; see ``_run_steps_per_layer``."""
     unused = jax.tree_util.tree_map(lambda a: a[0], _empty_records(plan, pool, meta, router_params, carry, tok,
                                                                    threshold))
     recs = []
@@ -472,5 +578,4 @@ def _run_steps_unrolled(plan: Plan, pool, meta, router_params, carry: Carry, tok
         else:
             carry, rec = run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
         recs.append(rec)
-    records = jax.tree_util.tree_map(lambda *r: jnp.stack(r), *recs)
-    return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
+    return carry, jax.tree_util.tree_map(lambda *r: jnp.stack(r), *recs)
