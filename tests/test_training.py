@@ -270,7 +270,7 @@ def test_evaluate_curves_meet_the_teacher_and_the_empty_network(tmp_path, teache
         evaluate(student, model, windows[:3], progress=False)
 
 
-def test_cli_train_distill_eval(tmp_path):
+def test_cli_train_distill_eval(tmp_path, capsys):
     from radial_jax.training.cli import main
     tokens = tmp_path / "corpus.txt"
     tokens.write_text(("the quick brown fox jumps over the lazy dog. " * 200))
@@ -285,10 +285,15 @@ def test_cli_train_distill_eval(tmp_path):
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert res["student"]["radial_config"]["mode"] == "radial"
     assert 0.0 <= res["student"]["depth"] <= 1.0 and (tmp_path / "e" / "curve.png").is_file()
-    with pytest.raises(ValueError, match="not a radial_jax training artifact"):
-        main(["eval", "--student", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])
-    with pytest.raises(ValueError, match="holds a 'lm' artifact"):
-        main(["eval", "--student", str(tmp_path / "t" / "model"), "--out", str(tmp_path / "x"), "--no-progress"])
+    capsys.readouterr()
+    # bad input: a one-line error naming what was wrong, exit status 2 (no traceback)
+    assert main(["eval", "--student", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "radial-jax eval: error:" in err and "not a radial_jax training artifact" in err
+    lm = str(tmp_path / "t" / "model")
+    assert main(["eval", "--student", lm, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a 'lm' artifact" in err and "Traceback" not in err
 
 
 def test_joint_training_from_scratch_schedule_and_capacity(corpus):

@@ -365,13 +365,13 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
     (``written_at = s + 1``: see the module docstring).
 
     The exiting tokens go in chunks of ``exit_chunk`` (position order), as many as the
-    load needs (a ``while_loop``: the cache is updated in place, no switch copies it);
-    returns the cache and the number of token slots that ran.
+    load needs (a ``fori_loop`` with a traced trip count: the cache is updated in place,
+    no switch copies it). In the parallel forward, a chunk that holds every token runs
+    once, unconditionally: what training (``prefill_buckets=1``) differentiates. Returns the cache and
+    the number of token slots that ran.
     """
     layer = _layer(plan)
     L, chunk = plan.num_layers, plan.exit_chunk
-    load = jnp.max(jnp.sum(exiting_gn, axis=-1))
-    n_chunks = (load + chunk - 1) // chunk
 
     def body(i, kv):
         idx = dsp.select(exiting_gn, chunk, start=i * chunk)
@@ -389,6 +389,9 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
         xs = (pool, jnp.asarray(meta["rope"]), jnp.arange(L, dtype=jnp.int32))
         return jax.lax.scan(lambda kv, xs: (one_layer(kv, *xs), None), kv, xs)[0]
 
+    if chunk >= exiting_gn.shape[-1] and not plan.decoding:
+        return body(0, kv), jnp.int32(chunk)
+    n_chunks = (jnp.max(jnp.sum(exiting_gn, axis=-1)) + chunk - 1) // chunk
     return jax.lax.fori_loop(0, n_chunks, body, kv), n_chunks * chunk
 
 

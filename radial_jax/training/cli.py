@@ -8,7 +8,6 @@ Offline default pipeline::
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -205,10 +204,9 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="radial-jax")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """``python -m radial_jax.training.cli ...``: the ``radial-jax`` command itself (one-line errors)."""
+    from radial_jax.cli import main as radial_jax_main
+    return radial_jax_main(argv)
 
 
 if __name__ == "__main__":
