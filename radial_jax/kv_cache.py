@@ -88,6 +88,11 @@ def cache_max_len(cache) -> int:
     return (cache[0] if is_split(cache) else cache).max_len
 
 
+def cache_batch(cache) -> int:
+    """Rows of a ``KVCache`` or of per-layer caches."""
+    return (cache[0] if is_split(cache) else cache).batch
+
+
 def layer_view(cache, layer):
     """``(k [B, G, T, D], v, written_at [B, T])`` of ``layer``, in either layout.
 

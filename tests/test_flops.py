@@ -49,15 +49,22 @@ def test_layer_flops_equal_xla_for_a_visit_against_a_cache(lc, tokens, keys):
     assert got == pytest.approx(layer_flops(lc, tokens, keys + 1), rel=REL)
 
 
-def _branch_flops(rm, size, decoding, groups, tokens, cache_len):
-    """XLA's FLOPs of one layer visit branch at a static ``size`` (the code the network runs)."""
+def _branch_flops(rm, tokens_run, queries, decoding, groups, tokens, cache_len):
+    """XLA's FLOPs of one layer visit at static sizes (the code the network runs): matmuls on
+    ``tokens_run`` tokens, attention on ``queries`` query slots (whole sequences: ``queries / groups``
+    per sequence, the flat dispatch's ``C_max``)."""
     config = rm.config
     lc = config.layer_config()
+    per_group = tokens_run if decoding else queries // groups
     plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=config.num_layers, causal=True,
-                decoding=decoding, sizes=(size,), exit_chunk=size, phi=1.0, hidden_size=config.hidden_size)
+                decoding=decoding, sizes=(per_group,), exit_chunk=tokens, phi=1.0, hidden_size=config.hidden_size,
+                flat_sizes=(tokens_run,))
     params_l = jax.tree_util.tree_map(lambda a: a[0], rm.params["layers"])
     meta_l = {k: jnp.asarray(v[0]) for k, v in config.layer_meta().items()}
-    admitted = jnp.zeros((groups, tokens), bool).at[:, :size].set(True)
+    # tokens_run admitted tokens, at most per_group of each group
+    admitted = (jnp.arange(tokens)[None] < per_group) & (
+        jnp.arange(groups)[:, None] * per_group + jnp.arange(tokens)[None] < tokens_run)
+    assert int(admitted.sum()) == tokens_run
     rows = (jnp.arange(tokens)[None] if decoding else jnp.broadcast_to(jnp.arange(groups)[:, None],
                                                                         (groups, tokens))).astype(jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(tokens), (groups, tokens)).astype(jnp.int32)
@@ -90,9 +97,10 @@ def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
     B, T = 2, 24
     ids = np.random.default_rng(0).integers(3, 64, (B, T))
     out = rm.forward(ids)
-    sizes = np.asarray(out.metrics.layer_sizes)  # [S, L]
+    sizes, queries = np.asarray(out.metrics.layer_sizes), np.asarray(out.metrics.attn_queries)  # [S, L]
     assert (sizes > 0).any() and len(set(sizes[sizes > 0].tolist())) >= 2, "several sizes must run"
-    xla_total = sum(_branch_flops(rm, int(c), False, B, T, T) for c in sizes[sizes > 0])
+    xla_total = sum(_branch_flops(rm, int(c), int(q), False, B, T, T) for c, q in zip(sizes[sizes > 0],
+                                                                                     queries[sizes > 0]))
     xla_total += int(out.metrics.steps_run) * _router_flops(rm, B, T)
     assert float(out.metrics.executed_flops) == pytest.approx(xla_total, rel=REL)
     # and what ran is what the budget let through, rounded up to the static sizes
@@ -104,7 +112,7 @@ def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
                        max_len=12).cache
     step = rm.decode_step(ids[:b, 8] if b <= B else np.tile(ids[:, 8], 2)[:b], np.full(b, 8), cache)
     sizes = np.asarray(step.metrics.layer_sizes)
-    xla_step = sum(_branch_flops(rm, int(c), True, 1, b, 12) for c in sizes[sizes > 0])
+    xla_step = sum(_branch_flops(rm, int(c), int(c), True, 1, b, 12) for c in sizes[sizes > 0])
     xla_step += int(step.metrics.steps_run) * _router_flops(rm, 1, b)
     assert float(step.metrics.executed_flops) == pytest.approx(xla_step, rel=REL)
 

@@ -331,7 +331,8 @@ def test_grouped_step_equals_the_loop_over_layers_when_the_budget_binds(small, p
     config, L, G, N = rm.config, SMALL.num_hidden_layers, 2, 12
     lc = config.layer_config()
     plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=L, causal=True, decoding=False,
-                sizes=(0, 4, 8, 12), exit_chunk=12, phi=1.0, hidden_size=config.hidden_size)
+                sizes=(0, 4, 8, 12), exit_chunk=12, phi=1.0, hidden_size=config.hidden_size,
+                flat_sizes=(0, 8, 16, 24))
     rng = np.random.default_rng(0)
     admitted_kgn = jnp.asarray(rng.random((L, G, N)) < 0.4)  # uneven loads: sizes 4 and 8 both run
     gate_kgn = jnp.asarray(rng.uniform(0.5, 1.5, (L, G, N)), jnp.float32)

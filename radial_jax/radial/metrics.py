@@ -1,9 +1,10 @@
 """What a Radial Network forward (or decode step) reports: depth, load, drops, exits, executed FLOPs.
 
 Executed FLOPs are counted by construction from the shapes that ran
-(``radial_jax.flops``): for every step that ran, the router on every token, and
-each layer at the static size its load was rounded up to (``G`` groups of that
-many tokens, attending to the whole cache, in radial mode plus their own K/V), the *propagate*
+(``radial_jax.flops``): for every step that ran, the router on every token, each
+layer's matmuls on the tokens that ran (its load rounded up to a static size) and its
+attention on the query slots that ran (whole sequences: ``C_max`` per sequence)
+against the whole cache (radial mode: plus each query's own K/V), the *propagate*
 writes (K/V of every token at every step ``s < L``; radial mode also K/V of
 every layer for the exiting tokens' size). The oracle's probe is a simulation device and is
 not counted. ``dense_flops`` is the sequential model on the same tokens and
@@ -29,7 +30,10 @@ class RadialMetrics:
     exits: ``[S]`` tokens that exited at each step.
     mean_depth: mean of ``depth`` over valid tokens; depth_fraction: ``mean_depth / L``.
     executed_flops, dense_flops, compute_fraction: see the module docstring.
-    layer_sizes: ``[S, L]`` the static size each layer ran at (0: did not run).
+    layer_sizes: ``[S, L]`` the tokens each layer's matmuls ran on, over the batch: its load rounded up to a
+      static size (0: did not run).
+    attn_queries: ``[S, L]`` the query slots each layer's attention ran on (whole sequences, flat dispatch:
+      ``C_max`` per sequence).
     steps_run: steps the loop ran (decoding stops when every row has exited).
     capacity: ``C_max``, the most tokens of a sequence a layer may admit at a step.
     """
@@ -45,6 +49,7 @@ class RadialMetrics:
     dense_flops: jax.Array
     compute_fraction: jax.Array
     layer_sizes: jax.Array
+    attn_queries: jax.Array
     steps_run: jax.Array
     capacity: jax.Array
 
@@ -57,9 +62,13 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     """FLOPs of what ran (see the module docstring), from the step records of ``steps.run_steps``."""
     lc, L, rc = plan.lc, plan.num_layers, plan.rc
     ran = records["ran"].astype(jnp.float32)
-    # one token at a layer: all cache slots (ordered mode: its own K/V among them), radial: plus its own K/V
-    per_visit = layer_flops(lc, 1, cache_len + (0 if rc.ordered else 1))
-    total = num_groups * jnp.sum(records["layer_sizes"].astype(jnp.float32)) * per_visit
+    # a visit's matmuls on the tokens that ran; its attention on the query slots that ran, against every cache
+    # slot (ordered mode: its own K/V among them; radial: plus its own)
+    matmuls = layer_flops(lc, 1, 0)
+    per_key = layer_flops(lc, 1, 1) - matmuls
+    keys = cache_len + (0 if rc.ordered else 1)
+    total = (jnp.sum(records["layer_tokens"].astype(jnp.float32)) * matmuls
+             + jnp.sum(records["attn_queries"].astype(jnp.float32)) * keys * per_key)
     total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 2, num_groups * num_tokens)
     if rc.cache_policy == "propagate":  # step-aligned writes (steps s < L), and radial exits' fills
         total += jnp.sum(records["aligned_kv"] & records["ran"]) * kv_flops(lc, num_groups * num_tokens)
@@ -83,7 +92,8 @@ def compute_metrics(plan, records, valid_bt, num_groups: int, num_tokens: int, c
         exits=(records["exited"] & valid_bt[None]).sum(axis=(1, 2)).astype(jnp.int32),
         mean_depth=depth.sum() / n_valid, depth_fraction=depth.sum() / (n_valid * L),
         executed_flops=executed, dense_flops=jnp.float32(dense), compute_fraction=executed / dense,
-        layer_sizes=records["layer_sizes"], steps_run=records["ran"].sum().astype(jnp.int32),
+        layer_sizes=records["layer_tokens"], attn_queries=records["attn_queries"],
+        steps_run=records["ran"].sum().astype(jnp.int32),
         capacity=jnp.asarray(capacity, jnp.int32))
 
 

@@ -82,11 +82,12 @@ class RadialNetwork(nn.Module):
         self.router = self.param("router", init_router(L, self.radial.steps(L), self.radial, c.hidden_size))
 
     # -- pieces -------------------------------------------------------------------------------------
-    def _plan(self, decoding: bool, sizes, exit_chunk: int) -> Plan:
+    def _plan(self, decoding: bool, sizes, exit_chunk: int, flat_sizes=()) -> Plan:
         c = self.base_config
         return Plan(rc=self.radial, lc=c.layer_config(), dtype=self.dtype, num_layers=c.num_layers,
                     causal=self.family.is_decoder, decoding=decoding, sizes=tuple(sizes), exit_chunk=exit_chunk,
-                    phi=self.radial.budget_fraction(c.num_layers), hidden_size=c.hidden_size)
+                    phi=self.radial.budget_fraction(c.num_layers), hidden_size=c.hidden_size,
+                    flat_sizes=tuple(flat_sizes))
 
     def _tokens(self, plan: Plan, rows, slots, positions, valid) -> Tokens:
         return Tokens(rows=rows, slots=slots, positions=positions, valid=valid,
@@ -136,7 +137,9 @@ class RadialNetwork(nn.Module):
         c_max = rc.max_capacity(L, t if positions_bt is None else cache.max_len)
         c_max = min(c_max, t)
         # exits are not budgeted: any of a sequence's t tokens may leave at a step, a bucket's worth at a time
-        plan = self._plan(False, dsp.prefill_sizes(c_max, rc.prefill_buckets), -(-t // rc.prefill_buckets))
+        # a visit dispatches the tokens of all b sequences at once (flat), up to b * c_max of them
+        plan = self._plan(False, dsp.prefill_sizes(c_max, rc.prefill_buckets), -(-t // rc.prefill_buckets),
+                          dsp.prefill_sizes(b * c_max, rc.prefill_buckets))
         rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
         tok = self._tokens(plan, rows, slots, positions, valid)
         x, cache, records = run_steps(plan, self.base.layers, self.base_config.layer_meta(), self.router, x, tok,

@@ -12,11 +12,13 @@ One step ``s`` (``run_step``), in named parts:
    the skipping tokens' K/V; in radial mode the same step-aligned rule, so that a
    radial network with ordered routes computes exactly what the ordered one does;
 4. ``run_layer`` for each layer the step considers: the smallest static size that
-   holds the admitted tokens of every group is chosen by ``lax.switch`` (under XLA
-   only the chosen branch runs; size 0 runs nothing); the branch gathers the
-   tokens in position order, writes first-visit K/V, attends to the global cache
-   (entries written at a step ``<= s``, causal, in the layer's window) plus its own
-   fresh K/V, and scatter-adds the update times the gate;
+   holds its admitted tokens (whole sequences: of all sequences at once, *flat*) is
+   chosen by ``lax.switch`` (under XLA only the chosen branch runs; size 0 runs
+   nothing). A first branch gathers the tokens in position order and projects their
+   queries and K/V; the K/V are written first-visit outside it; a second branch on the
+   same size attends to the global cache (entries written at a step ``<= s``, causal,
+   in the layer's window) and finishes the layer; the gated updates are scattered back
+   outside. Nothing updated in place enters a branch (XLA would copy it);
 5. ``propagate_exits`` (radial mode, *propagate*): tokens that exit fill every still
    empty layer of their slot with K/V of their final state, visible from step
    ``s + 1`` on (written after this step's layers ran: a token decoded later must
@@ -36,8 +38,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from radial_jax.kv_cache import (KVCache, cache_max_len, is_split, layer_view, split_layers, stack_layers, visible_mask,
-                                 write_layer)
+from radial_jax.kv_cache import (KVCache, cache_batch, cache_max_len, is_split, layer_view, split_layers, stack_layers,
+                                 visible_mask, write_layer)
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 from radial_jax.models.remat import remat_layer, shard_batch
 from radial_jax.models.stack import is_per_layer, layer_forward, meta_at, pool_layer, stack_pool
@@ -79,6 +81,8 @@ class Plan:
     exit_chunk: int  # a step's exiting tokens are processed this many per group at a time
     phi: float  # the budget fraction
     hidden_size: int
+    # whole sequences: the static sizes a visit's tokens over all sequences are rounded up to (flat dispatch)
+    flat_sizes: Tuple[int, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -205,6 +209,21 @@ def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
     return attention(plan.lc, q, kc, vc, mask, self_kv=None if own_in_cache else (k, v))
 
 
+def _attend_flat(plan: Plan, kv, l, q, k, v, slot_f, row_f, ok_f, s, window):
+    """``_attend`` for a flat visit (``[1, F]``: the tokens of every sequence, batch-major): the queries go
+    to ``[B, C_max]`` (sequence, rank in it) so that each reads its own cache row, and come back."""
+    batch, c_max = cache_batch(kv), plan.sizes[-1]
+    rows = jnp.where(ok_f[0], row_f[0], batch)  # [F], batch: nobody
+    counts = jnp.zeros((batch,), jnp.int32).at[rows].add(1, mode="drop")
+    rank = jnp.arange(rows.shape[0]) - (jnp.cumsum(counts) - counts)[jnp.clip(rows, 0, batch - 1)]
+
+    def grouped(a, fill=0):  # [1, F, ...] -> [B, C_max, ...]
+        return jnp.full((batch, c_max) + a.shape[2:], fill, a.dtype).at[rows, rank].set(a[0], mode="drop")
+    ctx = _attend(plan, kv, l, grouped(q), grouped(k), grouped(v), grouped(slot_f, cache_max_len(kv)),
+                  grouped(row_f), s, window)
+    return ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, c_max - 1)][None]
+
+
 def _dispatched(tok: Tokens, idx_gc, t_max: int):
     """``(ok, positions, slots, rows)`` of the gathered tokens ``idx_gc`` (slot ``t_max`` where empty)."""
     ok = idx_gc < tok.valid.shape[1]
@@ -232,13 +251,18 @@ def _write_visit(cache, at, tok: Tokens, idx, k, v, s):
     return write_layer(cache, at, row, slot, k, v, ok, s)
 
 
-def _finish(plan: Plan, params_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, qkv, s):
+def _finish(plan: Plan, params_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, qkv, s,
+            flat: bool = False):
     """``(upd_gce, ratio_gc)``: attention to layer ``at`` of ``cache`` (the visit's K/V written), the rest
-    of the layer, the update times the gate and the residual ratio (0 for empty slots)."""
+    of the layer, the update times the gate and the residual ratio (0 for empty slots).
+    ``flat``: one group holding every sequence's tokens (``_attend_flat``)."""
     layer = _layer(plan)
     ok, _, slot_gc, row_gc = _dispatched(tok, idx_gc, cache_max_len(cache))
     x_gc = dsp.gather(x_start, idx_gc)
-    ctx = _attend(plan, cache, at, *qkv, slot_gc, row_gc, s, window_l)
+    if flat:
+        ctx = _attend_flat(plan, cache, at, *qkv, slot_gc, row_gc, ok, s, window_l)
+    else:
+        ctx = _attend(plan, cache, at, *qkv, slot_gc, row_gc, s, window_l)
     y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
     g_gc = jnp.where(ok, dsp.gather(gate_gn, idx_gc), 0.0)
     upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
@@ -250,7 +274,7 @@ def _sizes(plan: Plan):
     return plan.sizes[-1:] if plan.rc.dispatch == "expert" else plan.sizes
 
 
-def _run_visit(plan: Plan, load, idx_of, project, write, finish):
+def _run_visit(sizes, load, idx_of, project, write, finish):
     """A visit at the smallest static size that holds ``load``: ``(idx, upd, ratio, cache, size)``.
 
     ``idx_of(size)`` gathers the tokens, ``project(idx) -> (q, k, v)``, ``write(idx, k, v) -> cache``,
@@ -259,7 +283,6 @@ def _run_visit(plan: Plan, load, idx_of, project, write, finish):
     largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them, outside: XLA
     copies every buffer a switch branch returns updated (the layer's cache, the hidden states).
     """
-    sizes = _sizes(plan)
     largest = sizes[-1]
     if len(sizes) == 1:  # one size: no switch at all
         idx = idx_of(largest)
@@ -304,21 +327,37 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
               skip_kv=None):
     """Layer ``l`` on its admitted tokens at the smallest static size that holds them.
 
-    ``state = (x_acc, kv, ratio_gn)``; returns it updated and the size that ran (0: nothing).
+    ``state = (x_acc, kv, ratio_gn)``; returns it updated and ``[tokens, queries]``: the
+    tokens the layer's matmuls ran on and the query slots its attention ran on (0: nothing).
+    Whole sequences dispatch *flat*: the admitted tokens of every sequence as one group
+    (``plan.flat_sizes``), so the matmuls run at about the batch's load rather than the
+    batch size times the busiest sequence's; only the attention runs per sequence, at
+    ``C_max`` (``_attend_flat``). Decoding: one group already (a token per row).
     ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
     ``l`` is a Python int for per-layer caches (only layer ``l``'s buffers are read and written).
     """
     x_acc, kv, ratio_gn = state
+    flat = not plan.decoding
+    if flat:  # [G, N, ...] -> one group [1, G * N, ...]
+        one = lambda a: a.reshape((1, -1) + a.shape[2:])  # noqa: E731
+        x_in, admitted_gn, gate_gn, tok = one(x_start), one(admitted_gn), one(gate_gn), jax.tree_util.tree_map(
+            one, tok)
+        x_acc_in, ratio_in = one(x_acc), one(ratio_gn)
+        skip_kv = None if skip_kv is None else tuple(one(a) for a in skip_kv)
+        sizes = plan.flat_sizes[-1:] if plan.rc.dispatch == "expert" else plan.flat_sizes
+    else:
+        x_in, x_acc_in, ratio_in, sizes = x_start, x_acc, ratio_gn, _sizes(plan)
     idx, upd, r, kv, size = _run_visit(
-        plan, jnp.max(jnp.sum(admitted_gn, axis=-1)),
+        sizes, jnp.max(jnp.sum(admitted_gn, axis=-1)),
         idx_of=lambda size: dsp.select(admitted_gn, size),
-        project=lambda idx: _project(plan, params_l, meta_l["rope"], x_start, idx, tok, skip_kv),
+        project=lambda idx: _project(plan, params_l, meta_l["rope"], x_in, idx, tok, skip_kv),
         write=lambda idx, k, v: kv if skip_kv is not None else _write_visit(kv, l, tok, idx, k, v, s),
-        finish=lambda idx, qkv, kv: _finish(plan, params_l, meta_l["window"], x_start, idx, gate_gn, tok, kv, l,
-                                            qkv, s))
-    x_acc = dsp.scatter_add(x_acc, idx, upd)
-    ratio_gn = dsp.scatter_add(ratio_gn[..., None], idx, r[..., None])[..., 0]
-    return (x_acc, kv, ratio_gn), size
+        finish=lambda idx, qkv, kv: _finish(plan, params_l, meta_l["window"], x_in, idx, gate_gn, tok, kv, l,
+                                            qkv, s, flat))
+    x_acc = dsp.scatter_add(x_acc_in, idx, upd).reshape(x_acc.shape)
+    ratio_gn = dsp.scatter_add(ratio_in[..., None], idx, r[..., None])[..., 0].reshape(ratio_gn.shape)
+    queries = jnp.where(size > 0, cache_batch(kv) * plan.sizes[-1], 0) if flat else size
+    return (x_acc, kv, ratio_gn), jnp.stack([size, queries]).astype(jnp.int32)
 
 
 def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, tok: Tokens, s, state):
@@ -347,7 +386,7 @@ def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, 
         return jax.vmap(one)(pool, window_k, idx, gate_kgn, qkv, kv.k, kv.v, kv.written_at)
 
     idx, upd, r, kv, size = _run_visit(
-        plan, jnp.max(jnp.sum(admitted_kgn, axis=-1)),
+        _sizes(plan), jnp.max(jnp.sum(admitted_kgn, axis=-1)),
         idx_of=lambda size: jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn),  # [L, G, C]
         project=project,
         write=lambda idx, k, v: _write_visit(kv, jnp.arange(L, dtype=jnp.int32)[:, None, None], tok, idx, k, v, s),
@@ -425,8 +464,8 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         if rc.cache_policy == "propagate":
             kv, skip_kv = propagate_skips(plan, params_s, meta_s, x, eligible, tok, kv, s)
             state = (x, kv, ratio_gn)
-        state, size = run_layer(plan, s, params_s, meta_s, x, admitted_kgn[0], gate_kgn[0], tok, s, state, skip_kv)
-        sizes_l = jnp.zeros((L,), jnp.int32).at[s].set(size)
+        state, ran = run_layer(plan, s, params_s, meta_s, x, admitted_kgn[0], gate_kgn[0], tok, s, state, skip_kv)
+        sizes_l = jnp.zeros((L, 2), jnp.int32).at[s].set(ran)
     else:
         if rc.cache_policy == "propagate":  # the step-aligned writes of steps s < L (see the module docstring)
             if isinstance(s, int):  # unrolled steps (the inference layout)
@@ -440,14 +479,14 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
             def run(st):
                 state, sizes_l = st
                 params_l = pool_layer(pool, l)
-                state, size = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok,
-                                        s, state)
-                return state, sizes_l.at[l].set(size)
+                state, ran = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok,
+                                       s, state)
+                return state, sizes_l.at[l].set(ran)
             if is_per_layer(pool):  # static layer: its own arrays, nothing to slice
                 return run(st)
             # a layer no token uses at this step is not even sliced out of the stack (a copy on CPU)
             return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
-        st = (state, jnp.zeros((L,), jnp.int32))
+        st = (state, jnp.zeros((L, 2), jnp.int32))  # per layer: [tokens, attention queries] that ran
         if is_per_layer(pool):  # the inference layout: each layer reads its own arrays (unrolled)
             for l in range(L):
                 st = one_layer(l, st)
@@ -455,7 +494,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         elif not plan.decoding:  # whole sequences: one batched computation when the layers share the load
             def grouped(st):
                 state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, st[0])
-                return state, jnp.full((L,), size, jnp.int32)
+                return state, jnp.full((L, 2), x.shape[0] * size, jnp.int32)  # G groups at that size
 
             load_l = jnp.max(jnp.sum(admitted_kgn, axis=-1), axis=-1)  # [L]
             balanced = L * jnp.max(load_l) <= 2 * jnp.sum(load_l)  # grouped runs L x the largest load
@@ -479,7 +518,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         logits=logits, probs=jax.nn.softmax(logits, axis=-1), choice=decision.choice_gn,
         gate=jnp.where(admitted_kgn, gate_kgn, 0.0).sum(0), assign=assign,
         dropped=(decision.want_kgn & ~admitted_kgn).any(0), exited=decision.exiting_gn, ratio=ratio_gn,
-        layer_sizes=sizes_l, exit_size=exit_size, ran=jnp.bool_(True),
+        layer_tokens=sizes_l[:, 0], attn_queries=sizes_l[:, 1], exit_size=exit_size, ran=jnp.bool_(True),
         aligned_kv=jnp.bool_(rc.cache_policy == "propagate") & (s < L))
     new = Carry(x=x_new, active=carry.active & ~decision.exiting_gn,
                 last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters)
