@@ -67,7 +67,7 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     matmuls = layer_flops(lc, 1, 0)
     per_key = layer_flops(lc, 1, 1) - matmuls
     keys = cache_len + (0 if rc.ordered else 1)
-    total = (jnp.sum(records["layer_tokens"].astype(jnp.float32)) * matmuls
+    total = (jnp.sum(records["layer_sizes"].astype(jnp.float32)) * matmuls
              + jnp.sum(records["attn_queries"].astype(jnp.float32)) * keys * per_key)
     total += jnp.sum(ran) * router_flops(plan.hidden_size, rc.router_hidden, L + 2, num_groups * num_tokens)
     if rc.cache_policy == "propagate":  # step-aligned writes (steps s < L), and radial exits' fills
@@ -92,7 +92,7 @@ def compute_metrics(plan, records, valid_bt, num_groups: int, num_tokens: int, c
         exits=(records["exited"] & valid_bt[None]).sum(axis=(1, 2)).astype(jnp.int32),
         mean_depth=depth.sum() / n_valid, depth_fraction=depth.sum() / (n_valid * L),
         executed_flops=executed, dense_flops=jnp.float32(dense), compute_fraction=executed / dense,
-        layer_sizes=records["layer_tokens"], attn_queries=records["attn_queries"],
+        layer_sizes=records["layer_sizes"], attn_queries=records["attn_queries"],
         steps_run=records["ran"].sum().astype(jnp.int32),
         capacity=jnp.asarray(capacity, jnp.int32))
 

@@ -165,17 +165,16 @@ def propagate_skips_traced(plan: Plan, pool, meta, x, eligible, tok: Tokens, kv,
     L = plan.num_layers
     layer = _layer(plan)
 
-    def kv_of(params_l, rope_l):
-        return lambda: layer.apply({"params": params_l}, x, tok.positions, rope_l, method="kv")
+    def kv_of(l):  # the layer is picked inside the branch (a stacked slice is a copy on CPU)
+        return lambda: layer.apply({"params": pool_layer(pool, l)}, x, tok.positions, meta_at(meta, l)["rope"],
+                                   method="kv")
 
-    shapes = jax.eval_shape(kv_of(pool_layer(pool, 0), meta_at(meta, 0)["rope"]))
+    shapes = jax.eval_shape(kv_of(0))
     nothing = lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)  # noqa: E731
     if is_per_layer(pool):
-        branches = [kv_of(pool[l], meta_at(meta, l)["rope"]) for l in range(L)] + [nothing]
-        k, v = jax.lax.switch(jnp.minimum(s, L), branches)
+        k, v = jax.lax.switch(jnp.minimum(s, L), [kv_of(l) for l in range(L)] + [nothing])
     else:
-        s_l = jnp.minimum(s, L - 1)
-        k, v = jax.lax.cond(s < L, kv_of(pool_layer(pool, s_l), meta_at(meta, s_l)["rope"]), nothing)
+        k, v = jax.lax.cond(s < L, kv_of(jnp.minimum(s, L - 1)), nothing)
     write = eligible & (s < L)
     if not is_split(kv):
         return write_layer(kv, jnp.minimum(s, L - 1), tok.rows, tok.slots, k, v, write, s)
@@ -269,9 +268,11 @@ def _finish(plan: Plan, params_l, window_l, x_start, idx_gc, gate_gn, tok: Token
     return upd, jnp.where(ok, stats.layer.ratio(plan.rc.ratio_kind), 0.0)
 
 
-def _sizes(plan: Plan):
-    """The static sizes a visit may run at (expert choice: a static C_max, no load to follow)."""
-    return plan.sizes[-1:] if plan.rc.dispatch == "expert" else plan.sizes
+def _sizes(plan: Plan, flat: bool = False):
+    """The static sizes a visit may run at, per group or (``flat``) over all sequences at once (expert
+    choice: the largest alone, no load to follow)."""
+    sizes = plan.flat_sizes if flat else plan.sizes
+    return sizes[-1:] if plan.rc.dispatch == "expert" else sizes
 
 
 def _run_visit(sizes, load, idx_of, project, write, finish):
@@ -289,19 +290,21 @@ def _run_visit(sizes, load, idx_of, project, write, finish):
         qkv = project(idx)
         cache = write(idx, qkv[1], qkv[2])
         return (idx, *finish(idx, qkv, cache), cache, jnp.int32(largest))
-    axis = idx_of(largest).ndim - 1  # the token axis of idx and of every per-token array
+    idx_shape = jax.eval_shape(lambda: idx_of(largest))
+    axis = idx_shape.ndim - 1  # the token axis of idx and of every per-token array
 
     def padded(a, value=0):
         widths = [(0, 0)] * a.ndim
         widths[axis] = (0, largest - a.shape[axis])
         return jnp.pad(a, widths, constant_values=value)
 
-    def nothing(shapes):  # size 0: the largest size's shapes, nobody in them
-        return tuple(jnp.full(a.shape, NOBODY if a.dtype == jnp.int32 else 0, a.dtype) for a in shapes)
+    def zeros(fn):  # size 0: the largest size's shapes of ``fn()``, zeros
+        return tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(fn))
 
     def projected(size):
-        if size == 0:
-            return lambda _: nothing(jax.eval_shape(lambda: (idx_of(largest), *project(idx_of(largest)))))
+        if size == 0:  # nobody, and zeros
+            return lambda _: (jnp.full(idx_shape.shape, NOBODY, idx_shape.dtype),
+                              *zeros(lambda: project(idx_of(largest))))
         def run(_):
             idx = idx_of(size)
             return (padded(idx, NOBODY),) + tuple(padded(a) for a in project(idx))
@@ -313,7 +316,7 @@ def _run_visit(sizes, load, idx_of, project, write, finish):
 
     def finished(size):
         if size == 0:
-            return lambda _: nothing(jax.eval_shape(lambda: finish(idx, tuple(qkv), cache)))
+            return lambda _: zeros(lambda: finish(idx, tuple(qkv), cache))
         def run(_):
             cut = lambda a: jax.lax.slice_in_dim(a, 0, size, axis=axis)  # noqa: E731
             return tuple(padded(a) for a in finish(cut(idx), tuple(cut(a) for a in qkv), cache))
@@ -344,11 +347,10 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
             one, tok)
         x_acc_in, ratio_in = one(x_acc), one(ratio_gn)
         skip_kv = None if skip_kv is None else tuple(one(a) for a in skip_kv)
-        sizes = plan.flat_sizes[-1:] if plan.rc.dispatch == "expert" else plan.flat_sizes
     else:
-        x_in, x_acc_in, ratio_in, sizes = x_start, x_acc, ratio_gn, _sizes(plan)
+        x_in, x_acc_in, ratio_in = x_start, x_acc, ratio_gn
     idx, upd, r, kv, size = _run_visit(
-        sizes, jnp.max(jnp.sum(admitted_gn, axis=-1)),
+        _sizes(plan, flat), jnp.max(jnp.sum(admitted_gn, axis=-1)),
         idx_of=lambda size: dsp.select(admitted_gn, size),
         project=lambda idx: _project(plan, params_l, meta_l["rope"], x_in, idx, tok, skip_kv),
         write=lambda idx, k, v: kv if skip_kv is not None else _write_visit(kv, l, tok, idx, k, v, s),
@@ -518,7 +520,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         logits=logits, probs=jax.nn.softmax(logits, axis=-1), choice=decision.choice_gn,
         gate=jnp.where(admitted_kgn, gate_kgn, 0.0).sum(0), assign=assign,
         dropped=(decision.want_kgn & ~admitted_kgn).any(0), exited=decision.exiting_gn, ratio=ratio_gn,
-        layer_tokens=sizes_l[:, 0], attn_queries=sizes_l[:, 1], exit_size=exit_size, ran=jnp.bool_(True),
+        layer_sizes=sizes_l[:, 0], attn_queries=sizes_l[:, 1], exit_size=exit_size, ran=jnp.bool_(True),
         aligned_kv=jnp.bool_(rc.cache_policy == "propagate") & (s < L))
     new = Carry(x=x_new, active=carry.active & ~decision.exiting_gn,
                 last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters)
