@@ -90,13 +90,16 @@ def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
     # both sides in the inference layout (what ``generate`` serves): per-layer weights and caches
     dense_cache, routed_cache = split_layers(dense_cache), routed_cache.replace(kv=split_layers(routed_cache.kv))
 
+    def result(out, head):  # what a step outputs: it must use all of the step's work (XLA drops the rest)
+        return jnp.argmax(out.logits.reshape(b, -1), -1) if head else out.hidden.reshape(b, -1)[:, :8]
+
     def make(head):
         @jax.jit
         def dense(params, cache, toks):
             def body(cache, i):
                 out = model.module.apply({"params": params}, toks[:, i][:, None], positions_bt=jnp.full(
                     (b, 1), prompt_len + i, jnp.int32), cache=cache, compute_logits=head)
-                return out.cache, out.hidden[:, 0, 0]
+                return out.cache, result(out, head)
             return jax.lax.scan(body, cache, jnp.arange(steps))[1]
 
         @jax.jit
@@ -104,7 +107,7 @@ def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
             def body(cache, i):
                 out = rm.module.apply({"params": params}, toks[:, i], jnp.full((b,), prompt_len + i, jnp.int32),
                                       cache, None, head, method="decode_step")
-                return out.cache, (out.metrics.depth_fraction, out.metrics.compute_fraction)
+                return out.cache, (result(out, head), out.metrics.depth_fraction, out.metrics.compute_fraction)
             return jax.lax.scan(body, cache, jnp.arange(steps))[1]
         return dense, routed
 
@@ -120,7 +123,7 @@ def bench_decode(model, b, depth, args, figures, details):
     row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
     for head in (False, True):
         dense, routed = make(head)
-        frac = routed(routed_params, routed_cache, feed)
+        frac = routed(routed_params, routed_cache, feed)[1:]
         rounds = benchlib.interleave({"dense": lambda: dense(dense_params, dense_cache, feed),
                                       "routed": lambda: routed(routed_params, routed_cache, feed)}, args.repeats)
         speedup = benchlib.ratio(rounds, "dense", "routed")

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--compute-weight", type=float, default=0.3)
+    ap.add_argument("--cache-policy", choices=("mask", "propagate"), default="propagate",
+                    help="the students' cache policy (this study's; the library's default is defaults.DISTILL_CACHE_POLICY)")
     ap.add_argument("--quick", action="store_true", help="tiny steps everywhere (a smoke run)")
     ap.add_argument("--results", default=str(benchlib.RESULTS / "radial_vs_ordered.json"))
     args = ap.parse_args(argv)
@@ -89,10 +91,12 @@ def part_a(args, data, windows, out):
                               run_dir=out / "teacher_run")
         save_model(teacher, out / "teacher", data=data.source)
     dcfg = DistillConfig(compute_weight=args.compute_weight)  # radial_jax.defaults: train="all", threshold 0.35
+    policy = {"cache_policy": args.cache_policy}
     ordered, _ = distill(teacher, data, cfg=dcfg, train=train_config(args, args.distill_steps, 1e-3),
-                         run_dir=out / "ordered_run")
+                         run_dir=out / "ordered_run", radial_kwargs=policy)
     radial, history = distill(teacher, data, cfg=dcfg, mode="radial", start=ordered,
-                              train=train_config(args, args.radial_steps, 1e-3), run_dir=out / "radial_run")
+                              train=train_config(args, args.radial_steps, 1e-3), run_dir=out / "radial_run",
+                              radial_kwargs=policy)
     result = evaluate({"ordered": ordered, "radial": radial}, teacher, windows, png=out / "curve.png",
                       out_json=out / "eval.json", routes_png=out)
     return result, [h for h in history if "drop_rate" in h]

@@ -33,7 +33,7 @@ DECAY_STEPS = 200
 CHECKPOINT_EVERY = 100
 
 # -- distillation (DistillConfig) ----------------------------------------------------------------------
-DISTILL_STEPS = 300  # the ordered student
+DISTILL_STEPS = 600  # the ordered student
 RADIAL_STEPS = 200  # the radial student, continued from the ordered one (pipeline)
 DISTILL_LR = 1e-3
 DISTILL_TRAIN = "all"  # "router": layers frozen; "all": everything
@@ -41,7 +41,13 @@ TEMPERATURE = 2.0
 ROUTER_WEIGHT = 0.5
 HIDDEN_WEIGHT = 0.0
 ORACLE_THRESHOLD = 0.35  # oracle keep labels supervising the router (§3 per layer)
-COMPUTE_WEIGHT = 0.3  # weight of the expected-compute penalty
+COMPUTE_WEIGHT = 0.8  # weight of the expected-compute penalty (the ordered student)
+# the radial student, continued from the ordered one: a penalty as strong as the ordered one's makes it
+# exit so early that perplexity blows up (radial exits are cheap in the penalty, costly in quality)
+RADIAL_COMPUTE_WEIGHT = 0.3
+# the students' cache policy: "mask" (a skipped layer costs nothing, its K/V slot stays empty) or "propagate"
+# (a skipped layer still pays its K/V projection, about a sixth of a layer at the small sizes)
+DISTILL_CACHE_POLICY = "mask"
 ROUTER_HIDDEN = 16  # width of the router MLP (RadialConfig, DistillConfig, JointConfig)
 
 # -- oracle simulation and evaluation ---------------------------------------------------------------------
@@ -61,7 +67,8 @@ MAX_IMAGES = 256
 
 # -- serving speed (pipeline) ----------------------------------------------------------------------------------
 SERVE_REPEATS = 5
-SERVE_TOKENS = 16
+SERVE_CALIBRATION_WINDOWS = 64  # training-split windows the serving capacity is fitted on
+SERVE_TOKENS = 32  # decode steps timed per row, after a prompt of WINDOW - SERVE_TOKENS tokens
 
 # -- generation (``radial-jax generate``) --------------------------------------------------------------------
 MAX_NEW_TOKENS = 32

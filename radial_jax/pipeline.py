@@ -10,7 +10,8 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
 4. ``distill``: distil the teacher into a Radial Network in ordered mode (router
    and layers trained by default; ``--distill-train router`` freezes the layers),
    then, with ``--radial-steps``, continue it in radial mode from the ordered
-   student (any layer, reuse, exit).
+   student (any layer, reuse, exit). Each student is then served (evaluated and
+   timed) at the capacity its routes need on training text (``radial.capacity``).
 5. ``evaluate``: perplexity, depth and *executed* FLOPs of the students against
    the teacher and the oracles; the quality-against-compute PNG; route plots.
 6. ``serve``: measured wall-clock speed-ups of prefill and of decoding at batch
@@ -39,12 +40,15 @@ def run_pipeline(args) -> int:
     from radial_jax.io import atomic_write_json
     from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
-    from radial_jax.defaults import MIN_POSITIONS, SIZES
+    from radial_jax import defaults as D
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
     from radial_jax.data.packed import text_data
 
     thresholds = parse_thresholds(args.thresholds)
+    if args.serve_repeats > 0 and not 1 <= args.serve_tokens < args.window:
+        raise ValueError(f"--serve-tokens must be in [1, --window) = [1, {args.window}): the decode steps follow a "
+                         f"prompt of window - serve-tokens tokens; got {args.serve_tokens}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -62,8 +66,8 @@ def run_pipeline(args) -> int:
         teacher, teacher_name = load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
         print(f"[teacher] reusing {teacher_dir}")
     else:
-        config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(MIN_POSITIONS, args.window),
-                              **SIZES[args.size])
+        config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
+                              **D.SIZES[args.size])
         train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
                             optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
         from radial_jax.training.lm import train_lm
@@ -118,10 +122,19 @@ def run_pipeline(args) -> int:
             train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
                                 optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
             start = students.get("ordered") if mode == "radial" else None
-            students[mode], _ = distill(teacher, data, cfg=cfg, mode=mode, start=start, train=train,
+            mode_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight) if mode == "radial" else cfg
+            students[mode], _ = distill(teacher, data, cfg=mode_cfg, mode=mode, start=start, train=train,
                                         run_dir=out / f"distill_{mode}_run")
-            save_student(students[mode], where, distill=dataclasses.asdict(cfg), data=data.source, teacher=teacher_ref)
+            save_student(students[mode], where, distill=dataclasses.asdict(mode_cfg), data=data.source,
+                         teacher=teacher_ref)
         timings["distill_s"] = time.perf_counter() - t0
+        # served (evaluated, timed) at the capacity its routes need on training text (radial.capacity)
+        calibration = eval_windows(data.train, args.window, D.SERVE_CALIBRATION_WINDOWS)[0]
+        for name in students:
+            trained = students[name].radial.capacity_factor
+            students[name] = students[name].fit_capacity(calibration)
+            print(f"[serve] {name} student: capacity factor {students[name].radial.capacity_factor:.3f} "
+                  f"(trained at {trained:g})")
         t0 = time.perf_counter()
         if not _done(out / "distill" / "eval.json"):
             from radial_jax.training.evaluate import evaluate
@@ -133,8 +146,8 @@ def run_pipeline(args) -> int:
         if args.serve_repeats > 0:
             if not _done(out / "serve" / "speed.json"):
                 from radial_jax.serving import serving_speed
-                speed = serving_speed(teacher, students, full[:, :args.window // 2], new_tokens=args.serve_tokens,
-                                      repeats=args.serve_repeats)
+                speed = serving_speed(teacher, students, full, prompt_len=args.window - args.serve_tokens,
+                                      new_tokens=args.serve_tokens, repeats=args.serve_repeats)
                 atomic_write_json(out / "serve" / "speed.json", speed)
             speed = json.loads((out / "serve" / "speed.json").read_text())
         timings["serve_s"] = time.perf_counter() - t0
@@ -147,7 +160,8 @@ def run_pipeline(args) -> int:
                    for r in simulation["thresholds"]],
         "teacher_perplexity": None if evaluation is None else evaluation["teacher"]["ppl"],
         "students": None if evaluation is None else {
-            name: {"mode": s["mode"], "perplexity": s["ppl"], "depth_fraction": s["depth"],
+            name: {"mode": s["mode"], "capacity_factor": s["radial_config"]["capacity_factor"],
+                   "perplexity": s["ppl"], "depth_fraction": s["depth"],
                    "executed_flops_fraction": s["compute"], "perplexity_increase_vs_teacher": s["ppl_increase_vs_teacher"],
                    "oracle_perplexity_at_same_compute": s["oracle_ppl_at_same_compute"],
                    "reuse_share": s["route_stats"]["reuse_token_share"], "exit_share": s["route_stats"]["exit_share"],
@@ -175,10 +189,11 @@ def write_figures(summary: dict, path) -> None:
             target="<= 0.60 at <= +5 % ppl", met=met,
             note=f"depth {100 * s['depth_fraction']:.0f} %, ppl {s['perplexity']:.1f} "
                  f"({100 * s['perplexity_increase_vs_teacher']:+.1f} %), oracle at same FLOPs "
-                 f"{s['oracle_perplexity_at_same_compute'] or float('nan'):.1f}"))
+                 f"{s['oracle_perplexity_at_same_compute'] or float('nan'):.1f}; served at capacity factor "
+                 f"{s['capacity_factor']:.3g}"))
         if s["speed"]:
-            for key, label in (("prefill_speedup", "prefill"), ("decode_b1_speedup", "decoding, batch 1"),
-                               ("decode_b8_speedup", "decoding, batch 8")):
+            for key, label in (("prefill_speedup", "prefill"), ("decode_b1_speedup", "decode steps, batch 1"),
+                               ("decode_b8_speedup", "decode steps, batch 8")):
                 figs.append(figure(f"pipeline_{name}_{key}", f"pipeline: {name} student {label} vs teacher",
                                             s["speed"][key], unit="x"))
     write_result(path, "pipeline", summary["settings"], figs, {k: v for k, v in summary.items()
@@ -223,11 +238,15 @@ def register(sub) -> None:
     p.add_argument("--max-windows", type=int, default=D.MAX_WINDOWS, help="held-out windows for profile/simulate/eval")
     p.add_argument("--thresholds", default=D.csv(D.PIPELINE_THRESHOLDS))
     p.add_argument("--oracle-threshold", type=float, default=D.ORACLE_THRESHOLD, help="oracle labels for router supervision")
-    p.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT, help="weight of the expected-compute penalty")
+    p.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT,
+                   help="weight of the expected-compute penalty (ordered student)")
+    p.add_argument("--radial-compute-weight", type=float, default=D.RADIAL_COMPUTE_WEIGHT,
+                   help="weight of the expected-compute penalty (radial student)")
     p.add_argument("--distill-train", choices=("router", "all"), default=D.DISTILL_TRAIN,
                    help="what distillation trains: the router only (layers frozen) or everything")
     p.add_argument("--distill-lr", type=float, default=D.DISTILL_LR)
     p.add_argument("--serve-repeats", type=int, default=D.SERVE_REPEATS, help="interleaved timing rounds; 0 skips serving speed")
-    p.add_argument("--serve-tokens", type=int, default=D.SERVE_TOKENS, help="tokens decoded per row when timing")
+    p.add_argument("--serve-tokens", type=int, default=D.SERVE_TOKENS,
+                   help="decode steps per row when timing (after a prompt of window - serve-tokens tokens)")
     p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
     p.set_defaults(func=run_pipeline)

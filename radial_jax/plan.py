@@ -192,7 +192,8 @@ def make_plan(config, mesh_sizes, *, task: str = "distill", batch: int = 16, seq
         from radial_jax.training.distill import DistillConfig, without_router
         from radial_jax.training.scale import distill_parts
         distill_cfg = distill_cfg or DistillConfig()
-        radial = RadialConfig(**{"mode": "ordered", "cache_policy": "propagate",
+        from radial_jax.defaults import DISTILL_CACHE_POLICY
+        radial = RadialConfig(**{"mode": "ordered", "cache_policy": DISTILL_CACHE_POLICY,
                                  "router_hidden": distill_cfg.router_hidden, **(radial_kwargs or {})})
         L = config.num_layers
         router = jax.eval_shape(init_router(L, radial.steps(L), radial, config.hidden_size), jax.random.key(0))

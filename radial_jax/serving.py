@@ -1,24 +1,26 @@
 """Serving speed of routed networks against their teacher: prefill and decoding, measured side by side.
 
-``serving_speed(teacher, {"ordered": s1, "radial": s2}, prompts)`` times, with the
-sides interleaved (``radial_jax.timing``), on the same prompts:
+``serving_speed(teacher, {"ordered": s1, "radial": s2}, windows)`` times, with the
+sides interleaved (``radial_jax.timing``), on the same text:
 
-* prefill: the parallel forward of ``[batch, length]`` windows, logits included;
-* decoding at each batch size: ``generate(N) - generate(1)`` seconds for the
-  ``N - 1`` later tokens of every row (the one generation path both share;
-  end-of-sequence disabled so every row decodes them all).
+* prefill: the parallel forward of ``[batch, prompt_len]`` prompts, logits included;
+* decoding at each batch size: ``new_tokens`` decode steps after a prefilled prompt,
+  teacher-forced with the windows' next tokens (real text, so the routes are those of
+  real text), through the bundle's own ``decoding()`` functions, the ones ``generate``
+  runs at every step, in one compiled loop (the prefill is not timed).
 
 Speed-ups are teacher time / student time per round (median and spread). What a
-student executes per decoded token (depth, FLOPs) comes from its own
-``GenerationOutput``. On a small model the fixed costs of routing (router,
-dispatch, branch selection) weigh more than on a large one; the numbers say what
-they say on the machine they were measured on.
+student executes per decoded token (depth, FLOPs) comes from the same timed steps.
+On a small model the fixed costs of routing (router, dispatch, branch selection)
+weigh more than on a large one; the numbers say what they say on the machine they
+were measured on.
 """
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.timing import interleave, ratio
@@ -28,38 +30,66 @@ def _forward(bundle, ids):
     return lambda: bundle(ids)
 
 
-def _generate(bundle, ids, n):
-    return lambda: bundle.generate(ids, max_new_tokens=n, eos_token_id=())
+def decode_loop(bundle, prompts_bt, feed_bn):
+    """A timed callable: ``n`` decode steps of ``bundle`` (``bundle.decoding()``) over the cache its
+    prefill of ``prompts_bt`` left, fed ``feed_bn`` (teacher forcing). Calling it returns
+    ``(greedy [n, b], depth [n, b], flops [n])``: each step's argmax token (as ``generate`` picks it; an
+    output, so that XLA cannot drop the work), layer visits per token and FLOPs per step."""
+    dec = bundle.decoding()
+    (b, t), n = prompts_bt.shape, feed_bn.shape[1]
+
+    @jax.jit
+    def prefilled(params, ids_bt):
+        params = dec.prepare(params)
+        _, cache, _ = dec.prefill(params, ids_bt, jnp.ones(ids_bt.shape, bool), dec.init_cache(b, t + n))
+        return params, cache
+
+    @jax.jit
+    def loop(params, cache, feed_bn):
+        live_b = jnp.ones((b,), bool)
+
+        def body(cache, i):
+            logits_bv, cache, stats = dec.step(params, feed_bn[:, i], jnp.full((b,), t, jnp.int32) + i, live_b,
+                                               cache)
+            return cache, (jnp.argmax(logits_bv, -1), stats["depth"], stats["flops"])
+        return jax.lax.scan(body, cache, jnp.arange(n))[1]
+
+    params, cache = prefilled(bundle.params, jnp.asarray(prompts_bt, jnp.int32))
+    feed = jnp.asarray(feed_bn, jnp.int32)
+    return lambda: loop(params, cache, feed)
 
 
-def serving_speed(teacher, students: Dict[str, object], prompts: np.ndarray, *, batch_sizes: Sequence[int] = (1, 8),
-                  new_tokens: int = 16, repeats: int = 5) -> dict:
+def serving_speed(teacher, students: Dict[str, object], windows: np.ndarray, *, prompt_len: int,
+                  batch_sizes: Sequence[int] = (1, 8), new_tokens: int = 16, repeats: int = 5) -> dict:
     """Speed-ups of each student over ``teacher`` (prefill, and decoding at each batch size); see the module doc.
 
-    ``prompts``: ``[n, t]`` token ids with ``n >= max(batch_sizes)``; prefill uses ``min(n, 8)`` of them.
+    ``windows``: ``[n, t]`` token ids, ``n >= max(batch_sizes)``, ``t >= prompt_len + new_tokens``: the
+    first ``prompt_len`` tokens of a window are its prompt, the next ``new_tokens`` are fed to the decode
+    steps. Prefill runs on ``min(n, 8)`` prompts.
     """
-    prompts = np.asarray(prompts)
-    if prompts.ndim != 2 or len(prompts) < max(batch_sizes):
-        raise ValueError(f"prompts must be [n >= {max(batch_sizes)}, t] token ids, got shape {prompts.shape}")
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be >= 2 (decoding is timed after the first token), got {new_tokens}")
-    result = {"prefill_shape": [min(len(prompts), 8), prompts.shape[1]], "new_tokens": new_tokens,
-              "repeats": repeats, "backend": jax.default_backend(), "students": {}}
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or len(windows) < max(batch_sizes):
+        raise ValueError(f"windows must be [n >= {max(batch_sizes)}, t] token ids, got shape {windows.shape}")
+    if new_tokens < 1 or prompt_len < 1:
+        raise ValueError(f"prompt_len and new_tokens must be >= 1, got {prompt_len} and {new_tokens}")
+    if prompt_len + new_tokens > windows.shape[1]:
+        raise ValueError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the windows' "
+                         f"{windows.shape[1]} tokens")
+    prompts, feed = windows[:, :prompt_len], windows[:, prompt_len:prompt_len + new_tokens]
+    result = {"prefill_shape": [min(len(windows), 8), prompt_len], "new_tokens": new_tokens,
+              "repeats": repeats, "backend": jax.default_backend(), "decoding": "teacher-forced decode steps",
+              "students": {}}
     batch = prompts[:min(len(prompts), 8)]
     for name, student in students.items():
         row = {}
         rounds = interleave({"teacher": _forward(teacher, batch), "student": _forward(student, batch)}, repeats)
         row["prefill_speedup"] = ratio(rounds, "teacher", "student")
         for b in batch_sizes:
-            ids = prompts[:b]
-            sides = {"teacher_1": _generate(teacher, ids, 1), "teacher_n": _generate(teacher, ids, new_tokens),
-                     "student_1": _generate(student, ids, 1), "student_n": _generate(student, ids, new_tokens)}
-            r = interleave(sides, repeats)
-            teacher_s = [n - one for n, one in zip(r["teacher_n"], r["teacher_1"])]
-            student_s = [n - one for n, one in zip(r["student_n"], r["student_1"])]
-            out = student.generate(ids, max_new_tokens=new_tokens, eos_token_id=(), return_output=True)
-            row[f"decode_b{b}_speedup"] = ratio({"t": teacher_s, "s": student_s}, "t", "s")
-            row[f"decode_b{b}_depth_fraction"] = float(out.depth[:, 1:].mean() / student.config.num_layers)
-            row[f"decode_b{b}_flops_per_step"] = float(np.mean(out.step_flops[1:]))
+            sides = {"teacher": decode_loop(teacher, prompts[:b], feed[:b]),
+                     "student": decode_loop(student, prompts[:b], feed[:b])}
+            row[f"decode_b{b}_speedup"] = ratio(interleave(sides, repeats), "teacher", "student")
+            _, depth, flops = jax.device_get(sides["student"]())
+            row[f"decode_b{b}_depth_fraction"] = float(np.mean(depth) / student.config.num_layers)
+            row[f"decode_b{b}_flops_per_step"] = float(np.mean(flops))
         result["students"][name] = row
     return result

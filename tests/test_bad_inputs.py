@@ -309,6 +309,10 @@ def cli_pipeline_bad_thresholds(env):
     return env.cli("pipeline", "--out", env.dir / "out", "--thresholds", "0,2")
 
 
+def cli_pipeline_serve_tokens_beyond_window(env):
+    return env.cli("pipeline", "--out", env.dir / "out", "--window", "16", "--serve-tokens", "16")
+
+
 def cli_profile_bad_dtype(env):
     return env.cli("profile", "--model", env.ckpt, "--dtype", "float8", "--out", env.dir / "out")
 
@@ -359,6 +363,8 @@ CASES = [
     ("CLI eval of a teacher dir", cli_eval_of_a_teacher_dir, CLIError, ["{dir}/lm", "'lm'"]),
     ("CLI generate --max-new-tokens -3", cli_generate_negative_tokens, CLIError, ["--max-new-tokens", ">= 1"]),
     ("CLI pipeline --thresholds 0,2", cli_pipeline_bad_thresholds, CLIError, ["thresholds", r"\[0, 1\]"]),
+    ("CLI pipeline --serve-tokens >= --window", cli_pipeline_serve_tokens_beyond_window, CLIError,
+     ["--serve-tokens", r"\[1, 16\)", "got 16"]),
     ("CLI profile --dtype float8", cli_profile_bad_dtype, CLIError, ["float8", "float32"]),
 ]
 

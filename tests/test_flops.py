@@ -52,7 +52,8 @@ def test_layer_flops_equal_xla_for_a_visit_against_a_cache(lc, tokens, keys):
 def _branch_flops(rm, tokens_run, queries, decoding, groups, tokens, cache_len):
     """XLA's FLOPs of one layer visit at static sizes (the code the network runs): matmuls on
     ``tokens_run`` tokens, attention on ``queries`` query slots (whole sequences: ``queries / groups``
-    per sequence, the flat dispatch's ``C_max``)."""
+    per sequence: the busiest sequence's load rounded up). Ordered *propagate*: the visit is handed the step's
+    K/V of every token (``skip_kv``), as the network does."""
     config = rm.config
     lc = config.layer_config()
     per_group = tokens_run if decoding else queries // groups
@@ -61,10 +62,11 @@ def _branch_flops(rm, tokens_run, queries, decoding, groups, tokens, cache_len):
                 flat_sizes=(tokens_run,))
     params_l = jax.tree_util.tree_map(lambda a: a[0], rm.params["layers"])
     meta_l = {k: jnp.asarray(v[0]) for k, v in config.layer_meta().items()}
-    # tokens_run admitted tokens, at most per_group of each group
+    # at most per_group admitted tokens in each group, tokens_run in all (a flat visit's matmuls run at
+    # tokens_run, its load rounded up, so fewer may be admitted)
     admitted = (jnp.arange(tokens)[None] < per_group) & (
         jnp.arange(groups)[:, None] * per_group + jnp.arange(tokens)[None] < tokens_run)
-    assert int(admitted.sum()) == tokens_run
+    assert int(admitted.sum()) == min(tokens_run, groups * per_group)
     rows = (jnp.arange(tokens)[None] if decoding else jnp.broadcast_to(jnp.arange(groups)[:, None],
                                                                         (groups, tokens))).astype(jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(tokens), (groups, tokens)).astype(jnp.int32)
@@ -74,12 +76,24 @@ def _branch_flops(rm, tokens_run, queries, decoding, groups, tokens, cache_len):
     kv = KVCache.create(config.num_layers, batch, cache_len, lc.kv_heads, lc.head_size)
     x = jnp.zeros((groups, tokens, config.hidden_size))
 
-    def branch(params_l, x, kv):
+    given_kv = rm.radial.ordered and rm.radial.cache_policy == "propagate"
+    skip_kv = jnp.zeros((2, groups, tokens, lc.kv_heads, lc.head_size))
+
+    def branch(params_l, x, kv, skip_kv):
         state = (x, kv, jnp.zeros((groups, tokens)))
         return run_layer(plan, jnp.int32(0), params_l, meta_l, x, admitted, jnp.ones((groups, tokens)), tok,
-                         jnp.int32(0), state)[0][0]
+                         jnp.int32(0), state, skip_kv=tuple(skip_kv) if given_kv else None)[0][0]
 
-    return xla(branch, params_l, x, kv)
+    return xla(branch, params_l, x, kv, skip_kv)
+
+
+def _kv_write_flops(rm, groups, tokens):
+    """XLA's FLOPs of one layer's K/V projections of ``groups x tokens`` tokens (a *propagate* write)."""
+    lc = rm.config.layer_config()
+    layer = TransformerLayer(lc)
+    params_l = jax.tree_util.tree_map(lambda a: a[0], rm.params["layers"])
+    x = jnp.zeros((groups, tokens, rm.config.hidden_size))
+    return xla(lambda p, x: layer.apply({"params": p}, x, method="kv"), params_l, x)
 
 
 def _router_flops(rm, groups, tokens):
@@ -89,11 +103,20 @@ def _router_flops(rm, groups, tokens):
     return xla(lambda p, x: router.apply({"params": p}, x, jnp.int32(0)), rm.params["router"], x)
 
 
-@pytest.mark.parametrize("mode", ["ordered", "radial"])
-def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
+def _propagate_flops(rm, metrics, groups, tokens):
+    """XLA's FLOPs of ordered *propagate*'s writes that ran: every token's K/V at each step."""
+    if rm.radial.cache_policy != "propagate":
+        return 0.0
+    assert rm.radial.ordered, "radial mode's exit fills are not counted here"
+    return int(metrics.steps_run) * _kv_write_flops(rm, groups, tokens)
+
+
+@pytest.mark.parametrize("mode,policy", [("ordered", "mask"), ("radial", "mask"), ("ordered", "propagate")])
+def test_executed_flops_equal_xla_for_the_branches_that_ran(mode, policy):
     model = rj.build(rj.OPTConfig(**WIDE), seed=0)
     kw = dict(mode="ordered", capacity_factor=0.5) if mode == "ordered" else dict(mode="radial", capacity_factor=1.0)
-    rm = RadialNetwork.from_sequential(model, router_init_scale=1.5, seed=3, prefill_buckets=4, **kw)
+    rm = RadialNetwork.from_sequential(model, router_init_scale=1.5, seed=3, prefill_buckets=4, cache_policy=policy,
+                                       **kw)
     B, T = 2, 24
     ids = np.random.default_rng(0).integers(3, 64, (B, T))
     out = rm.forward(ids)
@@ -102,6 +125,7 @@ def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
     xla_total = sum(_branch_flops(rm, int(c), int(q), False, B, T, T) for c, q in zip(sizes[sizes > 0],
                                                                                      queries[sizes > 0]))
     xla_total += int(out.metrics.steps_run) * _router_flops(rm, B, T)
+    xla_total += _propagate_flops(rm, out.metrics, B, T)
     assert float(out.metrics.executed_flops) == pytest.approx(xla_total, rel=REL)
     # and what ran is what the budget let through, rounded up to the static sizes
     assert float(out.metrics.executed_flops) < float(out.metrics.dense_flops)
@@ -114,6 +138,7 @@ def test_executed_flops_equal_xla_for_the_branches_that_ran(mode):
     sizes = np.asarray(step.metrics.layer_sizes)
     xla_step = sum(_branch_flops(rm, int(c), int(c), True, 1, b, 12) for c in sizes[sizes > 0])
     xla_step += int(step.metrics.steps_run) * _router_flops(rm, 1, b)
+    xla_step += _propagate_flops(rm, step.metrics, 1, b)
     assert float(step.metrics.executed_flops) == pytest.approx(xla_step, rel=REL)
 
 

@@ -3,10 +3,12 @@
 Executed FLOPs are counted by construction from the shapes that ran
 (``radial_jax.flops``): for every step that ran, the router on every token, each
 layer's matmuls on the tokens that ran (its load rounded up to a static size) and its
-attention on the query slots that ran (whole sequences: ``C_max`` per sequence)
+attention on the query slots that ran (whole sequences: per sequence, the busiest one's load rounded
+up to a static size)
 against the whole cache (radial mode: plus each query's own K/V), the *propagate*
 writes (K/V of every token at every step ``s < L``; radial mode also K/V of
-every layer for the exiting tokens' size). The oracle's probe is a simulation device and is
+every layer for the exiting tokens' size). Ordered *propagate* visits project their
+queries alone: the step's write already holds their K/V. The oracle's probe is a simulation device and is
 not counted. ``dense_flops`` is the sequential model on the same tokens and
 cache; ``compute_fraction`` is their ratio (FLOPs, not visits).
 """
@@ -33,7 +35,7 @@ class RadialMetrics:
     layer_sizes: ``[S, L]`` the tokens each layer's matmuls ran on, over the batch: its load rounded up to a
       static size (0: did not run).
     attn_queries: ``[S, L]`` the query slots each layer's attention ran on (whole sequences, flat dispatch:
-      ``C_max`` per sequence).
+      per sequence, the busiest sequence's load rounded up to a static size).
     steps_run: steps the loop ran (decoding stops when every row has exited).
     capacity: ``C_max``, the most tokens of a sequence a layer may admit at a step.
     """
@@ -66,6 +68,8 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     # slot (ordered mode: its own K/V among them; radial: plus its own)
     matmuls = layer_flops(lc, 1, 0)
     per_key = layer_flops(lc, 1, 1) - matmuls
+    if rc.ordered and rc.cache_policy == "propagate":  # a visit projects its queries only: its K/V are the
+        matmuls -= kv_flops(lc, 1)                     # step's propagate write, counted below (steps._project)
     keys = cache_len + (0 if rc.ordered else 1)
     total = (jnp.sum(records["layer_sizes"].astype(jnp.float32)) * matmuls
              + jnp.sum(records["attn_queries"].astype(jnp.float32)) * keys * per_key)

@@ -113,6 +113,11 @@ class RadialModel(Bundle):
                    "capacity_factor": self.radial.budget_fraction(L) * L, **radial_changes}
         return self.replace(params={**self.params, "router": router}, **changes)
 
+    def fit_capacity(self, windows, **kwargs) -> "RadialModel":
+        """This network at the smallest capacity its routes need on ``windows`` (``radial.capacity``)."""
+        from radial_jax.radial.capacity import fit_capacity
+        return fit_capacity(self, windows, **kwargs)
+
     def forward(self, inputs, attention_mask=None, **kwargs) -> RadialOutput:
         """The parallel forward (``RadialNetwork.__call__``): ``positions_bt``, ``cache``, ``max_len``,
         ``threshold``, ``compute_logits`` as keywords."""

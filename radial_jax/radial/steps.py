@@ -17,8 +17,9 @@ One step ``s`` (``run_step``), in named parts:
    nothing). A first branch gathers the tokens in position order and projects their
    queries and K/V; the K/V are written first-visit outside it; a second branch on the
    same size attends to the global cache (entries written at a step ``<= s``, causal,
-   in the layer's window) and finishes the layer; the gated updates are scattered back
-   outside. Nothing updated in place enters a branch (XLA would copy it);
+   in the layer's window) and finishes the layer (whole sequences: the attention has a
+   switch of its own, per sequence at the busiest sequence's size); the gated updates
+   are scattered back outside. Nothing updated in place enters a branch (XLA would copy it);
 5. ``propagate_exits`` (radial mode, *propagate*): tokens that exit fill every still
    empty layer of their slot with K/V of their final state, visible from step
    ``s + 1`` on (written after this step's layers ran: a token decoded later must
@@ -208,19 +209,20 @@ def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
     return attention(plan.lc, q, kc, vc, mask, self_kv=None if own_in_cache else (k, v))
 
 
-def _attend_flat(plan: Plan, kv, l, q, k, v, slot_f, row_f, ok_f, s, window):
+def _attend_flat(plan: Plan, kv, l, q, k, v, slot_f, row_f, ok_f, s, window, per_sequence: int):
     """``_attend`` for a flat visit (``[1, F]``: the tokens of every sequence, batch-major): the queries go
-    to ``[B, C_max]`` (sequence, rank in it) so that each reads its own cache row, and come back."""
-    batch, c_max = cache_batch(kv), plan.sizes[-1]
+    to ``[B, per_sequence]`` (sequence, rank in it; ``per_sequence`` holds the busiest sequence's tokens)
+    so that each reads its own cache row, and come back."""
+    batch = cache_batch(kv)
     rows = jnp.where(ok_f[0], row_f[0], batch)  # [F], batch: nobody
     counts = jnp.zeros((batch,), jnp.int32).at[rows].add(1, mode="drop")
     rank = jnp.arange(rows.shape[0]) - (jnp.cumsum(counts) - counts)[jnp.clip(rows, 0, batch - 1)]
 
-    def grouped(a, fill=0):  # [1, F, ...] -> [B, C_max, ...]
-        return jnp.full((batch, c_max) + a.shape[2:], fill, a.dtype).at[rows, rank].set(a[0], mode="drop")
+    def grouped(a, fill=0):  # [1, F, ...] -> [B, per_sequence, ...]
+        return jnp.full((batch, per_sequence) + a.shape[2:], fill, a.dtype).at[rows, rank].set(a[0], mode="drop")
     ctx = _attend(plan, kv, l, grouped(q), grouped(k), grouped(v), grouped(slot_f, cache_max_len(kv)),
                   grouped(row_f), s, window)
-    return ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, c_max - 1)][None]
+    return ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, per_sequence - 1)][None]
 
 
 def _dispatched(tok: Tokens, idx_gc, t_max: int):
@@ -230,9 +232,9 @@ def _dispatched(tok: Tokens, idx_gc, t_max: int):
             dsp.gather(tok.rows, idx_gc))
 
 
-# A layer visit by the gathered tokens ``idx_gc [G, C]`` (``NOBODY``: an empty slot) has two phases with
-# the cache write between them (rule 1: a visit writes, then attends): ``_project`` (queries and K/V),
-# ``_write_visit``, ``_finish`` (attention, the rest of the layer, the gated update).
+# A layer visit by the gathered tokens ``idx_gc [G, C]`` (``NOBODY``: an empty slot) projects, writes,
+# then attends (rule 1): ``_project`` (queries and K/V), ``_write_visit``, ``_context`` (attention),
+# ``_finish`` (the rest of the layer, the gated update); ``_run_visit`` puts them under switches.
 
 def _project(plan: Plan, params_l, rope_l, x_start, idx_gc, tok: Tokens, skip_kv=None):
     """``(q, k, v)`` of the gathered tokens. ``skip_kv``: K/V already in the cache (ordered *propagate*)."""
@@ -250,18 +252,21 @@ def _write_visit(cache, at, tok: Tokens, idx, k, v, s):
     return write_layer(cache, at, row, slot, k, v, ok, s)
 
 
-def _finish(plan: Plan, params_l, window_l, x_start, idx_gc, gate_gn, tok: Tokens, cache, at, qkv, s,
-            flat: bool = False):
-    """``(upd_gce, ratio_gc)``: attention to layer ``at`` of ``cache`` (the visit's K/V written), the rest
-    of the layer, the update times the gate and the residual ratio (0 for empty slots).
-    ``flat``: one group holding every sequence's tokens (``_attend_flat``)."""
-    layer = _layer(plan)
+def _context(plan: Plan, window_l, idx_gc, tok: Tokens, cache, at, qkv, s, per_sequence=None):
+    """The attention context of the gathered tokens (to layer ``at`` of ``cache``, their K/V written).
+    ``per_sequence``: a flat visit (one group holding every sequence's tokens, ``_attend_flat``)."""
     ok, _, slot_gc, row_gc = _dispatched(tok, idx_gc, cache_max_len(cache))
+    if per_sequence is not None:
+        return _attend_flat(plan, cache, at, *qkv, slot_gc, row_gc, ok, s, window_l, per_sequence)
+    return _attend(plan, cache, at, *qkv, slot_gc, row_gc, s, window_l)
+
+
+def _finish(plan: Plan, params_l, x_start, idx_gc, gate_gn, tok: Tokens, ctx):
+    """``(upd_gce, ratio_gc)``: the rest of the layer after attention (``ctx``), the update times the gate
+    and the residual ratio (0 for empty slots)."""
+    layer = _layer(plan)
+    ok = idx_gc < tok.valid.shape[1]
     x_gc = dsp.gather(x_start, idx_gc)
-    if flat:
-        ctx = _attend_flat(plan, cache, at, *qkv, slot_gc, row_gc, ok, s, window_l)
-    else:
-        ctx = _attend(plan, cache, at, *qkv, slot_gc, row_gc, s, window_l)
     y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
     g_gc = jnp.where(ok, dsp.gather(gate_gn, idx_gc), 0.0)
     upd = (y.astype(jnp.float32) - x_gc.astype(jnp.float32)) * g_gc[..., None]
@@ -275,21 +280,26 @@ def _sizes(plan: Plan, flat: bool = False):
     return sizes[-1:] if plan.rc.dispatch == "expert" else sizes
 
 
-def _run_visit(sizes, load, idx_of, project, write, finish):
-    """A visit at the smallest static size that holds ``load``: ``(idx, upd, ratio, cache, size)``.
+def _run_visit(sizes, load, idx_of, project, write, attend, finish, attention=None):
+    """A visit at the smallest static size that holds ``load``: ``(idx, upd, ratio, cache, size, attn_size)``.
 
     ``idx_of(size)`` gathers the tokens, ``project(idx) -> (q, k, v)``, ``write(idx, k, v) -> cache``,
-    ``finish(idx, (q, k, v), cache) -> (upd, ratio)``. The two computing phases each run under a
-    ``lax.switch`` on the size (only the chosen branch runs; size 0 runs nothing) and return the
-    largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them, outside: XLA
-    copies every buffer a switch branch returns updated (the layer's cache, the hidden states).
+    ``attend(idx, qkv, cache, attn_size) -> ctx``, ``finish(idx, ctx) -> (upd, ratio)``. The computing
+    phases each run under a ``lax.switch`` (only the chosen branch runs; size 0 runs nothing) and
+    return the largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them,
+    outside: XLA copies every buffer a switch branch returns updated (the layer's cache, the hidden
+    states). ``attention = (attn_sizes, attn_load)`` (whole sequences): the attention has a switch of
+    its own, at the smallest of ``attn_sizes`` that holds ``attn_load`` (the busiest sequence's
+    tokens); otherwise it runs with the rest of the layer, at the visit's size (``attn_size=None``).
     """
     largest = sizes[-1]
+    attn_sizes, attn_load = attention if attention is not None else ((None,), None)
     if len(sizes) == 1:  # one size: no switch at all
         idx = idx_of(largest)
         qkv = project(idx)
         cache = write(idx, qkv[1], qkv[2])
-        return (idx, *finish(idx, qkv, cache), cache, jnp.int32(largest))
+        upd, ratio = finish(idx, attend(idx, qkv, cache, attn_sizes[-1]))
+        return idx, upd, ratio, cache, jnp.int32(largest), jnp.int32(attn_sizes[-1] or largest)
     idx_shape = jax.eval_shape(lambda: idx_of(largest))
     axis = idx_shape.ndim - 1  # the token axis of idx and of every per-token array
 
@@ -300,6 +310,9 @@ def _run_visit(sizes, load, idx_of, project, write, finish):
 
     def zeros(fn):  # size 0: the largest size's shapes of ``fn()``, zeros
         return tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(fn))
+
+    def cut(size):
+        return lambda a: jax.lax.slice_in_dim(a, 0, size, axis=axis)
 
     def projected(size):
         if size == 0:  # nobody, and zeros
@@ -312,18 +325,35 @@ def _run_visit(sizes, load, idx_of, project, write, finish):
 
     index = dsp.size_index(sizes, load)
     idx, *qkv = jax.lax.switch(index, [projected(size) for size in sizes], None)
+    qkv = tuple(qkv)
     cache = write(idx, qkv[1], qkv[2])
 
-    def finished(size):
-        if size == 0:
-            return lambda _: zeros(lambda: finish(idx, tuple(qkv), cache))
-        def run(_):
-            cut = lambda a: jax.lax.slice_in_dim(a, 0, size, axis=axis)  # noqa: E731
-            return tuple(padded(a) for a in finish(cut(idx), tuple(cut(a) for a in qkv), cache))
-        return run
+    if attention is None:  # attention with the rest of the layer
+        def finished(size):
+            if size == 0:
+                return lambda _: zeros(lambda: finish(idx, attend(idx, qkv, cache, None)))
+            def run(_):
+                idx_c, qkv_c = cut(size)(idx), tuple(map(cut(size), qkv))
+                return tuple(padded(a) for a in finish(idx_c, attend(idx_c, qkv_c, cache, None)))
+            return run
+        attn_size = None
+    else:  # the attention at its own size (on the padded visit), then the rest at the visit's
+        def attended(n):
+            if n == 0:
+                return lambda _: zeros(lambda: (attend(idx, qkv, cache, attn_sizes[-1]),))[0]
+            return lambda _: attend(idx, qkv, cache, n)
+        attn_index = dsp.size_index(attn_sizes, attn_load)
+        ctx = jax.lax.switch(attn_index, [attended(n) for n in attn_sizes], None)
+
+        def finished(size):
+            if size == 0:
+                return lambda _: zeros(lambda: finish(idx, ctx))
+            return lambda _: tuple(padded(a) for a in finish(cut(size)(idx), cut(size)(ctx)))
+        attn_size = jnp.asarray(attn_sizes, jnp.int32)[attn_index]
 
     upd, ratio = jax.lax.switch(index, [finished(size) for size in sizes], None)
-    return idx, upd, ratio, cache, jnp.asarray(sizes, jnp.int32)[index]
+    size = jnp.asarray(sizes, jnp.int32)[index]
+    return idx, upd, ratio, cache, size, size if attn_size is None else attn_size
 
 
 def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, tok: Tokens, s, state,
@@ -334,13 +364,17 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     tokens the layer's matmuls ran on and the query slots its attention ran on (0: nothing).
     Whole sequences dispatch *flat*: the admitted tokens of every sequence as one group
     (``plan.flat_sizes``), so the matmuls run at about the batch's load rather than the
-    batch size times the busiest sequence's; only the attention runs per sequence, at
-    ``C_max`` (``_attend_flat``). Decoding: one group already (a token per row).
+    batch size times the busiest sequence's; only the attention runs per sequence, at the
+    smallest of ``plan.sizes`` that holds the busiest sequence's tokens (``_attend_flat``, a
+    switch of its own). Decoding: one group already (a token per row).
     ``skip_kv``: ordered *propagate*: the step's K/V of every token (already in the cache).
     ``l`` is a Python int for per-layer caches (only layer ``l``'s buffers are read and written).
     """
     x_acc, kv, ratio_gn = state
     flat = not plan.decoding
+    attention = None
+    if flat:  # attention per sequence, at the busiest sequence's load (plan.sizes)
+        attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)))
     if flat:  # [G, N, ...] -> one group [1, G * N, ...]
         one = lambda a: a.reshape((1, -1) + a.shape[2:])  # noqa: E731
         x_in, admitted_gn, gate_gn, tok = one(x_start), one(admitted_gn), one(gate_gn), jax.tree_util.tree_map(
@@ -349,16 +383,17 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
         skip_kv = None if skip_kv is None else tuple(one(a) for a in skip_kv)
     else:
         x_in, x_acc_in, ratio_in = x_start, x_acc, ratio_gn
-    idx, upd, r, kv, size = _run_visit(
+    idx, upd, r, kv, size, attn_size = _run_visit(
         _sizes(plan, flat), jnp.max(jnp.sum(admitted_gn, axis=-1)),
         idx_of=lambda size: dsp.select(admitted_gn, size),
         project=lambda idx: _project(plan, params_l, meta_l["rope"], x_in, idx, tok, skip_kv),
         write=lambda idx, k, v: kv if skip_kv is not None else _write_visit(kv, l, tok, idx, k, v, s),
-        finish=lambda idx, qkv, kv: _finish(plan, params_l, meta_l["window"], x_in, idx, gate_gn, tok, kv, l,
-                                            qkv, s, flat))
+        attend=lambda idx, qkv, kv, n: _context(plan, meta_l["window"], idx, tok, kv, l, qkv, s, n),
+        finish=lambda idx, ctx: _finish(plan, params_l, x_in, idx, gate_gn, tok, ctx),
+        attention=attention)
     x_acc = dsp.scatter_add(x_acc_in, idx, upd).reshape(x_acc.shape)
     ratio_gn = dsp.scatter_add(ratio_in[..., None], idx, r[..., None])[..., 0].reshape(ratio_gn.shape)
-    queries = jnp.where(size > 0, cache_batch(kv) * plan.sizes[-1], 0) if flat else size
+    queries = cache_batch(kv) * attn_size if flat else size
     return (x_acc, kv, ratio_gn), jnp.stack([size, queries]).astype(jnp.int32)
 
 
@@ -381,18 +416,21 @@ def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, 
     def project(idx):
         return jax.vmap(lambda p, rope, i: _project(plan, p, rope, x_start, i, tok))(pool, rope_k, idx)
 
-    def finish(idx, qkv, kv):
-        def one(params_l, window_l, idx_gc, gate_gn, qkv, k, v, written_at):  # one layer, its own cache view
+    def attend(idx, qkv, kv, _):
+        def one(window_l, idx_gc, qkv, k, v, written_at):  # one layer, its own cache view
             own = KVCache(k[None], v[None], written_at[None])
-            return _finish(plan, params_l, window_l, x_start, idx_gc, gate_gn, tok, own, 0, qkv, s)
-        return jax.vmap(one)(pool, window_k, idx, gate_kgn, qkv, kv.k, kv.v, kv.written_at)
+            return _context(plan, window_l, idx_gc, tok, own, 0, qkv, s)
+        return jax.vmap(one)(window_k, idx, qkv, kv.k, kv.v, kv.written_at)
 
-    idx, upd, r, kv, size = _run_visit(
+    def finish(idx, ctx):
+        return jax.vmap(lambda p, i, g, c: _finish(plan, p, x_start, i, g, tok, c))(pool, idx, gate_kgn, ctx)
+
+    idx, upd, r, kv, size, _ = _run_visit(
         _sizes(plan), jnp.max(jnp.sum(admitted_kgn, axis=-1)),
         idx_of=lambda size: jax.vmap(lambda a: dsp.select(a, size))(admitted_kgn),  # [L, G, C]
         project=project,
         write=lambda idx, k, v: _write_visit(kv, jnp.arange(L, dtype=jnp.int32)[:, None, None], tok, idx, k, v, s),
-        finish=finish)
+        attend=attend, finish=finish)
     flat = lambda a: jnp.moveaxis(a, 0, 1).reshape((G, -1) + a.shape[3:])  # noqa: E731 [G, L*C, ...]
     x_acc = dsp.scatter_add(x_acc, flat(idx), flat(upd))
     ratio_gn = dsp.scatter_add(ratio_gn[..., None], flat(idx), flat(r)[..., None])[..., 0]

@@ -65,6 +65,8 @@ def register(subparsers) -> None:
     d.add_argument("--router-weight", type=float, default=D.ROUTER_WEIGHT)
     d.add_argument("--oracle-threshold", type=float, default=D.ORACLE_THRESHOLD)
     d.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT)
+    d.add_argument("--radial-compute-weight", type=float, default=D.RADIAL_COMPUTE_WEIGHT,
+                   help="the compute penalty's weight in the --radial-steps phase")
     d.add_argument("--mode", choices=("ordered", "radial"), default="ordered",
                    help="routing mode of the student (ordered: use or skip each layer in order)")
     d.add_argument("--capacity-factor", type=float, default=1.0, help="fraction of dense compute per step")
@@ -131,10 +133,11 @@ def cmd_distill(args) -> int:
                                **pod)
     if args.radial_steps:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
-        # warm start: the radial network begins exactly where the ordered student is
-        student, more = distill(teacher, data, cfg=cfg, mode="radial", start=student, train=train,
-                                run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress,
-                                radial_kwargs=radial_kwargs, **pod)
+        # warm start: the radial network begins exactly where the ordered student is (to_radial scales the
+        # capacity factor so each step's layer keeps its ordered budget: --capacity-factor is not passed again)
+        radial_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight)
+        student, more = distill(teacher, data, cfg=radial_cfg, mode="radial", start=student, train=train,
+                                run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress, **pod)
         history = history + more
     if not is_main_process():
         return 0

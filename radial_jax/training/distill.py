@@ -2,8 +2,10 @@
 
 Teacher: a sequential OPT (``rj.Model``). Student:
 ``RadialNetwork.from_sequential(teacher)``: the teacher's layers as the pool, a
-fresh router, real fixed-capacity dispatch and the global KV cache (*propagate*
-policy, so a skipped token still leaves K/V for later tokens).
+fresh router, real fixed-capacity dispatch and the global KV cache, with the cache
+policy ``defaults.DISTILL_CACHE_POLICY`` (*mask*: a skipped layer costs nothing and
+leaves its K/V slot empty; *propagate*, through ``radial_kwargs``, writes it from the
+token's current state at the cost of a K/V projection).
 
 ``mode="ordered"`` (start here): step ``s`` may use layer ``s`` or skip it; the keep
 logit is ``router_logits[s, ..., s] - router_logits[s, ..., L]``. Loss per batch::
@@ -83,9 +85,10 @@ class DistillConfig:
 
 def make_student(teacher: Model, cfg: DistillConfig = DistillConfig(), mode: str = "ordered", seed: int = 0,
                  **radial_kwargs):
-    """``RadialNetwork.from_sequential(teacher)`` with the distillation defaults (*propagate* cache policy)."""
+    """``RadialNetwork.from_sequential(teacher)`` with the distillation defaults (cache policy
+    ``defaults.DISTILL_CACHE_POLICY``)."""
     from radial_jax.radial import RadialNetwork
-    kwargs = dict(mode=mode, cache_policy="propagate", router_hidden=cfg.router_hidden)
+    kwargs = dict(mode=mode, cache_policy=D.DISTILL_CACHE_POLICY, router_hidden=cfg.router_hidden)
     kwargs.update(radial_kwargs)
     return RadialNetwork.from_sequential(teacher, seed=seed, **kwargs)
 
@@ -147,8 +150,9 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
     if ordered:
         oracle_module, oracle_router = student.replace(routing="oracle").module, None
     else:
-        oracle_net = make_student(teacher, cfg, mode="ordered", routing="oracle",
-                                  capacity_factor=student.radial.capacity_factor, prefill_buckets=1)
+        oracle_net = make_student(teacher, cfg, mode="ordered", routing="oracle", prefill_buckets=1,
+                                  capacity_factor=student.radial.capacity_factor,
+                                  cache_policy=student.radial.cache_policy)
         oracle_module, oracle_router = oracle_net.module, jax.tree_util.tree_map(jnp.asarray,
                                                                                  oracle_net.params["router"])
 

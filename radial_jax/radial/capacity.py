@@ -1,0 +1,78 @@
+"""The serving capacity that fits a network's routes (docs/design.md §4.2, *Capacity*).
+
+Training runs at a generous capacity (ordered mode: ``capacity_factor = 1``, which never
+binds). Serving pays for capacity even where the budget does not bind: ``C_max`` sets
+the static sizes a layer's load is rounded up to and caps the attention's per-sequence
+size. ``fit_capacity`` serves a network at the smallest capacity factor whose causal
+budget refuses none of the visits its router wants on calibration text (text it is not
+evaluated on). Where nothing is refused the routes do not depend on the capacity, so
+one forward at the network's own capacity gives them, and the budget rule
+(``dispatch.budget``: a visit is admitted while ``count_before < floor(phi (p + 1)) +
+slack``) gives the smallest fraction that admits them all:
+``phi = max over wanted visits of (count_before - slack + 1) / (p + 1)``. A refused
+visit changes the output (the token keeps its state), so none is allowed.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _batches(windows, batch_size):
+    for i in range(0, len(windows), batch_size):
+        yield jnp.asarray(windows[i:i + batch_size], jnp.int32)
+
+
+def drop_rate(model, windows, batch_size: int = 16) -> float:
+    """Visits the budget refused / visits the router wanted, over ``windows`` (``[n, t]`` token ids)."""
+    L = model.config.num_layers
+
+    @jax.jit
+    def counts(params, ids_bt):
+        r = model.module.apply({"params": params}, ids_bt, compute_logits=False).router
+        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped)
+
+    wanted = dropped = 0
+    for ids in _batches(windows, batch_size):
+        w, d = counts(model.params, ids)
+        wanted, dropped = wanted + int(w), dropped + int(d)
+    return dropped / max(wanted, 1)
+
+
+def needed_fraction(model, windows, batch_size: int = 16) -> float:
+    """The smallest budget fraction ``phi`` that admits every visit the router wants on ``windows``
+    (whole windows, no padding), from the routes at the network's own capacity (see the module doc)."""
+    slack = model.radial.capacity_slack
+
+    @jax.jit
+    def need(params, ids_bt):
+        assign = model.module.apply({"params": params}, ids_bt, compute_logits=False).router.assign  # [S, b, t, L]
+        taken = assign.astype(jnp.int32)
+        before = jnp.cumsum(taken, axis=2) - taken  # earlier tokens of the row admitted to (s, l)
+        position = jnp.arange(ids_bt.shape[1], dtype=jnp.float32)[None, None, :, None]
+        return jnp.max(jnp.where(assign, (before - slack + 1) / (position + 1), 0.0))
+
+    return max(float(need(model.params, ids)) for ids in _batches(windows, batch_size))
+
+
+def fit_capacity(model, windows, *, batch_size: int = 16):
+    """``model`` at the smallest capacity factor (at most its own) at which its budget refuses none of
+    the visits its router wants on ``windows``; ``model`` itself when its own capacity already refuses
+    some (its routes then depend on the capacity)."""
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or len(windows) == 0:
+        raise ValueError(f"calibration windows must be [n >= 1, t] token ids, got shape {windows.shape}")
+    if drop_rate(model, windows, batch_size) > 0:
+        return model
+    rc, L = model.radial, model.config.num_layers
+    scale = rc.steps(L) * rc.layers_per_step(L) / L  # capacity_factor = scale * phi (RadialConfig)
+    # float32 floors: a hair above the bound; > 0 (every visit within the slack: any fraction admits them)
+    phi = max(needed_fraction(model, windows, batch_size) * (1 + 1e-6), 1e-6)
+    if phi * scale >= rc.capacity_factor:
+        return model
+    fitted = model.replace(capacity_factor=phi * scale)
+    if drop_rate(fitted, windows, batch_size) > 0:
+        raise RuntimeError(f"capacity factor {phi * scale} fitted to the routes still refuses visits; "
+                           "this is a bug in radial_jax.radial.capacity")
+    return fitted
