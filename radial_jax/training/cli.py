@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     e.add_argument("--max-windows", type=int, default=D.MAX_WINDOWS)
     e.add_argument("--out", required=True, help="directory for eval.json and curve.png")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--trained-capacity", action="store_true",
+                   help="evaluate at the capacity the student was trained at (default: the capacity its routes need "
+                        "on training text, as the pipeline serves its students)")
     add_mesh_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -194,11 +197,14 @@ def cmd_eval(args) -> int:
     from radial_jax.data import eval_windows
     data = text_data(args.data)
     windows = eval_windows(data.eval, args.seq_len, args.max_windows)[0]
+    if not args.trained_capacity:  # served at the capacity its routes need (radial.capacity), as the pipeline does
+        student = student.fit_capacity(eval_windows(data.train, args.seq_len, D.SERVE_CALIBRATION_WINDOWS)[0])
     out = Path(args.out)
     result = evaluate(student, teacher, windows, png=out / "curve.png", out_json=out / "eval.json",
                       progress=not args.no_progress)
     s, t = result["student"], result["teacher"]
     print(json.dumps({"teacher_ppl": t["ppl"], "student_ppl": s["ppl"], "mean_depth": s["depth"],
+                      "capacity_factor": student.radial.capacity_factor,
                       "executed_flops_fraction": s["compute"], "ppl_increase_vs_teacher": s["ppl_increase_vs_teacher"],
                       "oracle_ppl_at_same_compute": s["oracle_ppl_at_same_compute"],
                       "reuse_share": s["route_stats"]["reuse_token_share"],
