@@ -24,36 +24,33 @@ def _batches(windows, batch_size):
         yield jnp.asarray(windows[i:i + batch_size], jnp.int32)
 
 
-def drop_rate(model, windows, batch_size: int = 16) -> float:
-    """Visits the budget refused / visits the router wanted, over ``windows`` (``[n, t]`` token ids)."""
-    L = model.config.num_layers
+def _route_facts(model, windows, batch_size: int):
+    """``(wanted, refused, phi)`` over ``windows``, one forward per batch: the visits the router wanted,
+    those the budget refused, and the smallest budget fraction that admits every visit that ran (whole
+    windows, no padding; the bound of the module docstring)."""
+    L, slack = model.config.num_layers, model.radial.capacity_slack
 
     @jax.jit
-    def counts(params, ids_bt):
+    def facts(params, ids_bt):
         r = model.module.apply({"params": params}, ids_bt, compute_logits=False).router
-        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped)
-
-    wanted = dropped = 0
-    for ids in _batches(windows, batch_size):
-        w, d = counts(model.params, ids)
-        wanted, dropped = wanted + int(w), dropped + int(d)
-    return dropped / max(wanted, 1)
-
-
-def needed_fraction(model, windows, batch_size: int = 16) -> float:
-    """The smallest budget fraction ``phi`` that admits every visit the router wants on ``windows``
-    (whole windows, no padding), from the routes at the network's own capacity (see the module doc)."""
-    slack = model.radial.capacity_slack
-
-    @jax.jit
-    def need(params, ids_bt):
-        assign = model.module.apply({"params": params}, ids_bt, compute_logits=False).router.assign  # [S, b, t, L]
-        taken = assign.astype(jnp.int32)
+        taken = r.assign.astype(jnp.int32)  # [S, b, t, L]
         before = jnp.cumsum(taken, axis=2) - taken  # earlier tokens of the row admitted to (s, l)
         position = jnp.arange(ids_bt.shape[1], dtype=jnp.float32)[None, None, :, None]
-        return jnp.max(jnp.where(assign, (before - slack + 1) / (position + 1), 0.0))
+        need = jnp.max(jnp.where(r.assign, (before - slack + 1) / (position + 1), 0.0))
+        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped), need
 
-    return max(float(need(model.params, ids)) for ids in _batches(windows, batch_size))
+    wanted = refused = 0
+    need = 0.0
+    for ids in _batches(windows, batch_size):
+        w, d, n = facts(model.params, ids)
+        wanted, refused, need = wanted + int(w), refused + int(d), max(need, float(n))
+    return wanted, refused, need
+
+
+def drop_rate(model, windows, batch_size: int = 16) -> float:
+    """Visits the budget refused / visits the router wanted, over ``windows`` (``[n, t]`` token ids)."""
+    wanted, refused, _ = _route_facts(model, windows, batch_size)
+    return refused / max(wanted, 1)
 
 
 def fit_capacity(model, windows, *, batch_size: int = 16):
@@ -63,12 +60,13 @@ def fit_capacity(model, windows, *, batch_size: int = 16):
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
         raise ValueError(f"calibration windows must be [n >= 1, t] token ids, got shape {windows.shape}")
-    if drop_rate(model, windows, batch_size) > 0:
+    _, refused, need = _route_facts(model, windows, batch_size)  # one pass at the network's own capacity
+    if refused > 0:
         return model
     rc, L = model.radial, model.config.num_layers
     scale = rc.steps(L) * rc.layers_per_step(L) / L  # capacity_factor = scale * phi (RadialConfig)
     # float32 floors: a hair above the bound; > 0 (every visit within the slack: any fraction admits them)
-    phi = max(needed_fraction(model, windows, batch_size) * (1 + 1e-6), 1e-6)
+    phi = max(need * (1 + 1e-6), 1e-6)
     if phi * scale >= rc.capacity_factor:
         return model
     fitted = model.replace(capacity_factor=phi * scale)

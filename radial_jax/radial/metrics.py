@@ -3,13 +3,12 @@
 Executed FLOPs are counted by construction from the shapes that ran
 (``radial_jax.flops``): for every step that ran, the router on every token, each
 layer's matmuls on the tokens that ran (its load rounded up to a static size) and its
-attention on the query slots that ran (whole sequences: per sequence, the busiest one's load rounded
-up to a static size)
-against the whole cache (radial mode: plus each query's own K/V), the *propagate*
-writes (K/V of every token at every step ``s < L``; radial mode also K/V of
-every layer for the exiting tokens' size). Ordered *propagate* visits project their
-queries alone: the step's write already holds their K/V. The oracle's probe is a simulation device and is
-not counted. ``dense_flops`` is the sequential model on the same tokens and
+attention on the query slots that ran (whole sequences: per sequence, the busiest
+one's load rounded up to a static size) against the whole cache (radial mode: plus
+each query's own K/V), the *propagate* writes (K/V of every token at every step
+``s < L``; radial mode also K/V of every layer for the exiting tokens' size). Ordered
+*propagate* visits project their queries alone: the step's write already holds their
+K/V. The oracle's probe is a simulation device and is not counted. ``dense_flops`` is the sequential model on the same tokens and
 cache; ``compute_fraction`` is their ratio (FLOPs, not visits).
 """
 from __future__ import annotations

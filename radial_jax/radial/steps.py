@@ -372,17 +372,15 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     """
     x_acc, kv, ratio_gn = state
     flat = not plan.decoding
-    attention = None
-    if flat:  # attention per sequence, at the busiest sequence's load (plan.sizes)
+    if flat:  # attention per sequence, at the busiest sequence's load (plan.sizes); the rest as one group
         attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)))
-    if flat:  # [G, N, ...] -> one group [1, G * N, ...]
         one = lambda a: a.reshape((1, -1) + a.shape[2:])  # noqa: E731
         x_in, admitted_gn, gate_gn, tok = one(x_start), one(admitted_gn), one(gate_gn), jax.tree_util.tree_map(
             one, tok)
         x_acc_in, ratio_in = one(x_acc), one(ratio_gn)
         skip_kv = None if skip_kv is None else tuple(one(a) for a in skip_kv)
     else:
-        x_in, x_acc_in, ratio_in = x_start, x_acc, ratio_gn
+        attention, x_in, x_acc_in, ratio_in = None, x_start, x_acc, ratio_gn
     idx, upd, r, kv, size, attn_size = _run_visit(
         _sizes(plan, flat), jnp.max(jnp.sum(admitted_gn, axis=-1)),
         idx_of=lambda size: dsp.select(admitted_gn, size),
