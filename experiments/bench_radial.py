@@ -107,7 +107,8 @@ def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
             def body(cache, i):
                 out = rm.module.apply({"params": params}, toks[:, i], jnp.full((b,), prompt_len + i, jnp.int32),
                                       cache, None, head, method="decode_step")
-                return out.cache, (result(out, head), out.metrics.depth_fraction, out.metrics.compute_fraction)
+                read = jnp.sum(out.metrics.layer_sizes > 0) / model.config.num_layers  # layers whose weights ran
+                return out.cache, (result(out, head), out.metrics.depth_fraction, out.metrics.compute_fraction, read)
             return jax.lax.scan(body, cache, jnp.arange(steps))[1]
         return dense, routed
 
@@ -129,7 +130,7 @@ def bench_decode(model, b, depth, args, figures, details):
         speedup = benchlib.ratio(rounds, "dense", "routed")
         key = "with_head" if head else "layers"
         row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(frac[0])),
-                    "compute_fraction": float(np.mean(frac[1])),
+                    "compute_fraction": float(np.mean(frac[1])), "layers_run_fraction": float(np.mean(frac[2])),
                     "dense_tokens_per_s": benchlib.rate(rounds, "dense", b * args.decode_steps),
                     "routed_tokens_per_s": benchlib.rate(rounds, "routed", b * args.decode_steps)}
         target = {(1, 0.5): 1.6, (1, 0.25): 3.0, (8, 0.5): 1.5}.get((b, depth))
@@ -139,7 +140,8 @@ def bench_decode(model, b, depth, args, figures, details):
             f"routed decode vs dense, batch {b}, {100 * row[key]['mean_depth_fraction']:.0f} % depth, {what}",
             speedup, unit="x", target=None if head or target is None else f">= {target}",
             met=None if head or target is None else speedup["median"] >= target,
-            note=f"executed FLOPs {100 * row[key]['compute_fraction']:.0f} % of dense"))
+            note=f"executed FLOPs {100 * row[key]['compute_fraction']:.0f} % of dense, layers run "
+                 f"{100 * row[key]['layers_run_fraction']:.0f} %"))
         print("decode", b, depth, key, speedup, flush=True)
     details.setdefault("decode", []).append(row)
 

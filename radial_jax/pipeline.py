@@ -10,7 +10,7 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
 4. ``distill``: distil the teacher into a Radial Network in ordered mode (router
    and layers trained by default; ``--distill-train router`` freezes the layers),
    then, with ``--radial-steps``, continue it in radial mode from the ordered
-   student (any layer, reuse, exit). Each student is then served (evaluated and
+   student (any layer, reuse, exit; the router alone by default, ``--radial-train``). Each student is then served (evaluated and
    timed) at the capacity its routes need on training text (``radial.capacity``).
 5. ``evaluate``: perplexity, depth and *executed* FLOPs of the students against
    the teacher and the oracles; the quality-against-compute PNG; route plots.
@@ -122,7 +122,9 @@ def run_pipeline(args) -> int:
             train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
                                 optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
             start = students.get("ordered") if mode == "radial" else None
-            mode_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight) if mode == "radial" else cfg
+            mode_cfg = cfg if mode == "ordered" else dataclasses.replace(
+                cfg, compute_weight=args.radial_compute_weight, train=args.radial_train,
+                oracle_threshold=args.radial_oracle_threshold)
             students[mode], _ = distill(teacher, data, cfg=mode_cfg, mode=mode, start=start, train=train,
                                         run_dir=out / f"distill_{mode}_run")
             save_student(students[mode], where, distill=dataclasses.asdict(mode_cfg), data=data.source,
@@ -244,6 +246,10 @@ def register(sub) -> None:
                    help="weight of the expected-compute penalty (radial student)")
     p.add_argument("--distill-train", choices=("router", "all"), default=D.DISTILL_TRAIN,
                    help="what distillation trains: the router only (layers frozen) or everything")
+    p.add_argument("--radial-train", choices=("router", "all"), default=D.RADIAL_DISTILL_TRAIN,
+                   help="what the radial phase trains (router only: the ordered student's layers kept)")
+    p.add_argument("--radial-oracle-threshold", type=float, default=D.RADIAL_ORACLE_THRESHOLD,
+                   help="oracle labels for router supervision in the radial phase")
     p.add_argument("--distill-lr", type=float, default=D.DISTILL_LR)
     p.add_argument("--serve-repeats", type=int, default=D.SERVE_REPEATS, help="interleaved timing rounds; 0 skips serving speed")
     p.add_argument("--serve-tokens", type=int, default=D.SERVE_TOKENS,

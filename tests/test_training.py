@@ -279,7 +279,7 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     assert (tmp_path / "t" / "metrics.jsonl").is_file() and list((tmp_path / "t" / "tensorboard").iterdir())
     assert main(["distill", "--teacher", str(tmp_path / "t" / "model"), "--steps", "4", "--batch-size", "4",
                  "--seq-len", "16", "--data", str(tokens), "--run-dir", str(tmp_path / "s"), "--no-progress",
-                 "--radial-steps", "2"]) == 0
+                 "--radial-steps", "2", "--radial-train", "router", "--radial-oracle-threshold", "0.3"]) == 0
     assert main(["eval", "--student", str(tmp_path / "s" / "student"), "--data", str(tokens), "--seq-len", "16",
                  "--max-windows", "16", "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     res = json.loads((tmp_path / "e" / "eval.json").read_text())
@@ -287,7 +287,10 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     # the warm start keeps each step's layer budget: capacity factor 1 over L = 2 layers becomes 2 in radial mode;
     # eval serves the student at the capacity its routes need (at most that)
     from radial_jax.training.artifacts import load_student
-    assert load_student(tmp_path / "s" / "student")[0].radial.capacity_factor == 2.0
+    student, meta = load_student(tmp_path / "s" / "student")
+    assert student.radial.capacity_factor == 2.0
+    # the saved config is the radial phase's, the one the student was last trained with
+    assert meta["distill"]["train"] == "router" and meta["distill"]["oracle_threshold"] == 0.3
     assert 0 < res["student"]["radial_config"]["capacity_factor"] <= 2.0
     assert 0.0 <= res["student"]["depth"] <= 1.0 and (tmp_path / "e" / "curve.png").is_file()
     capsys.readouterr()
@@ -327,15 +330,16 @@ def test_joint_training_from_scratch_schedule_and_capacity(corpus):
 
 def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys):
     """``radial-jax pipeline`` on tiny settings: every stage's output (the ordered and the radial student,
-    evaluation, serving speed, the README figures), the ``--distill-train`` flag honoured (router-only: the
-    saved students' layers are bitwise the saved teacher's), and a rerun that reuses every stage."""
+    evaluation, serving speed, the README figures), the ``--distill-train`` and ``--radial-train`` flags
+    honoured (router-only ordered phase: the ordered student's layers are bitwise the teacher's; the radial
+    phase training everything moves them), and a rerun that reuses every stage."""
     from radial_jax.cli import main
     from radial_jax.training.artifacts import load_model, load_student
     out = tmp_path / "p"
     argv = ["pipeline", "--out", str(out), "--size", "tiny", "--teacher-steps", "4", "--distill-steps", "2",
             "--radial-steps", "2", "--window", "8", "--batch-size", "4", "--max-windows", "8", "--thresholds",
             "0,0.3", "--serve-repeats", "1", "--serve-tokens", "2", "--results", str(tmp_path / "r.json"),
-            "--distill-train", "router"]
+            "--radial-train", "all", "--distill-train", "router"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["students"]) == {"ordered", "radial"}
@@ -351,12 +355,14 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     figures = json.loads((tmp_path / "r.json").read_text())["figures"]
     assert {f["key"] for f in figures} >= {"pipeline_teacher", "pipeline_ordered", "pipeline_radial"}
     teacher = load_model(out / "teacher")
-    for mode in ("ordered", "radial"):
+    layers = {}
+    for mode, trained in (("ordered", "router"), ("radial", "all")):
         student, meta = load_student(out / "distill" / mode)
-        assert meta["distill"]["train"] == "router" and student.radial.mode == mode
-        for a, b in zip(jax.tree_util.tree_leaves(without_router(student.params)),
-                        jax.tree_util.tree_leaves(teacher.params)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert meta["distill"]["train"] == trained and student.radial.mode == mode
+        layers[mode] = [np.asarray(a) for a in jax.tree_util.tree_leaves(without_router(student.params))]
+    for a, b in zip(layers["ordered"], jax.tree_util.tree_leaves(teacher.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(layers["radial"], layers["ordered"]))
     before = {f: (out / f).stat().st_mtime_ns for f in ("teacher/params.msgpack", "distill/eval.json",
                                                         "serve/speed.json")}
     capsys.readouterr()

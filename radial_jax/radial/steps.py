@@ -520,9 +520,8 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
                 state, ran = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok,
                                        s, state)
                 return state, sizes_l.at[l].set(ran)
-            if is_per_layer(pool):  # static layer: its own arrays, nothing to slice
-                return run(st)
-            # a layer no token uses at this step is not even sliced out of the stack (a copy on CPU)
+            # a layer no token uses at this step runs nothing: not its size-0 branch (zeros, writes and
+            # scatters at the largest size), not even the slice out of a stack (a copy on CPU)
             return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
         st = (state, jnp.zeros((L, 2), jnp.int32))  # per layer: [tokens, attention queries] that ran
         if is_per_layer(pool):  # the inference layout: each layer reads its own arrays (unrolled)

@@ -67,6 +67,10 @@ def register(subparsers) -> None:
     d.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT)
     d.add_argument("--radial-compute-weight", type=float, default=D.RADIAL_COMPUTE_WEIGHT,
                    help="the compute penalty's weight in the --radial-steps phase")
+    d.add_argument("--radial-train", choices=("router", "all"), default=D.RADIAL_DISTILL_TRAIN,
+                   help="what the --radial-steps phase trains (router only: the ordered phase's layers kept)")
+    d.add_argument("--radial-oracle-threshold", type=float, default=D.RADIAL_ORACLE_THRESHOLD,
+                   help="oracle labels for router supervision in the --radial-steps phase")
     d.add_argument("--mode", choices=("ordered", "radial"), default="ordered",
                    help="routing mode of the student (ordered: use or skip each layer in order)")
     d.add_argument("--capacity-factor", type=float, default=1.0, help="fraction of dense compute per step")
@@ -131,6 +135,7 @@ def cmd_distill(args) -> int:
                         router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
                         compute_weight=args.compute_weight, train=args.train)
     radial_kwargs = {"capacity_factor": args.capacity_factor}
+    final_cfg = cfg  # what the saved student was last trained with
     student, history = distill(teacher, data, cfg=cfg, mode=args.mode, train=_train_config(args),
                                run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs,
                                **pod)
@@ -138,14 +143,15 @@ def cmd_distill(args) -> int:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
         # warm start: the radial network begins exactly where the ordered student is (to_radial scales the
         # capacity factor so each step's layer keeps its ordered budget: --capacity-factor is not passed again)
-        radial_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight)
+        radial_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight, train=args.radial_train,
+                                         oracle_threshold=args.radial_oracle_threshold)
         student, more = distill(teacher, data, cfg=radial_cfg, mode="radial", start=student, train=train,
                                 run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress, **pod)
-        history = history + more
+        history, final_cfg = history + more, radial_cfg
     if not is_main_process():
         return 0
     local = Path(args.teacher)
-    out = save_student(student, Path(args.run_dir) / "student", distill=dataclasses.asdict(cfg), data=data.source,
+    out = save_student(student, Path(args.run_dir) / "student", distill=dataclasses.asdict(final_cfg), data=data.source,
                        teacher=str(local.resolve()) if local.exists() else str(args.teacher))
     print(json.dumps({"student": str(out), "final": history[-1] if history else None}))
     return 0
