@@ -46,9 +46,9 @@ def machine() -> dict:
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                             cwd=Path.cwd(), timeout=5).stdout.strip() or None
-        # code changed since that commit (results/ aside): the figures are not that commit's
+        # Python code changed since that commit: the figures are not that commit's code's
         info["git_dirty"] = bool(info["git_commit"]) and subprocess.run(
-            ["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)results"], cwd=Path.cwd(), timeout=5).returncode == 1
+            ["git", "diff", "--quiet", "HEAD", "--", "*.py"], cwd=Path.cwd(), timeout=5).returncode == 1
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
