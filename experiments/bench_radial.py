@@ -11,9 +11,12 @@ weights and caches, what ``generate`` serves).
   at 50 %, ordered mode; routes from a fresh router whose keep bias is calibrated
   to the target depth (so depth comes from the router, not from the capacity);
 * **prefill** (parallel forward of ``batch x length``): ordered and radial mode at
-  capacity factor 0.5 and 0.25 with routes calibrated to want that depth (radial:
-  a router with random routes over all layers and exit, its exit bias calibrated);
-  executed FLOPs (by construction) against the dense model's;
+  capacity factor 0.5 and 0.25 (radial: a router with random routes over all layers
+  and exit); the keep offset is bisected toward a depth just above the capacity, and
+  since depth is measured after the budget, it ends at its bound: the routes want
+  more than the budget admits, so the capacity binds and decides the depth (the
+  refused visits are in the details, ``dropped``); executed FLOPs (by
+  construction) against the dense model's;
 * **overhead** at capacity factor 1 where every route runs (ordered: keep
   everything; radial: identity routes with a budget that drops nothing): the
   routed forward's wall time against dense.
@@ -164,7 +167,7 @@ def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
         rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
     else:  # random routes over every layer and exit: a balanced load
         rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
-    rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # routes that want about what the budget allows
+    rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # ends at its bound: the budget binds (docstring)
     f = routed_forward(rm)
     dense_params, routed_params = serving_params(model, rm)
     _, m = f(routed_params, ids)

@@ -10,8 +10,9 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
 4. ``distill``: distil the teacher into a Radial Network in ordered mode (router
    and layers trained by default; ``--distill-train router`` freezes the layers),
    then, with ``--radial-steps``, continue it in radial mode from the ordered
-   student (any layer, reuse, exit; the router alone by default, ``--radial-train``). Each student is then served (evaluated and
-   timed) at the capacity its routes need on training text (``radial.capacity``).
+   student (any layer, reuse, exit; the router alone by default, ``--radial-train``).
+   Each student is then served (evaluated and timed) at the capacity its routes
+   need on training text (``radial.capacity``).
 5. ``evaluate``: perplexity, depth and *executed* FLOPs of the students against
    the teacher and the oracles; the quality-against-compute PNG; route plots.
 6. ``serve``: measured wall-clock speed-ups of prefill and of decoding at batch
