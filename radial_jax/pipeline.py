@@ -123,9 +123,8 @@ def run_pipeline(args) -> int:
             train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
                                 optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
             start = students.get("ordered") if mode == "radial" else None
-            mode_cfg = cfg if mode == "ordered" else dataclasses.replace(
-                cfg, compute_weight=args.radial_compute_weight, train=args.radial_train,
-                oracle_threshold=args.radial_oracle_threshold)
+            mode_cfg = cfg if mode == "ordered" else cfg.radial_phase(
+                args.radial_compute_weight, args.radial_train, args.radial_oracle_threshold)
             students[mode], _ = distill(teacher, data, cfg=mode_cfg, mode=mode, start=start, train=train,
                                         run_dir=out / f"distill_{mode}_run")
             save_student(students[mode], where, distill=dataclasses.asdict(mode_cfg), data=data.source,

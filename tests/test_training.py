@@ -231,6 +231,17 @@ def test_distill_all_moves_layers_then_radial_mode_continues(corpus, teacher):
         DistillConfig(train="layers")
 
 
+def test_radial_phase_config_changes_its_three_settings_and_keeps_the_rest():
+    from radial_jax import defaults as D
+    base = DistillConfig(temperature=3.0, compute_weight=0.9, train="all", oracle_threshold=0.4)
+    assert base.radial_phase() == DistillConfig(temperature=3.0, compute_weight=D.RADIAL_COMPUTE_WEIGHT,
+                                                train=D.RADIAL_DISTILL_TRAIN,
+                                                oracle_threshold=D.RADIAL_ORACLE_THRESHOLD)
+    assert base.radial_phase(0.1, "all", 0.2) == dataclasses.replace(base, compute_weight=0.1, oracle_threshold=0.2)
+    with pytest.raises(ValueError, match="train must be one of"):
+        base.radial_phase(train="layers")
+
+
 def test_keep_logits_ordered_against_loop():
     # float32 on both sides and one subtraction per entry: the result is exact, whatever values are drawn
     lg = np.random.default_rng(7).normal(size=(3, 2, 4, 5)).astype(np.float32)  # 3 layers, skip (3), exit (4)

@@ -8,8 +8,9 @@ one's load rounded up to a static size) against the whole cache (radial mode: pl
 each query's own K/V), the *propagate* writes (K/V of every token at every step
 ``s < L``; radial mode also K/V of every layer for the exiting tokens' size). Ordered
 *propagate* visits project their queries alone: the step's write already holds their
-K/V. The oracle's probe is a simulation device and is not counted. ``dense_flops`` is the sequential model on the same tokens and
-cache; ``compute_fraction`` is their ratio (FLOPs, not visits).
+K/V. The oracle's probe is a simulation device and is not counted. ``dense_flops`` is
+the sequential model on the same tokens and cache; ``compute_fraction`` is their ratio
+(FLOPs, not visits).
 """
 from __future__ import annotations
 

@@ -225,9 +225,14 @@ def _attend_flat(plan: Plan, kv, l, q, k, v, slot_f, row_f, ok_f, s, window, per
     return ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, per_sequence - 1)][None]
 
 
+def _holds_token(tok: Tokens, idx_gc):
+    """Which gathered slots hold a token (an empty slot's index is ``N`` or ``NOBODY``)."""
+    return idx_gc < tok.valid.shape[1]
+
+
 def _dispatched(tok: Tokens, idx_gc, t_max: int):
     """``(ok, positions, slots, rows)`` of the gathered tokens ``idx_gc`` (slot ``t_max`` where empty)."""
-    ok = idx_gc < tok.valid.shape[1]
+    ok = _holds_token(tok, idx_gc)
     return (ok, dsp.gather(tok.positions, idx_gc), jnp.where(ok, dsp.gather(tok.slots, idx_gc), t_max),
             dsp.gather(tok.rows, idx_gc))
 
@@ -265,7 +270,7 @@ def _finish(plan: Plan, params_l, x_start, idx_gc, gate_gn, tok: Tokens, ctx):
     """``(upd_gce, ratio_gc)``: the rest of the layer after attention (``ctx``), the update times the gate
     and the residual ratio (0 for empty slots)."""
     layer = _layer(plan)
-    ok = idx_gc < tok.valid.shape[1]
+    ok = _holds_token(tok, idx_gc)
     x_gc = dsp.gather(x_start, idx_gc)
     y, stats = layer.apply({"params": params_l}, x_gc, ctx, method="finish")
     g_gc = jnp.where(ok, dsp.gather(gate_gn, idx_gc), 0.0)

@@ -143,8 +143,7 @@ def cmd_distill(args) -> int:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
         # warm start: the radial network begins exactly where the ordered student is (to_radial scales the
         # capacity factor so each step's layer keeps its ordered budget: --capacity-factor is not passed again)
-        radial_cfg = dataclasses.replace(cfg, compute_weight=args.radial_compute_weight, train=args.radial_train,
-                                         oracle_threshold=args.radial_oracle_threshold)
+        radial_cfg = cfg.radial_phase(args.radial_compute_weight, args.radial_train, args.radial_oracle_threshold)
         student, more = distill(teacher, data, cfg=radial_cfg, mode="radial", start=student, train=train,
                                 run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress, **pod)
         history, final_cfg = history + more, radial_cfg

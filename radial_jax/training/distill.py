@@ -82,6 +82,13 @@ class DistillConfig:
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
 
+    def radial_phase(self, compute_weight: float = D.RADIAL_COMPUTE_WEIGHT, train: str = D.RADIAL_DISTILL_TRAIN,
+                     oracle_threshold: float = D.RADIAL_ORACLE_THRESHOLD) -> "DistillConfig":
+        """This config for the radial phase that continues an ordered student: the phase's own compute
+        weight, what it trains and its oracle threshold (``defaults.RADIAL_*``); the rest unchanged."""
+        return dataclasses.replace(self, compute_weight=compute_weight, train=train,
+                                   oracle_threshold=oracle_threshold)
+
 
 def make_student(teacher: Model, cfg: DistillConfig = DistillConfig(), mode: str = "ordered", seed: int = 0,
                  **radial_kwargs):
