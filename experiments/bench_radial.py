@@ -9,7 +9,8 @@ weights and caches, what ``generate`` serves).
 * **decoding** (one token per row per step over a prefilled cache, the layer
   stack alone and with the LM head): batch 1 at 50 % and 25 % mean depth, batch 8
   at 50 %, ordered mode; routes from a fresh router whose keep bias is calibrated
-  to the target depth (so depth comes from the router, not from the capacity);
+  to the target depth on the decoded tokens (so depth comes from the router, not
+  from the capacity);
 * **prefill** (parallel forward of ``batch x length``): ordered and radial mode at
   capacity factor 0.5 and 0.25 (radial: a router with random routes over all layers
   and exit); the keep offset is bisected toward a depth just above the capacity, and
@@ -17,6 +18,10 @@ weights and caches, what ``generate`` serves).
   more than the budget admits, so the capacity binds and decides the depth (the
   refused visits are in the details, ``dropped``); executed FLOPs (by
   construction) against the dense model's;
+* **prefill, routes that fit** (radial mode): the same random router calibrated
+  where no budget binds to want 50 % and 25 % depth, served at the capacity
+  fitted to its routes on other text (``fit_capacity``: factor and slack), so the
+  depth is the routes' own and compute follows them, not a budget;
 * **overhead** at capacity factor 1 where every route runs (ordered: keep
   everything; radial: identity routes with a budget that drops nothing): the
   routed forward's wall time against dense.
@@ -66,11 +71,17 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def calibrate(rm, ids, target: float, field: str = "depth_fraction", lo: float = -15.0, hi: float = 15.0):
-    """The router's keep offset (``with_keep_offset``) that gives ``target`` mean depth on ``ids`` (bisection)."""
+def calibrate(rm, ids, target: float, lo: float = -15.0, hi: float = 15.0, start: int = 0):
+    """The router's keep offset (``with_keep_offset``) that gives ``target`` mean depth on ``ids``
+    (bisection), measured on the tokens at positions ``>= start`` (decoding: the decoded tokens;
+    the parallel forward routes them as decoding does, docs/design.md §4)."""
+    L = rm.config.num_layers
+
     def measure(offset):
         trial = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], offset)})
-        return float(getattr(trial.forward(ids, compute_logits=False).metrics, field))
+        depth_bt = trial.forward(ids, compute_logits=False).metrics.depth
+        return float(jnp.mean(depth_bt[:, start:])) / L
+
     for _ in range(14):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if measure(mid) < target else (lo, mid)
@@ -78,13 +89,11 @@ def calibrate(rm, ids, target: float, field: str = "depth_fraction", lo: float =
     return rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], offset)}), offset
 
 
-def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
-    """Jitted teacher-forced decode loops (dense and routed) over prefilled caches, and their inputs."""
-    cfg = model.config
-    rng = np.random.default_rng(b)
-    prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, prompt_len)), jnp.int32)
-    feed = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, steps)), jnp.int32)
-    total = prompt_len + steps
+def decode_loops(model, rm, ids_bt, prompt_len: int):
+    """Jitted teacher-forced decode loops (dense and routed) over caches prefilled with ``ids[:, :prompt_len]``
+    that feed the rest of ``ids``, and their inputs."""
+    b, total = ids_bt.shape
+    prompt, feed, steps = ids_bt[:, :prompt_len], ids_bt[:, prompt_len:], total - prompt_len
     slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
     dense_cache = jax.jit(lambda p, x: model.module.apply({"params": p}, x, positions_bt=slots,
                                                           cache=model.module.init_cache(b, total),
@@ -119,19 +128,33 @@ def decode_loops(model, rm, b: int, prompt_len: int, steps: int):
 
 
 def bench_decode(model, b, depth, args, figures, details):
-    ids = jnp.asarray(np.random.default_rng(9).integers(3, model.config.vocab_size, (max(b, 4), args.decode_prompt)))
+    ids = jnp.asarray(np.random.default_rng(b).integers(3, model.config.vocab_size,
+                                                        (b, args.decode_prompt + args.decode_steps)), jnp.int32)
     rm = RadialNetwork.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
-    rm, offset = calibrate(rm, ids, depth)
-    make, dense_cache, routed_cache, feed = decode_loops(model, rm, b, args.decode_prompt, args.decode_steps)
+    rm, offset = calibrate(rm, ids, depth, start=args.decode_prompt)  # on the decoded tokens themselves
+    make, dense_cache, routed_cache, feed = decode_loops(model, rm, ids, args.decode_prompt)
     dense_params, routed_params = serving_params(model, rm)
     row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
+    half = b // 2  # what half the rows cost dense: the best a layer visited by half of them can do
+    make_half, half_cache, _, half_feed = decode_loops(model, rm, ids[:half], args.decode_prompt) if half else (
+        None, None, None, None)
     for head in (False, True):
         dense, routed = make(head)
         frac = routed(routed_params, routed_cache, feed)[1:]
-        rounds = benchlib.interleave({"dense": lambda: dense(dense_params, dense_cache, feed),
-                                      "routed": lambda: routed(routed_params, routed_cache, feed)}, args.repeats)
+        sides = {"dense": lambda: dense(dense_params, dense_cache, feed),
+                 "routed": lambda: routed(routed_params, routed_cache, feed)}
+        if half and not head:
+            dense_half = make_half(head)[0]
+            sides["dense_half"] = lambda: dense_half(dense_params, half_cache, half_feed)
+        rounds = benchlib.interleave(sides, args.repeats)
         speedup = benchlib.ratio(rounds, "dense", "routed")
         key = "with_head" if head else "layers"
+        if "dense_half" in sides:
+            cost = benchlib.ratio(rounds, "dense_half", "dense")  # time(half the rows) / time(all of them)
+            row["half_batch_time_ratio"] = cost
+            figures.append(benchlib.figure(
+                f"decode_b{b}_half_batch_cost", f"dense decode step time, batch {half} / batch {b}", cost,
+                note="the floor of a layer that half the rows visit, relative to running it on all rows"))
         row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(frac[0])),
                     "compute_fraction": float(np.mean(frac[1])), "layers_run_fraction": float(np.mean(frac[2])),
                     "dense_tokens_per_s": benchlib.rate(rounds, "dense", b * args.decode_steps),
@@ -162,33 +185,66 @@ def routed_forward(rm):
     return f
 
 
-def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
-    if mode == "ordered":
-        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
-    else:  # random routes over every layer and exit: a balanced load
-        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
-    rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # ends at its bound: the budget binds (docstring)
+def time_prefill(model, rm, ids, dense_fwd, args):
+    """The routed forward of ``rm`` against dense on ``ids``, interleaved: what ran and how fast."""
     f = routed_forward(rm)
     dense_params, routed_params = serving_params(model, rm)
     _, m = f(routed_params, ids)
     rounds = benchlib.interleave({"dense": lambda: dense_fwd(dense_params, ids),
                                   "routed": lambda: f(routed_params, ids)}, args.repeats)
-    speedup = benchlib.ratio(rounds, "dense", "routed")
-    row = {"mode": mode, "capacity_factor": cf, "keep_offset": offset, "speedup": speedup,
-           "depth_fraction": float(m.depth_fraction), "compute_fraction": float(m.compute_fraction),
-           "executed_flops": float(m.executed_flops), "dense_flops": float(m.dense_flops),
-           "dropped": int(m.dropped.sum()), "layer_sizes": np.asarray(m.layer_sizes).tolist(), "layout": "per_layer"}
-    target = {0.5: 1.6, 0.25: 3.2}.get(cf)
+    rc = rm.radial
+    return {"mode": rc.mode, "capacity_factor": rc.capacity_factor, "capacity_slack": rc.capacity_slack,
+            "c_max": rc.max_capacity(model.config.num_layers, ids.shape[1]),
+            "speedup": benchlib.ratio(rounds, "dense", "routed"),
+            "depth_fraction": float(m.depth_fraction), "compute_fraction": float(m.compute_fraction),
+            "executed_flops": float(m.executed_flops), "dense_flops": float(m.dense_flops),
+            "dropped": int(m.dropped.sum()), "layer_sizes": np.asarray(m.layer_sizes).tolist(), "layout": "per_layer"}
+
+
+def prefill_figures(row, key, what, target, figures):
+    """A prefill row's two figures: speed-up (``target``) and executed FLOPs against depth."""
+    speedup = row["speedup"]
     figures.append(benchlib.figure(
-        f"prefill_{mode}_c{int(cf * 100)}", f"routed prefill vs dense, {mode} mode, capacity {cf}", speedup,
-        unit="x", target=f">= {target}" if target else None, met=speedup["median"] >= target if target else None,
+        key, f"routed prefill vs dense, {what}", speedup, unit="x", target=f">= {target}",
+        met=speedup["median"] >= target,
         note=f"depth {100 * row['depth_fraction']:.0f} %, executed FLOPs {100 * row['compute_fraction']:.0f} %"))
     figures.append(benchlib.figure(
-        f"prefill_{mode}_c{int(cf * 100)}_flops", f"routed prefill executed FLOPs / dense, {mode}, capacity {cf}",
-        row["compute_fraction"], target=f"<= depth {row['depth_fraction']:.2f} + 0.05",
+        f"{key}_flops", f"routed prefill executed FLOPs / dense, {what}", row["compute_fraction"],
+        target=f"<= depth {row['depth_fraction']:.2f} + 0.05",
         met=row["compute_fraction"] <= row["depth_fraction"] + 0.05))
+    print(key, speedup, row["depth_fraction"], row["compute_fraction"], flush=True)
+
+
+PREFILL_TARGETS = {0.5: 1.6, 0.25: 3.2}  # speed-up wanted at capacity (or depth) 0.5 and 0.25
+
+
+def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
+    """A capacity that binds: routes that want a little more than ``cf`` admits."""
+    if mode == "ordered":
+        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
+    else:  # random routes over every layer and exit: a balanced load
+        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
+    rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # ends at its bound: the budget binds (docstring)
+    row = {**time_prefill(model, rm, ids, dense_fwd, args), "keep_offset": offset}
+    prefill_figures(row, f"prefill_{mode}_c{int(cf * 100)}", f"{mode} mode, capacity {cf}", PREFILL_TARGETS[cf],
+                    figures)
     details.setdefault("prefill", []).append(row)
-    print("prefill", mode, cf, speedup, row["depth_fraction"], row["compute_fraction"], flush=True)
+
+
+def bench_prefill_fitted(model, ids, dense_fwd, depth, args, figures, details):
+    """Routes that fit: random radial routes that want ``depth`` (calibrated where no budget binds), served
+    at the capacity fitted to them on other text (``fit_capacity``: nothing refused there)."""
+    L = model.config.num_layers
+    rm = RadialNetwork.from_sequential(model, mode="radial", capacity_factor=float(L), router_init_scale=50.0, seed=3)
+    rm, offset = calibrate(rm, ids, depth)
+    calibration = np.random.default_rng(1).integers(3, model.config.vocab_size, ids.shape)
+    fitted = rm.fit_capacity(calibration, batch_size=ids.shape[0])
+    row = {**time_prefill(model, fitted, ids, dense_fwd, args), "keep_offset": offset, "target_depth": depth}
+    prefill_figures(row, f"prefill_radial_fit_d{int(depth * 100)}",
+                    f"radial mode, {100 * row['depth_fraction']:.0f} % depth (calibrated toward {100 * depth:.0f} %), "
+                    "capacity fitted to the routes",
+                    PREFILL_TARGETS[depth], figures)
+    details.setdefault("prefill_fitted", []).append(row)
 
 
 def bench_overhead(model, ids, dense_fwd, mode, args, figures, details):
@@ -233,12 +289,15 @@ def main(argv=None):
 
     jobs = [("overhead", m) for m in ("ordered", "radial")]
     jobs += [("prefill", (m, c)) for m in ("ordered", "radial") for c in ((0.5,) if args.quick else (0.5, 0.25))]
+    jobs += [("prefill_fitted", d) for d in ((0.5,) if args.quick else (0.5, 0.25))]
     jobs += [("decode", (b, d)) for b, d in (((1, 0.5),) if args.quick else ((1, 0.5), (1, 0.25), (8, 0.5)))]
     for kind, job in tqdm(jobs, desc="bench_radial"):
         if kind == "overhead":
             bench_overhead(model, ids, dense_fwd, job, args, figures, details)
         elif kind == "prefill":
             bench_prefill(model, ids, dense_fwd, *job, args, figures, details)
+        elif kind == "prefill_fitted":
+            bench_prefill_fitted(model, ids, dense_fwd, job, args, figures, details)
         else:
             bench_decode(model, *job, args, figures, details)
     settings = {k: v for k, v in vars(args).items() if k != "out"}

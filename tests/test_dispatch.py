@@ -67,11 +67,18 @@ def test_select_gathers_admitted_tokens_in_position_order():
 
 
 def test_static_sizes_and_the_smallest_that_holds_a_load():
-    assert dsp.prefill_sizes(16, 4) == (0, 4, 8, 12, 16)
+    assert dsp.prefill_sizes(16, 4) == (0, 1, 2, 4, 8, 12, 16)  # 4 halved 3 times, then multiples of 4
     assert dsp.prefill_sizes(5, 8) == (0, 1, 2, 3, 4, 5)
-    assert dsp.decode_sizes(8) == (0, 1, 2, 4, 8)
-    assert dsp.decode_sizes(6) == (0, 1, 2, 4, 6)
+    assert dsp.prefill_sizes(64, 8, halvings=0) == (0, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert dsp.prefill_sizes(64, 1) == (64,)
+    assert dsp.decode_sizes(8) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
     assert dsp.decode_sizes(1) == (0, 1)
+    assert dsp.decode_sizes(64) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64)
+    for batch in (9, 20, 100):  # a load is never padded by more than an eighth of the batch
+        sizes = dsp.decode_sizes(batch)
+        assert sizes[-1] == batch and all(b - a <= -(-batch // 8) for a, b in zip(sizes, sizes[1:]))
+    with pytest.raises(ValueError, match="at least 1 row"):
+        dsp.decode_sizes(0)
     sizes = (0, 1, 2, 4, 8)
     for load in range(9):
         i = int(dsp.size_index(sizes, jnp.int32(load)))

@@ -3,16 +3,21 @@
 Training runs at a generous capacity (ordered mode: ``capacity_factor = 1``, which never
 binds). Serving pays for capacity even where the budget does not bind: ``C_max`` sets
 the static sizes a layer's load is rounded up to and caps the attention's per-sequence
-size. ``fit_capacity`` serves a network at the smallest capacity factor whose causal
-budget refuses none of the visits its router wants on calibration text (text it is not
+size. ``fit_capacity`` serves a network at the smallest ``C_max`` whose causal budget
+refuses none of the visits its router wants on calibration text (text it is not
 evaluated on). Where nothing is refused the routes do not depend on the capacity, so
 one forward at the network's own capacity gives them, and the budget rule
 (``dispatch.budget``: a visit is admitted while ``count_before < floor(phi (p + 1)) +
-slack``) gives the smallest fraction that admits them all:
-``phi = max over wanted visits of (count_before - slack + 1) / (p + 1)``. A refused
-visit changes the output (the token keeps its state), so none is allowed.
+slack``) gives, for each slack, the smallest fraction that admits them all:
+``phi = max over wanted visits of (count_before - slack + 1) / (p + 1)``. The slack is
+fitted with it: with a slack of 1, two early tokens of a sequence that want the same
+layer at the same step already need ``phi >= 1/2``, which a larger slack absorbs at a
+lower ``C_max = floor(phi T) + slack``. A refused visit changes the output (the token
+keeps its state), so none is allowed.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -24,27 +29,35 @@ def _batches(windows, batch_size):
         yield jnp.asarray(windows[i:i + batch_size], jnp.int32)
 
 
-def _route_facts(model, windows, batch_size: int):
-    """``(wanted, refused, phi)`` over ``windows``, one forward per batch: the visits the router wanted,
-    those the budget refused, and the smallest budget fraction that admits every visit that ran (whole
-    windows, no padding; the bound of the module docstring)."""
-    L, slack = model.config.num_layers, model.radial.capacity_slack
+def _slack_candidates(own: int, length: int):
+    """The slacks ``fit_capacity`` tries: the network's own, 0, and powers of two up to ``length``."""
+    return tuple(sorted({own, 0} | {2 ** i for i in range(max(length, 1).bit_length())}))
+
+
+def _route_facts(model, windows, batch_size: int, slacks=None):
+    """``(wanted, refused, phi_k)`` over ``windows``, one forward per batch: the visits the router wanted,
+    those the budget refused, and for each of ``slacks`` (default: the network's own) the smallest budget
+    fraction that admits every visit that ran (whole windows, no padding; the bound of the module
+    docstring)."""
+    slack_k = jnp.asarray((model.radial.capacity_slack,) if slacks is None else slacks, jnp.float32)
 
     @jax.jit
     def facts(params, ids_bt):
         r = model.module.apply({"params": params}, ids_bt, compute_logits=False).router
         taken = r.assign.astype(jnp.int32)  # [S, b, t, L]
-        before = jnp.cumsum(taken, axis=2) - taken  # earlier tokens of the row admitted to (s, l)
-        position = jnp.arange(ids_bt.shape[1], dtype=jnp.float32)[None, None, :, None]
-        need = jnp.max(jnp.where(r.assign, (before - slack + 1) / (position + 1), 0.0))
-        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped), need
+        before = (jnp.cumsum(taken, axis=2) - taken)[..., None]  # earlier tokens of the row admitted to (s, l)
+        position = jnp.arange(ids_bt.shape[1], dtype=jnp.float32)[None, None, :, None, None]
+        need_k = jnp.max(jnp.where(r.assign[..., None], (before - slack_k + 1) / (position + 1), 0.0),
+                         axis=(0, 1, 2, 3))
+        L = model.config.num_layers
+        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped), need_k
 
     wanted = refused = 0
-    need = 0.0
+    need_k = np.zeros(slack_k.shape, np.float64)
     for ids in _batches(windows, batch_size):
         w, d, n = facts(model.params, ids)
-        wanted, refused, need = wanted + int(w), refused + int(d), max(need, float(n))
-    return wanted, refused, need
+        wanted, refused, need_k = wanted + int(w), refused + int(d), np.maximum(need_k, np.asarray(n, np.float64))
+    return wanted, refused, need_k
 
 
 def drop_rate(model, windows, batch_size: int = 16) -> float:
@@ -54,23 +67,31 @@ def drop_rate(model, windows, batch_size: int = 16) -> float:
 
 
 def fit_capacity(model, windows, *, batch_size: int = 16):
-    """``model`` at the smallest capacity factor (at most its own) at which its budget refuses none of
-    the visits its router wants on ``windows``; ``model`` itself when its own capacity already refuses
-    some (its routes then depend on the capacity)."""
+    """``model`` at the smallest ``C_max`` (at most its own) at which its budget refuses none of the
+    visits its router wants on ``windows``: the capacity factor and the slack fitted together (module
+    docstring), ``C_max`` counted at the windows' length; ``model`` itself when its own capacity already
+    refuses some (its routes then depend on the capacity)."""
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
         raise ValueError(f"calibration windows must be [n >= 1, t] token ids, got shape {windows.shape}")
-    _, refused, need = _route_facts(model, windows, batch_size)  # one pass at the network's own capacity
+    rc, L, t = model.radial, model.config.num_layers, windows.shape[1]
+    slacks = _slack_candidates(rc.capacity_slack, t)
+    _, refused, need_k = _route_facts(model, windows, batch_size, slacks)  # one pass at the network's own capacity
     if refused > 0:
         return model
-    rc, L = model.radial, model.config.num_layers
     scale = rc.steps(L) * rc.layers_per_step(L) / L  # capacity_factor = scale * phi (RadialConfig)
-    # float32 floors: a hair above the bound; > 0 (every visit within the slack: any fraction admits them)
-    phi = max(need * (1 + 1e-6), 1e-6)
-    if phi * scale >= rc.capacity_factor:
+    trials = []
+    for slack, need in zip(slacks, need_k):
+        # float32 floors: a hair above the bound; > 0 (every visit within the slack: any fraction admits them)
+        phi = max(float(need) * (1 + 1e-6), 1e-6)
+        if phi < 1.0:  # at 1 no budget binds below the whole sequence
+            trial = dataclasses.replace(rc, capacity_factor=phi * scale, capacity_slack=slack)
+            trials.append((trial.max_capacity(L, t), slack != rc.capacity_slack, slack, trial))
+    if not trials or min(trial[0] for trial in trials) >= rc.max_capacity(L, t):
         return model
-    fitted = model.replace(capacity_factor=phi * scale)
+    best = min(trials, key=lambda trial: trial[:3])[3]  # ties: the own slack, then the smallest
+    fitted = model.replace(capacity_factor=best.capacity_factor, capacity_slack=best.capacity_slack)
     if drop_rate(fitted, windows, batch_size) > 0:
-        raise RuntimeError(f"capacity factor {phi * scale} fitted to the routes still refuses visits; "
-                           "this is a bug in radial_jax.radial.capacity")
+        raise RuntimeError(f"capacity (factor {best.capacity_factor}, slack {best.capacity_slack}) fitted to the "
+                           "routes still refuses visits; this is a bug in radial_jax.radial.capacity")
     return fitted

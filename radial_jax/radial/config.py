@@ -13,10 +13,11 @@ the ``L`` layers of a step together admit up to ``capacity_factor`` of the token
 (balanced routes fit; ``capacity_factor = S`` lets any route through).
 
 What runs is what was admitted, rounded up to a few static sizes: the parallel
-forward picks, per step and layer, the smallest of ``prefill_buckets`` sizes
-(multiples of ``C_max / prefill_buckets``, ``C_max = floor(phi * T) + slack``)
-that holds the admitted tokens of every row; decoding picks the smallest power
-of two up to the batch; a layer nobody was admitted to runs nothing.
+forward picks, per step and layer, the smallest of a few sizes (multiples of
+``C_max / prefill_buckets``, ``C_max = floor(phi * T) + slack``, and halvings of
+the first: ``dispatch.prefill_sizes``) that holds the admitted tokens of every
+row; decoding picks the smallest of ``0 .. 8`` and the eighths of the batch
+(``dispatch.decode_sizes``); a layer nobody was admitted to runs nothing.
 """
 from __future__ import annotations
 

@@ -60,20 +60,36 @@ def admit_each(want_kgn, budget_gn, count_kgn):
     return want_kgn & (count_kgn < budget_gn[None])
 
 
-def prefill_sizes(c_max: int, buckets: int) -> Tuple[int, ...]:
-    """Static sizes of the parallel forward: ``0`` then multiples of ``c_max / buckets`` up to ``c_max``.
+def prefill_sizes(c_max: int, buckets: int, halvings: int = 3) -> Tuple[int, ...]:
+    """Static sizes of the parallel forward: ``0``, the first bucket halved ``halvings`` times, then
+    multiples of ``c_max / buckets`` up to ``c_max``.
 
-    One bucket is ``(c_max,)`` alone: every layer runs at its full budget (no branch at all), what
-    training wants (the same values, and one layer body to compile per step).
+    ``c_max`` is set by the busiest (step, layer) of the routes (``capacity.fit_capacity``); most
+    loads are far below it, and one bucket would pad them to ``c_max / buckets`` each: the halvings
+    keep light layers near their load. One bucket is ``(c_max,)`` alone: every layer runs at its
+    full budget (no branch at all), what training wants (the same values, and one layer body to
+    compile per step).
     """
     if buckets == 1:
         return (c_max,)
-    return (0,) + tuple(sorted({math.ceil(c_max * k / buckets) for k in range(1, buckets + 1)}))
+    multiples = {math.ceil(c_max * k / buckets) for k in range(1, buckets + 1)}
+    light = {math.ceil(c_max / (buckets * 2 ** j)) for j in range(1, halvings + 1)}
+    return (0,) + tuple(sorted(multiples | light))
 
 
-def decode_sizes(batch: int) -> Tuple[int, ...]:
-    """Static sizes of decoding: ``0``, powers of two below ``batch``, and ``batch``."""
-    return (0,) + tuple(sorted({2 ** i for i in range(max(batch - 1, 0).bit_length()) if 2 ** i < batch} | {batch}))
+def decode_sizes(batch: int, exact_up_to: int = 8) -> Tuple[int, ...]:
+    """Static sizes of decoding: ``0``, every size up to ``exact_up_to``, then multiples of ``batch / 8``.
+
+    A decode step's matmuls run on a handful of rows, and a padded row is not free: at
+    batch 8 and about 40 % depth, powers of two executed about half the dense FLOPs
+    (``experiments/bench_radial.py``, decode rows: ``compute_fraction``), exact sizes the
+    depth. Larger batches waste at most an eighth of the batch, with at most
+    ``exact_up_to + 8`` branches per layer.
+    """
+    if batch < 1:
+        raise ValueError(f"decoding needs a batch of at least 1 row, got {batch}")
+    exact = set(range(1, min(batch, exact_up_to) + 1))
+    return (0,) + tuple(sorted(exact | {math.ceil(batch * k / 8) for k in range(1, 9)}))
 
 
 def size_index(sizes: Tuple[int, ...], load):
