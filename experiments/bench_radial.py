@@ -91,16 +91,18 @@ def calibrate(rm, ids, target: float, lo: float = -15.0, hi: float = 15.0, start
 
 def decode_loops(model, rm, ids_bt, prompt_len: int):
     """Jitted teacher-forced decode loops (dense and routed) over caches prefilled with ``ids[:, :prompt_len]``
-    that feed the rest of ``ids``, and their inputs."""
+    that feed the rest of ``ids``, and their inputs; ``rm=None``: the dense side alone (routed: ``None``)."""
     b, total = ids_bt.shape
     prompt, feed, steps = ids_bt[:, :prompt_len], ids_bt[:, prompt_len:], total - prompt_len
     slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
     dense_cache = jax.jit(lambda p, x: model.module.apply({"params": p}, x, positions_bt=slots,
                                                           cache=model.module.init_cache(b, total),
                                                           compute_logits=False).cache)(model.params, prompt)
-    routed_cache = rm.forward(prompt, positions_bt=slots, max_len=total, compute_logits=False).cache
     # both sides in the inference layout (what ``generate`` serves): per-layer weights and caches
-    dense_cache, routed_cache = split_layers(dense_cache), routed_cache.replace(kv=split_layers(routed_cache.kv))
+    dense_cache, routed_cache = split_layers(dense_cache), None
+    if rm is not None:
+        routed_cache = rm.forward(prompt, positions_bt=slots, max_len=total, compute_logits=False).cache
+        routed_cache = routed_cache.replace(kv=split_layers(routed_cache.kv))
 
     def result(out, head):  # what a step outputs: it must use all of the step's work (XLA drops the rest)
         return jnp.argmax(out.logits.reshape(b, -1), -1) if head else out.hidden.reshape(b, -1)[:, :8]
@@ -122,7 +124,7 @@ def decode_loops(model, rm, ids_bt, prompt_len: int):
                 read = jnp.sum(out.metrics.layer_sizes > 0) / model.config.num_layers  # layers whose weights ran
                 return out.cache, (result(out, head), out.metrics.depth_fraction, out.metrics.compute_fraction, read)
             return jax.lax.scan(body, cache, jnp.arange(steps))[1]
-        return dense, routed
+        return dense, None if rm is None else routed
 
     return make, dense_cache, routed_cache, feed
 
@@ -136,7 +138,7 @@ def bench_decode(model, b, depth, args, figures, details):
     dense_params, routed_params = serving_params(model, rm)
     row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
     half = b // 2  # what half the rows cost dense: the best a layer visited by half of them can do
-    make_half, half_cache, _, half_feed = decode_loops(model, rm, ids[:half], args.decode_prompt) if half else (
+    make_half, half_cache, _, half_feed = decode_loops(model, None, ids[:half], args.decode_prompt) if half else (
         None, None, None, None)
     for head in (False, True):
         dense, routed = make(head)
@@ -216,6 +218,9 @@ def prefill_figures(row, key, what, target, figures):
 
 
 PREFILL_TARGETS = {0.5: 1.6, 0.25: 3.2}  # speed-up wanted at capacity (or depth) 0.5 and 0.25
+# keep offsets searched for routes that fit: the random radial router's logits (scale 50) need more than
+# +-15 to reach 50 % and 25 % depth at 125M shapes (there the search ended at its bounds, at 47 % and 35 %)
+FITTED_OFFSET_RANGE = 150.0
 
 
 def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
@@ -236,7 +241,7 @@ def bench_prefill_fitted(model, ids, dense_fwd, depth, args, figures, details):
     at the capacity fitted to them on other text (``fit_capacity``: nothing refused there)."""
     L = model.config.num_layers
     rm = RadialNetwork.from_sequential(model, mode="radial", capacity_factor=float(L), router_init_scale=50.0, seed=3)
-    rm, offset = calibrate(rm, ids, depth)
+    rm, offset = calibrate(rm, ids, depth, lo=-FITTED_OFFSET_RANGE, hi=FITTED_OFFSET_RANGE)
     calibration = np.random.default_rng(1).integers(3, model.config.vocab_size, ids.shape)
     fitted = rm.fit_capacity(calibration, batch_size=ids.shape[0])
     row = {**time_prefill(model, fitted, ids, dense_fwd, args), "keep_offset": offset, "target_depth": depth}

@@ -74,6 +74,7 @@ def test_static_sizes_and_the_smallest_that_holds_a_load():
     assert dsp.decode_sizes(8) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
     assert dsp.decode_sizes(1) == (0, 1)
     assert dsp.decode_sizes(64) == (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert dsp.decode_sizes(64, exact_up_to=2, parts=4) == (0, 1, 2, 16, 32, 48, 64)
     for batch in (9, 20, 100):  # a load is never padded by more than an eighth of the batch
         sizes = dsp.decode_sizes(batch)
         assert sizes[-1] == batch and all(b - a <= -(-batch // 8) for a, b in zip(sizes, sizes[1:]))

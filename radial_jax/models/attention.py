@@ -113,20 +113,26 @@ def _reference(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
 
     scores = capped(jnp.einsum("bqgrd,bgkd->bgrqk", qf, k_bgkd.astype(jnp.float32)))
     scores = jnp.where(mask_bqk[:, None, None, :, :], scores, NEG_INF)
-    if self_kv is not None:
-        k_self, v_self = self_kv
-        s_self = capped(jnp.einsum("bqgrd,bqgd->bgrq", qf, k_self.astype(jnp.float32)))
-        scores = jnp.concatenate([scores, s_self[..., None]], axis=-1)
-    weights = jax.nn.softmax(scores, axis=-1)
-    if self_kv is not None:
-        weights, w_self = weights[..., :-1], weights[..., -1]
+    if self_kv is None:
+        weights = jax.nn.softmax(scores, axis=-1)
+        ctx = _weighted_values(weights, v_bgkd)
+        return jnp.where(mask_bqk.any(-1)[:, :, None, None, None], ctx, 0.0).reshape(b, q, h, d)
+    # The own key joins the softmax as one more score, combined by hand: concatenating it to the
+    # scores would copy the whole [.., q, k] tensor twice (in, and the weights back out).
+    k_self, v_self = self_kv
+    s_self = capped(jnp.einsum("bqgrd,bqgd->bgrq", qf, k_self.astype(jnp.float32)))
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1), s_self))  # [b, g, r, q]
+    e = jnp.exp(scores - top[..., None])
+    e_self = jnp.exp(s_self - top)
+    total = jnp.sum(e, axis=-1) + e_self  # >= 1: the largest score contributes exp(0)
+    ctx = _weighted_values(e, v_bgkd) + jnp.einsum("bgrq,bqgd->bqgrd", e_self, v_self.astype(jnp.float32))
+    return (ctx / jnp.moveaxis(total, 3, 1)[..., None]).reshape(b, q, h, d)
+
+
+def _weighted_values(weights_bgrqk, v_bgkd):
+    """``sum_k weights * v`` as ``[b, q, g, r, d]``."""
     # "bgrqd" then a transpose: asked for "bqgrd" directly, XLA on CPU runs this matmul 3x slower
-    ctx = jnp.einsum("bgrqk,bgkd->bgrqd", weights, v_bgkd.astype(jnp.float32)).transpose(0, 3, 1, 2, 4)
-    if self_kv is not None:
-        ctx = ctx + jnp.einsum("bgrq,bqgd->bqgrd", w_self, v_self.astype(jnp.float32))
-    else:
-        ctx = jnp.where(mask_bqk.any(-1)[:, :, None, None, None], ctx, 0.0)
-    return ctx.reshape(b, q, h, d)
+    return jnp.einsum("bgrqk,bgkd->bgrqd", weights_bgrqk, v_bgkd.astype(jnp.float32)).transpose(0, 3, 1, 2, 4)
 
 
 def _chunked(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):

@@ -77,19 +77,19 @@ def prefill_sizes(c_max: int, buckets: int, halvings: int = 3) -> Tuple[int, ...
     return (0,) + tuple(sorted(multiples | light))
 
 
-def decode_sizes(batch: int, exact_up_to: int = 8) -> Tuple[int, ...]:
-    """Static sizes of decoding: ``0``, every size up to ``exact_up_to``, then multiples of ``batch / 8``.
+def decode_sizes(batch: int, exact_up_to: int = 8, parts: int = 8) -> Tuple[int, ...]:
+    """Static sizes of decoding: ``0``, every size up to ``exact_up_to``, then multiples of ``batch / parts``.
 
     A decode step's matmuls run on a handful of rows, and a padded row is not free: at
     batch 8 and about 40 % depth, powers of two executed about half the dense FLOPs
     (``experiments/bench_radial.py``, decode rows: ``compute_fraction``), exact sizes the
-    depth. Larger batches waste at most an eighth of the batch, with at most
-    ``exact_up_to + 8`` branches per layer.
+    depth. Larger batches waste at most ``batch / parts`` rows, with at most
+    ``exact_up_to + parts`` branches per layer.
     """
     if batch < 1:
         raise ValueError(f"decoding needs a batch of at least 1 row, got {batch}")
     exact = set(range(1, min(batch, exact_up_to) + 1))
-    return (0,) + tuple(sorted(exact | {math.ceil(batch * k / 8) for k in range(1, 9)}))
+    return (0,) + tuple(sorted(exact | {math.ceil(batch * k / parts) for k in range(1, parts + 1)}))
 
 
 def size_index(sizes: Tuple[int, ...], load):
