@@ -20,7 +20,7 @@ weights and caches, what ``generate`` serves).
   construction) against the dense model's;
 * **prefill, routes that fit** (radial mode): the same random router calibrated
   where no budget binds to want 50 % and 25 % depth, served at the capacity
-  fitted to its routes on other text (``fit_capacity``: factor and slack), so the
+  fitted to its routes on other text (``fit_capacity``: factor, slack and static sizes), so the
   depth is the routes' own and compute follows them, not a budget;
 * **overhead** at capacity factor 1 where every route runs (ordered: keep
   everything; radial: identity routes with a budget that drops nothing): the

@@ -136,7 +136,8 @@ def run_pipeline(args) -> int:
             trained = students[name].radial.capacity_factor
             students[name] = students[name].fit_capacity(calibration)
             rc = students[name].radial
-            print(f"[serve] {name} student: capacity factor {rc.capacity_factor:.3f}, slack {rc.capacity_slack} "
+            print(f"[serve] {name} student: capacity factor {rc.capacity_factor:.3f}, slack {rc.capacity_slack}, "
+                  f"{rc.prefill_buckets} prefill buckets "
                   f"(trained at {trained:g})")
         t0 = time.perf_counter()
         if not _done(out / "distill" / "eval.json"):
@@ -165,6 +166,7 @@ def run_pipeline(args) -> int:
         "students": None if evaluation is None else {
             name: {"mode": s["mode"], "capacity_factor": s["radial_config"]["capacity_factor"],
                    "capacity_slack": s["radial_config"]["capacity_slack"],
+                   "prefill_buckets": s["radial_config"]["prefill_buckets"],
                    "perplexity": s["ppl"], "depth_fraction": s["depth"],
                    "executed_flops_fraction": s["compute"], "perplexity_increase_vs_teacher": s["ppl_increase_vs_teacher"],
                    "oracle_perplexity_at_same_compute": s["oracle_ppl_at_same_compute"],
@@ -194,7 +196,7 @@ def write_figures(summary: dict, path) -> None:
             note=f"depth {100 * s['depth_fraction']:.0f} %, ppl {s['perplexity']:.1f} "
                  f"({100 * s['perplexity_increase_vs_teacher']:+.1f} %), oracle at same FLOPs "
                  f"{s['oracle_perplexity_at_same_compute'] or float('nan'):.1f}; served at capacity factor "
-                 f"{s['capacity_factor']:.3g}, slack {s['capacity_slack']}"))
+                 f"{s['capacity_factor']:.3g}, slack {s['capacity_slack']}, {s['prefill_buckets']} prefill buckets"))
         if s["speed"]:
             for key, label in (("prefill_speedup", "prefill"), ("decode_b1_speedup", "decode steps, batch 1"),
                                ("decode_b8_speedup", "decode steps, batch 8")):

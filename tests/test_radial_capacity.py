@@ -6,7 +6,7 @@ import pytest
 
 import radial_jax as rj
 from radial_jax.radial import RadialNetwork
-from radial_jax.radial.capacity import drop_rate
+from radial_jax.radial.capacity import drop_rate, flat_loads, padding
 from radial_jax.radial.stats import RouteStats
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
@@ -78,3 +78,39 @@ def test_a_capacity_that_already_drops_is_kept_and_bad_calibration_is_refused(ro
     assert tight.fit_capacity(windows, batch_size=4) is tight
     with pytest.raises(ValueError, match=r"\[n >= 1, t\] token ids, got shape \(16,\)"):
         routed.fit_capacity(windows[0])
+
+
+
+def served_padding(net, windows, buckets):
+    """What the compiled forward ran beyond the admitted tokens (its metrics: the branch sizes that ran), in the
+    serving layout (per-layer weights: each layer at its own size; stacked radial steps share one)."""
+    m = net.replace(prefill_buckets=buckets).with_layout("per_layer").forward(windows).metrics
+    return int(np.sum(m.layer_sizes)) / int(np.sum(m.step_layer_load)) - 1
+
+
+@pytest.mark.parametrize("mode", ["ordered", "radial"])
+def test_fitted_buckets_are_the_fewest_whose_served_sizes_pad_the_loads_within_the_limit(routed, windows, mode):
+    if mode == "radial":
+        routed = routed.replace(mode="radial", capacity_factor=float(SMALL.num_layers))
+    n_windows = len(windows)  # one batch: the loads are rounded over it
+    net = routed.fit_capacity(windows, batch_size=n_windows, max_padding=1e9)  # the fitted capacity, any buckets
+    assert net.radial.prefill_buckets == 1
+    candidates = (2, 4, 8, 16)  # (one bucket: radial mode runs no unvisited layer, the count assumes it does)
+    served = {n: served_padding(net, windows, n) for n in candidates}
+    c_max = net.radial.max_capacity(SMALL.num_layers, windows.shape[1])
+    _, per_batch = flat_loads(net, windows, n_windows)
+    for n in candidates:  # the count agrees with what ran
+        assert padding(per_batch, c_max, n) == pytest.approx(served[n], abs=1e-12)
+    assert all(served[a] >= served[b] for a, b in zip(candidates, candidates[1:])), served
+    falls = [n for n in candidates[:-1] if served[n] > served[2 * n]]
+    assert falls, f"no doubling lowers the padding here: {served}"
+    fall = falls[-1]
+    limit = (served[fall] + served[2 * fall]) / 2
+    fitted = routed.fit_capacity(windows, batch_size=n_windows, max_padding=limit)
+    assert fitted.radial.prefill_buckets == 2 * fall
+    assert (fitted.radial.capacity_factor, fitted.radial.capacity_slack) == (net.radial.capacity_factor,
+                                                                             net.radial.capacity_slack)
+    capped = routed.fit_capacity(windows, batch_size=n_windows, max_padding=limit, max_buckets=fall)
+    assert capped.radial.prefill_buckets == fall  # none pads little enough: the most allowed
+    with pytest.raises(ValueError, match="max_padding must be >= 0 and max_buckets an integer >= 1"):
+        routed.fit_capacity(windows, max_padding=-0.1)

@@ -14,6 +14,13 @@ fitted with it: with a slack of 1, two early tokens of a sequence that want the 
 layer at the same step already need ``phi >= 1/2``, which a larger slack absorbs at a
 lower ``C_max = floor(phi T) + slack``. A refused visit changes the output (the token
 keeps its state), so none is allowed.
+
+The static sizes are fitted last (``fit_buckets``): a layer's load is rounded up to
+multiples of ``B C_max / prefill_buckets`` (``dispatch.prefill_sizes``), and on loads
+that move from text to text by a tenth or more, eight buckets pad them by about a
+quarter. The served network takes the fewest buckets (a power of two) whose padding
+of the calibration loads is at most ``max_padding``; each doubling keeps every size
+and adds the ones between, so padding only falls, and compile time grows with it.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from radial_jax import defaults as D
+from radial_jax.radial.dispatch import prefill_sizes
 
 
 def _batches(windows, batch_size):
@@ -66,14 +76,57 @@ def drop_rate(model, windows, batch_size: int = 16) -> float:
     return refused / max(wanted, 1)
 
 
-def fit_capacity(model, windows, *, batch_size: int = 16):
-    """``model`` at the smallest ``C_max`` (at most its own) at which its budget refuses none of the
-    visits its router wants on ``windows``: the capacity factor and the slack fitted together (module
-    docstring), ``C_max`` counted at the windows' length; ``model`` itself when its own capacity already
-    refuses some (its routes then depend on the capacity)."""
+def flat_loads(model, windows, batch_size: int):
+    """``(refused, [(batch, loads[S, L])])`` over ``windows``: the visits the budget refused, and per batch of
+    ``batch`` windows the tokens each step admitted to each layer over the batch (what a flat visit runs)."""
+    @jax.jit
+    def loads(params, ids_bt):
+        m = model.module.apply({"params": params}, ids_bt, compute_logits=False).metrics
+        return m.total_dropped, m.step_layer_load
+
+    refused, per_batch = 0, []
+    for ids in _batches(windows, batch_size):
+        d, load_sl = loads(model.params, ids)
+        refused += int(d)
+        per_batch.append((ids.shape[0], np.asarray(load_sl)))
+    return refused, per_batch
+
+
+def padding(per_batch, c_max: int, buckets: int) -> float:
+    """Tokens the matmuls run beyond the admitted ones, as a fraction of them, when each (step, layer) load of
+    ``per_batch`` (``flat_loads``) is rounded up to the smallest of ``prefill_sizes(batch * c_max, buckets)``."""
+    ran = admitted = 0
+    for batch, load_sl in per_batch:
+        sizes = np.asarray(prefill_sizes(batch * c_max, buckets))
+        ran += int(sizes[np.searchsorted(sizes, load_sl)].sum())
+        admitted += int(load_sl.sum())
+    return ran / max(admitted, 1) - 1.0
+
+
+def fit_buckets(per_batch, c_max: int, max_padding: float, max_buckets: int) -> int:
+    """The fewest buckets (a power of two up to ``max_buckets``) that pad ``per_batch``'s loads by at most
+    ``max_padding``; ``max_buckets`` when none does (the least padding)."""
+    candidates = [2 ** i for i in range(max_buckets.bit_length()) if 2 ** i <= max_buckets]
+    return next((n for n in candidates if padding(per_batch, c_max, n) <= max_padding), candidates[-1])
+
+
+def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D.SERVE_MAX_PADDING,
+                 max_buckets: int = D.SERVE_MAX_BUCKETS):
+    """``model`` served as its routes on ``windows`` need (module docstring).
+
+    The capacity: the smallest ``C_max`` (at most its own) at which its budget refuses none of the visits its
+    router wants, the capacity factor and the slack fitted together, ``C_max`` counted at the windows'
+    length. Then the static sizes: the fewest ``prefill_buckets`` (a power of two up to ``max_buckets``)
+    that pad the loads of ``windows`` by at most ``max_padding``. ``model`` itself when its own capacity
+    already refuses some visits (its routes then depend on the capacity). Calibrate at the batch size the
+    network will serve: the loads are rounded over a batch.
+    """
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
         raise ValueError(f"calibration windows must be [n >= 1, t] token ids, got shape {windows.shape}")
+    if not 0 <= max_padding or isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+        raise ValueError(f"max_padding must be >= 0 and max_buckets an integer >= 1; got {max_padding!r}, "
+                         f"{max_buckets!r}")
     rc, L, t = model.radial, model.config.num_layers, windows.shape[1]
     slacks = _slack_candidates(rc.capacity_slack, t)
     _, refused, need_k = _route_facts(model, windows, batch_size, slacks)  # one pass at the network's own capacity
@@ -87,11 +140,13 @@ def fit_capacity(model, windows, *, batch_size: int = 16):
         if phi < 1.0:  # at 1 no budget binds below the whole sequence
             trial = dataclasses.replace(rc, capacity_factor=phi * scale, capacity_slack=slack)
             trials.append((trial.max_capacity(L, t), slack != rc.capacity_slack, slack, trial))
-    if not trials or min(trial[0] for trial in trials) >= rc.max_capacity(L, t):
-        return model
-    best = min(trials, key=lambda trial: trial[:3])[3]  # ties: the own slack, then the smallest
-    fitted = model.replace(capacity_factor=best.capacity_factor, capacity_slack=best.capacity_slack)
-    if drop_rate(fitted, windows, batch_size) > 0:
-        raise RuntimeError(f"capacity (factor {best.capacity_factor}, slack {best.capacity_slack}) fitted to the "
-                           "routes still refuses visits; this is a bug in radial_jax.radial.capacity")
-    return fitted
+    fitted = model
+    if trials and min(trial[0] for trial in trials) < rc.max_capacity(L, t):
+        best = min(trials, key=lambda trial: trial[:3])[3]  # ties: the own slack, then the smallest
+        fitted = model.replace(capacity_factor=best.capacity_factor, capacity_slack=best.capacity_slack)
+    refused, per_batch = flat_loads(fitted, windows, batch_size)
+    if refused > 0:
+        raise RuntimeError(f"capacity (factor {fitted.radial.capacity_factor}, slack {fitted.radial.capacity_slack}) "
+                           "fitted to the routes still refuses visits; this is a bug in radial_jax.radial.capacity")
+    c_max = fitted.radial.max_capacity(L, t)
+    return fitted.replace(prefill_buckets=fit_buckets(per_batch, c_max, max_padding, max_buckets))

@@ -211,6 +211,7 @@ def cmd_eval(args) -> int:
     print(json.dumps({"teacher_ppl": t["ppl"], "student_ppl": s["ppl"], "mean_depth": s["depth"],
                       "capacity_factor": student.radial.capacity_factor,
                       "capacity_slack": student.radial.capacity_slack,
+                      "prefill_buckets": student.radial.prefill_buckets,
                       "executed_flops_fraction": s["compute"], "ppl_increase_vs_teacher": s["ppl_increase_vs_teacher"],
                       "oracle_ppl_at_same_compute": s["oracle_ppl_at_same_compute"],
                       "reuse_share": s["route_stats"]["reuse_token_share"],
