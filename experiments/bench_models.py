@@ -148,21 +148,21 @@ def main(argv=None):
     weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ours.params))
     weight_bytes -= int(np.prod(ours.params["embed_positions"]["embedding"].shape)) * dtype.itemsize  # 1 row read
     cols = 8192
-    w_read = jnp.ones((weight_bytes // (cols * dtype.itemsize), cols), dtype)
-    x_read = jnp.ones((b, w_read.shape[0]), dtype)
+    rows = weight_bytes // (cols * dtype.itemsize)
+    read_xw = [jnp.ones((b, rows), dtype), jnp.ones((rows, cols), dtype)]  # cleared below: weight-sized
     matvec = jax.jit(lambda x, w: x @ w)
     t = args.prompts[0]
     ids = np.random.default_rng(t).integers(3, args.shapes["vocab_size"], (b, t))
     read_rounds = interleave({"ours_1": lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=()),
                               "ours_n": lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=()),
-                              "read": lambda: matvec(x_read, w_read)}, repeats=args.rounds)
+                              "read": lambda: matvec(*read_xw)}, repeats=args.rounds)
     per_step = {"step": [(a - c) / (n - 1) for a, c in zip(read_rounds["ours_n"], read_rounds["ours_1"])],
                 "read": read_rounds["read"]}
     over_limit = ratio(per_step, "step", "read")
-    details["weight_read"] = dict(bytes_per_step=weight_bytes, matvec_shape=list(w_read.shape),
+    details["weight_read"] = dict(bytes_per_step=weight_bytes, matvec_shape=[rows, cols],
                                   read_gb_per_s=rate(per_step, "read", weight_bytes / 1e9),
                                   step_over_read=over_limit, prompt=t)
-    del w_read, x_read
+    read_xw.clear()
     figures.append(figure(f"decode_weight_read_p{t}", f"decode step time / time to read the weights once (batch {b}, "
                           f"prompt {t}; {weight_bytes / 1e6:.0f} MB)", over_limit, unit="×", target="→ 1",
                           note="the read: an XLA matrix-vector product over as many bytes"))

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radial_jax.results import figure, machine, write_result  # noqa: F401 re-exported
-from radial_jax.timing import block, interleave, rate, ratio, summary  # noqa: F401  (re-exported)
+from radial_jax.results import figure, machine, write_result
+from radial_jax.timing import block, interleave, rate, ratio, summary
+
+__all__ = ["RESULTS", "block", "figure", "interleave", "machine", "rate", "ratio", "summary", "write_result",
+           "xla_flops"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
