@@ -46,7 +46,8 @@ class RadialConfig:
     capacity_factor: fraction of the dense compute (> 0); see the module docstring.
     capacity_slack: tokens every budget allows beyond ``floor(phi * (p + 1))`` (>= 0).
     prefill_buckets: static sizes the parallel forward rounds a layer's load up to (>= 1). Training
-      runs 1 (one size; radial *propagate*'s exit fills are then differentiable).
+      runs 1 (one size; radial *propagate*'s exit fills are then differentiable); serving fits it to the
+      loads (``RadialModel.fit_capacity``).
     cache_policy: ``"mask"`` (skipped entries stay empty) / ``"propagate"`` (skipping tokens
       write K/V from their current state; radial mode: exiting tokens fill every empty layer).
     routing: ``"learned"`` (the router), ``"identity"`` (every token to layer ``s mod L`` at
