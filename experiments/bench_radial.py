@@ -196,7 +196,7 @@ def time_prefill(model, rm, ids, dense_fwd, args):
                                   "routed": lambda: f(routed_params, ids)}, args.repeats)
     rc = rm.radial
     return {"mode": rc.mode, "capacity_factor": rc.capacity_factor, "capacity_slack": rc.capacity_slack,
-            "c_max": rc.max_capacity(model.config.num_layers, ids.shape[1]),
+            "prefill_buckets": rc.prefill_buckets, "c_max": rc.max_capacity(model.config.num_layers, ids.shape[1]),
             "speedup": benchlib.ratio(rounds, "dense", "routed"),
             "depth_fraction": float(m.depth_fraction), "compute_fraction": float(m.compute_fraction),
             "executed_flops": float(m.executed_flops), "dense_flops": float(m.dense_flops),
