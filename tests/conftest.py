@@ -113,6 +113,17 @@ def make_vit(directory, seed: int = 0, classifier: bool = True, **overrides):
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_freed_per_module():
+    """Every compiled program holds a few memory mappings until JAX's caches let it go. One process that
+    runs the whole suite (``-n 0``) compiled enough to pass the kernel's limit on mappings
+    (``vm.max_map_count``, 65530 by default) and aborted inside XLA's compiler halfway through; each of two
+    workers compiles about half as much. The programs are freed after each test module."""
+    yield
+    import jax
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_opt_variants(tmp_path_factory):
     """name -> checkpoint directory, one per entry of ``OPT_VARIANTS``."""
