@@ -82,9 +82,13 @@ class Bundle:
         raise NotImplementedError
 
     def tokenizer(self):
-        """The checkpoint's tokenizer through ``transformers.AutoTokenizer`` (local files only)."""
+        """The model's own tokenizer (``radial_jax.loading.load_tokenizer``, local files only), never a substitute.
+
+        ``tokenizer_path`` names it: the checkpoint directory, the ``.gguf`` file, or ``offline-pydoc-bpe-N``
+        for a model trained here with the offline BPE (recorded in its artifact)."""
         if self.tokenizer_path is None:
-            raise ValueError(f"{self.name} was not loaded from a checkpoint with a tokenizer")
+            raise ValueError(f"{self.name} has no tokenizer: it was built or trained without one recorded; load a "
+                             "checkpoint with its tokenizer files, a .gguf file, or a model trained by radial-jax")
         from radial_jax.loading import load_tokenizer
         return load_tokenizer(self.tokenizer_path)
 

@@ -20,6 +20,7 @@ MIN_POSITIONS = 256  # max_position_embeddings of a trained teacher: at least th
 # -- data --------------------------------------------------------------------------------------------
 DATA = "embedded"  # the offline corpus (Python's documentation) and its BPE tokenizer
 EVAL_FRACTION = 0.1  # held-out share of the token stream
+STDLIB_HELD_OUT = 0.05  # held-out share of the "stdlib" source's documents (split by document name)
 WINDOW = 64  # tokens per training / evaluation window of the small models
 BATCH_SIZE = 16  # global batch (training) and evaluation batch
 MAX_WINDOWS = 256  # held-out windows for profile / simulate / evaluate

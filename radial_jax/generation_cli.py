@@ -17,18 +17,6 @@ from pathlib import Path
 from radial_jax import defaults as D
 
 
-def load_tokenizer_for(model):
-    """The checkpoint's own tokenizer, else the offline BPE a ``radial-jax train`` teacher was trained with."""
-    if model.tokenizer_path and (Path(model.tokenizer_path) / "tokenizer_config.json").exists():
-        return model.tokenizer()
-    from radial_jax.data import offline_tokenizer
-    tok = offline_tokenizer()
-    if len(tok) > model.config.vocab_size:
-        raise ValueError(f"{model.name} has no tokenizer files and its vocabulary ({model.config.vocab_size}) is "
-                         f"smaller than the offline tokenizer's ({len(tok)}); give a checkpoint with a tokenizer")
-    return tok
-
-
 def find_student(path):
     """A ``save_student`` directory, or a run directory holding one (``<run>/student``)."""
     from radial_jax.training.artifacts import load_student
@@ -66,7 +54,7 @@ def cmd_generate(args) -> int:
     model = load_model(args.model)
     if not model.is_decoder:
         raise ValueError(f"--model {args.model} is a {model.config.model_type} model; generate needs a language model")
-    tok = load_tokenizer_for(model)
+    tok = model.tokenizer()
     ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not ids:
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens")

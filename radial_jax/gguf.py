@@ -68,11 +68,29 @@ __all__ = ["GGUFCheckpoint", "SUPPORTED_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
 #: GGUF ``general.architecture`` values this module maps (Mistral files say ``llama``).
 SUPPORTED_ARCHITECTURES: Tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
-#: Tensor storage types this module reads (``gguf.GGMLQuantizationType`` members; ``.name`` gives "Q8_0" ...).
-SUPPORTED_QUANT_TYPES: Tuple[GGMLQuantizationType, ...] = (
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
-)
+
+def _dequantizable_types() -> Tuple[GGMLQuantizationType, ...]:
+    """Every storage type ``gguf.quants.dequantize`` reads, asked of it on one zero block of each type.
+
+    Asking rather than listing keeps this module honest about the installed ``gguf`` package: llama.cpp's
+    mixes (Q4_K_M holds Q5_0 and Q6_K tensors too) load whatever they hold, and a newer package's types
+    come in by themselves (about 3 ms, once, at import)."""
+    readable = []
+    for qtype in GGMLQuantizationType:
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            continue
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        try:
+            gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+        except NotImplementedError:  # integer and float64 tensors, Q8_1/Q8_K (llama.cpp's scratch types)
+            continue
+        readable.append(qtype)
+    return tuple(readable)
+
+
+#: Tensor storage types this module reads (``gguf.GGMLQuantizationType`` members; ``.name`` gives "Q8_0" ...):
+#: all that ``gguf.quants.dequantize`` reads (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the I-quants ...).
+SUPPORTED_QUANT_TYPES: Tuple[GGMLQuantizationType, ...] = _dequantizable_types()
 
 _OUT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 
@@ -118,6 +136,14 @@ _NAMES = {  # architecture -> (global names, block names, block prefix)
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gguf")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout of gguf-py
+        return "unknown version"
 
 
 def _type_name(qtype) -> str:
@@ -286,10 +312,11 @@ class GGUFCheckpoint:
         bad = [info for info in infos if info.qtype not in SUPPORTED_QUANT_TYPES]
         if bad:
             first = bad[0]
-            more = f" (and {len(bad) - 1} more tensors of unsupported types)" if len(bad) > 1 else ""
+            more = f" (and {len(bad) - 1} more tensors of unreadable types)" if len(bad) > 1 else ""
             raise self._error(
-                f"tensor {first.gguf_name!r} is stored as {_type_name(first.qtype)}, which is not supported{more}; "
-                f"supported quantization types: {', '.join(t.name for t in SUPPORTED_QUANT_TYPES)}")
+                f"tensor {first.gguf_name!r} is stored as {_type_name(first.qtype)}, which gguf.quants.dequantize "
+                f"(gguf {_gguf_version()}) cannot read{more}; readable storage types: "
+                f"{', '.join(t.name for t in SUPPORTED_QUANT_TYPES)}")
 
     def _key(self, name: str, required: bool = True, default=None):
         key = f"{self.architecture}.{name}"

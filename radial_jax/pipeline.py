@@ -34,13 +34,33 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
+def _offline_teacher(args, data, teacher_dir: Path):
+    """``(model, name)``: the small OPT-shaped teacher trained on ``data`` (reused when ``teacher_dir`` has it)."""
+    import radial_jax as rj
+    from radial_jax import defaults as D
+    from radial_jax.training.artifacts import load_model, save_model
+    from radial_jax.training.lm import train_lm
+    from radial_jax.training.loop import TrainConfig
+    from radial_jax.training.optim import OptimConfig
+    if _done(teacher_dir / "config.json"):
+        print(f"[teacher] reusing {teacher_dir}")
+        return load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
+    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
+                          **D.SIZES[args.size])
+    train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
+                        optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
+    teacher, _ = train_lm(config, data, train=train, run_dir=teacher_dir.parent / "teacher_run")
+    save_model(teacher, teacher_dir, data=data.source)
+    return teacher, "offline-opt (trained by this pipeline)"
+
+
 def run_pipeline(args) -> int:
     import jax
     import radial_jax as rj
     from radial_jax.data import eval_windows, window_batches
     from radial_jax.io import atomic_write_json
     from radial_jax.profiling.skipping import parse_thresholds
-    from radial_jax.training.artifacts import load_model, load_student, save_model, save_student
+    from radial_jax.training.artifacts import load_student, save_student
     from radial_jax import defaults as D
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
@@ -53,28 +73,19 @@ def run_pipeline(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
-    data = text_data(args.data)
-    print(f"data: {data.source} ({len(data.train):,} train / {len(data.eval):,} eval tokens, "
-          f"tokenizer vocab {data.vocab_size})")
 
-    # 1. teacher
+    # 1. teacher; the text is tokenised with the teacher's own tokenizer (the offline BPE for one trained here)
     t0 = time.perf_counter()
     teacher_dir = out / "teacher"
     if args.model:
-        teacher = rj.load(args.model)
-        teacher_name = str(args.model)
-    elif _done(teacher_dir / "config.json"):
-        teacher, teacher_name = load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
-        print(f"[teacher] reusing {teacher_dir}")
+        teacher, teacher_name = rj.load(args.model), str(args.model)
+        data = text_data(args.data, tokenizer=teacher.tokenizer())
     else:
-        config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
-                              **D.SIZES[args.size])
-        train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
-                            optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
-        from radial_jax.training.lm import train_lm
-        teacher, _ = train_lm(config, data, train=train, run_dir=out / "teacher_run")
-        save_model(teacher, teacher_dir, data=data.source)
-        teacher_name = "offline-opt (trained by this pipeline)"
+        data = text_data(args.data)
+    print(f"data: {data.source} ({len(data.train):,} train / {len(data.eval):,} eval tokens, "
+          f"tokenizer {data.tokenizer_source}, vocab {data.vocab_size})")
+    if not args.model:
+        teacher, teacher_name = _offline_teacher(args, data, teacher_dir)
     teacher.name = teacher_name
     timings["teacher_s"] = time.perf_counter() - t0
     print(f"[teacher] {teacher!r}")

@@ -27,7 +27,9 @@ VOCAB_SPECIAL = ["<|endoftext|>", "<pad>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "e r"]
 HIDDEN = 256  # K-quant blocks are 256 wide: every matrix's row length is a multiple of it
 
-QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# the storage types the tests write: gguf-py quantizes the legacy ones (Q4_0 ... Q8_0); K-quants get random
+# valid blocks. llama.cpp's Q4_K_M files mix Q4_K, Q5_0 and Q6_K.
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def tiny_tokenizer():
@@ -91,7 +93,8 @@ MODELS = {
 }
 
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
-               "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
+               "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "Q4_0": "MOSTLY_Q4_0",
+               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1"}
 
 
 def make_model(name: str, seed: int = 0, **overrides):
@@ -179,8 +182,12 @@ def _store(writer, name: str, data: np.ndarray, qtype: str, rng):
         writer.add_tensor(name, gguf.quants.quantize(data, Q[qtype]), raw_dtype=Q[qtype])
     elif qtype in ("Q4_K", "Q5_K", "Q6_K"):
         writer.add_tensor(name, random_kquant_blocks(data.shape, qtype, rng), raw_dtype=Q[qtype])
-    else:  # any other type gguf-py can quantize (Q4_0 ... for the unsupported-type tests)
+    elif qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         writer.add_tensor(name, gguf.quants.quantize(data, Q[qtype]), raw_dtype=Q[qtype])
+    else:  # a type gguf-py neither quantizes nor reads (Q8_1, for the unreadable-type test): zero blocks
+        block, type_size = gguf.GGML_QUANT_SIZES[Q[qtype]]
+        raw = np.zeros((*data.shape[:-1], data.shape[-1] // block * type_size), np.uint8)
+        writer.add_tensor(name, raw, raw_dtype=Q[qtype])
 
 
 def _metadata(writer, arch: str, hp: dict, qtype: str):

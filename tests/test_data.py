@@ -76,6 +76,11 @@ def test_profile_and_simulate_commands_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make_opt(tmp_path / "ckpt", seed=7, vocab_size=offline_tokenizer().vocab_size, max_position_embeddings=64)
     common = ["--model", str(tmp_path / "ckpt"), "--data", "embedded", "--window", "32", "--max-tokens", "600"]
+    capsys.readouterr()
+    assert main(["profile", *common, "--out", str(tmp_path / "p")]) == 2  # no tokenizer: refused, none substituted
+    assert re.fullmatch(r"radial-jax profile: error: .*holds no tokenizer.*\n", capsys.readouterr().err)
+    assert not (tmp_path / "p").exists()
+    offline_tokenizer().save_pretrained(tmp_path / "ckpt")  # the checkpoint's own tokenizer
     assert main(["profile", *common, "--out", str(tmp_path / "p")]) == 0
     prof = json.loads((tmp_path / "p" / "profile.json").read_text())
     assert prof["data"] == "embedded" and prof["model"] == str(tmp_path / "ckpt") and prof["tokens"] == 600
@@ -90,3 +95,62 @@ def test_profile_and_simulate_commands_offline(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"radial-jax simulate: error: .*in \[0, 1\].*\n", capsys.readouterr().err)
     assert main(["profile", *common[:-2], "--max-tokens", "10"]) == 2
     assert "radial-jax profile: error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the stdlib source
+
+
+def test_stdlib_split_is_by_document_name_and_holds_out_about_five_percent():
+    import hashlib
+    from radial_jax.data.stdlib import is_held_out, stdlib_documents, stdlib_split
+    docs = stdlib_documents()
+    names = [n for n, _ in docs]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert any(n.startswith("topic/") for n in names) and "source/json/decoder.py" in names
+    assert not any("/test/" in n or "/tests/" in n or "site-packages" in n for n in names)
+    # the rule, written another way: the SHA-1's first 16 hex digits as a fraction of 16 ** 16
+    expected = [int(hashlib.sha1(n.encode()).hexdigest()[:16], 16) / 16 ** 16 < 0.05 for n in names]
+    assert [is_held_out(n, 0.05) for n in names] == expected
+    train, held = stdlib_split(0.05)
+    by_name = dict(docs)
+    assert held == [by_name[n] for n, e in zip(names, expected) if e]
+    assert train == [by_name[n] for n, e in zip(names, expected) if not e]
+    assert 0.02 < len(held) / len(docs) < 0.08
+    # enough text for the real-model study: about 3.3 characters a Gemma token on this text
+    assert sum(map(len, train)) > 4_000_000 and sum(map(len, held)) > 200_000
+
+
+def test_stdlib_split_refuses_a_fraction_outside_0_1():
+    from radial_jax.data.stdlib import stdlib_split
+    for bad in (0, 1, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"held_out_fraction must be in \(0, 1\)"):
+            stdlib_split(bad)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_a_model_trained_here_records_the_offline_tokenizer_and_gets_it_back(tmp_path):
+    import radial_jax as rj
+    from radial_jax.training.artifacts import load_model, save_model
+    model = rj.build(rj.OPTConfig(vocab_size=2048, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                  num_attention_heads=2, max_position_embeddings=32))
+    model.tokenizer_path = offline_tokenizer(2048).name_or_path
+    save_model(model, tmp_path / "m")
+    tok = load_model(tmp_path / "m").tokenizer()
+    text = "The for statement"
+    assert tok(text)["input_ids"] == offline_tokenizer(2048)(text)["input_ids"]
+
+
+def test_a_model_without_a_tokenizer_is_refused_not_given_another(tmp_path):
+    import radial_jax as rj
+    from conftest import make_opt
+    from radial_jax.loading import load_tokenizer
+    make_opt(tmp_path / "ckpt", seed=0, vocab_size=2048, max_position_embeddings=32)
+    with pytest.raises(ValueError, match="holds no tokenizer.*tokenizer.json"):
+        rj.load(str(tmp_path / "ckpt")).tokenizer()
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        rj.build(rj.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                              num_attention_heads=2, max_position_embeddings=32)).tokenizer()
+    with pytest.raises(ValueError, match="offline-pydoc-bpe-N"):
+        load_tokenizer("offline-pydoc-bpe-big")

@@ -31,10 +31,11 @@ transformers.logging.set_verbosity_error()
 # the models of the full (model, quant type) matrix; the others are F32-only variants
 MATRIX_MODELS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 ALL_MODELS = tuple(fx.MODELS)
-# each model with two quant types, rotating, so every type meets several architectures (a type's dequantisation
+# each model with two quant types, rotating, so every type meets an architecture or two (a type's dequantisation
 # does not depend on the architecture, and an architecture's names not on the type): 16 cases, not 8 x 7
+_NQ = len(fx.QTYPES)  # 11: (i, i + 4) over 8 models reaches every type
 MATRIX = [pytest.param(m, q, id=f"{m}-{q.lower()}") for i, m in enumerate(MATRIX_MODELS)
-          for q in (fx.QTYPES[i % 7], fx.QTYPES[(i + 4) % 7])]
+          for q in (fx.QTYPES[i % _NQ], fx.QTYPES[(i + 4) % _NQ])]
 
 # config keys that determine the architecture (transformers' GGUF names, GPT-2's own ones included)
 ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -281,6 +282,28 @@ def test_tokenizer_is_built_from_the_file(gguf_file):
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == eos
 
 
+def test_rj_tokenizer_of_a_gguf_file_is_converted_once_then_cached(gguf_file, tmp_path, monkeypatch):
+    """``load_tokenizer`` caches transformers' conversion (20 s for Gemma's vocabulary): the cached copy
+    tokenises as the conversion does, and a second call never converts again."""
+    from radial_jax.loading import load_tokenizer
+    monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path)
+    path = gguf_file("qwen3")
+    fresh = GGUFCheckpoint(path).tokenizer()
+    first = load_tokenizer(path)
+    converted = list((tmp_path / "tokenizers").iterdir())
+    assert len(converted) == 1 and not any(p.name.startswith(".staging") for p in converted)
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def no_conversion(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF file was converted again"
+        return original(*args, **kwargs)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+    second = load_tokenizer(path)
+    text = " inner theme the"
+    assert first.encode(text) == second.encode(text) == fresh.encode(text)
+    assert second.eos_token_id == fresh.eos_token_id
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -338,15 +361,16 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path, no_
     assert all(arch in message for arch in SUPPORTED_ARCHITECTURES)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1"])
-def test_unsupported_quant_type_names_the_tensor_and_type(qtype, models, tmp_path, no_dequantize):
+@pytest.mark.parametrize("qtype", ["Q8_1", "I32"])
+def test_unreadable_storage_type_names_the_tensor_the_type_and_the_readable_ones(qtype, models, tmp_path,
+                                                                                 no_dequantize):
     path = fx.write_gguf(tmp_path / f"llama-{qtype}.gguf", models("llama"), "Q8_0",
                          qtype_overrides={"blk.1.attn_v.weight": qtype})
     with pytest.raises(CheckpointError) as e:
         GGUFCheckpoint(path)
     message = str(e.value)
     assert str(path) in message and "'blk.1.attn_v.weight'" in message and qtype in message
-    assert all(t.name in message for t in SUPPORTED_QUANT_TYPES)
+    assert "cannot read" in message and all(t.name in message for t in SUPPORTED_QUANT_TYPES)
 
 
 def test_missing_file_is_a_checkpoint_error(tmp_path):
@@ -356,7 +380,10 @@ def test_missing_file_is_a_checkpoint_error(tmp_path):
 
 def test_supported_lists():
     assert SUPPORTED_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
-    assert [t.name for t in SUPPORTED_QUANT_TYPES] == list(fx.QTYPES)
+    readable = {t.name for t in SUPPORTED_QUANT_TYPES}
+    # every type the tests write, llama.cpp's Q4_K_M mix (Q4_K, Q5_0, Q6_K) among them, and the I-quants
+    assert set(fx.QTYPES) | {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"} <= readable
+    assert not readable & {"Q8_1", "Q8_K", "I8", "I32", "F64"}  # what gguf.quants.dequantize refuses
 
 
 # ---------------------------------------------------------------------------------------------- rj.load

@@ -1,5 +1,7 @@
 """Text sources: the embedded offline corpus, WikiText-2 raw from the hub, local files; an offline tokenizer.
 
+(The standard library as real text, split by document, is ``radial_jax.data.stdlib``.)
+
 * ``embedded_corpus()``: Python's own documentation topics (``pydoc_data.topics``,
   shipped with every CPython), about 465k characters of English technical
   prose: the offline default, needs no download.
@@ -27,6 +29,8 @@ WIKITEXT_REPO = "Salesforce/wikitext"
 WIKITEXT_FILES = {split: f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet" for split in ("train", "validation", "test")}
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, OPT's convention
 CACHE_DIR = Path(os.environ.get("RADIAL_JAX_CACHE", Path.home() / ".cache" / "radial_jax"))
+#: ``offline_tokenizer(N)``'s name: what a model trained with it records as its tokenizer (``load_tokenizer``)
+OFFLINE_TOKENIZER_PREFIX = "offline-pydoc-bpe-"
 
 
 def embedded_corpus() -> List[str]:
@@ -54,7 +58,8 @@ def offline_tokenizer(vocab_size: int = 2048):
             f.write(tok.to_str())
         os.replace(f.name, path)  # atomic: a half-written tokenizer is never read
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", name_or_path=f"offline-pydoc-bpe-{vocab_size}")
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   name_or_path=f"{OFFLINE_TOKENIZER_PREFIX}{vocab_size}")
 
 
 def wikitext2(split: str = "test", *, repo_dir: Optional[Union[str, Path]] = None) -> List[str]:
@@ -87,7 +92,8 @@ def read_text_files(path: Union[str, Path]) -> List[str]:
 
 
 def load_text_source(source: str = "embedded", tokenizer=None):
-    """``(documents, tokenizer)``: ``"embedded"``, ``"wikitext2"`` (test split), or a file/directory.
+    """``(documents, tokenizer)`` to evaluate on: ``"embedded"``, ``"wikitext2"`` (test split), ``"stdlib"``
+    (its held-out documents, ``radial_jax.data.stdlib``), or a file/directory.
 
     The tokenizer defaults to ``offline_tokenizer()``; pass the model's own for a real checkpoint.
     """
@@ -95,6 +101,9 @@ def load_text_source(source: str = "embedded", tokenizer=None):
         return embedded_corpus(), tokenizer or offline_tokenizer()
     if source in ("wikitext2", "wikitext-2"):
         return wikitext2("test"), tokenizer or offline_tokenizer()
+    if source == "stdlib":
+        from radial_jax.data.stdlib import stdlib_split
+        return stdlib_split()[1], tokenizer or offline_tokenizer()
     return read_text_files(source), tokenizer or offline_tokenizer()
 
 

@@ -10,8 +10,9 @@ contiguous rows of the global batch (``process_index``/``process_count``), so
 a multi-host run assembles global arrays from per-process data.
 
 Sources are those of ``radial_jax.data.load_text_source`` (``"embedded"``:
-the offline corpus and BPE tokenizer; ``"wikitext2"``: cached files only; a
-``.txt`` file or a directory of them), or a token array.
+the offline corpus and BPE tokenizer; ``"wikitext2"``: cached files only;
+``"stdlib"``: the standard library's documentation and sources, held out by
+document; a ``.txt`` file or a directory of them), or a token array.
 """
 from __future__ import annotations
 
@@ -124,6 +125,12 @@ class TextData:
             return int(max(self.train.max(initial=0), self.eval.max(initial=0))) + 1
         return int(self.tokenizer.vocab_size)
 
+    @property
+    def tokenizer_source(self):
+        """What ``load_tokenizer`` reloads this tokenizer from (``tokenizer.name_or_path``: the offline BPE's
+        name, a checkpoint directory or a cached GGUF conversion), or None for a raw token array."""
+        return None if self.tokenizer is None else str(self.tokenizer.name_or_path)
+
     def dataset(self, seq_len: int, batch_size: int, seed: int = 0, split: str = "train", **kw) -> PackedDataset:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -137,6 +144,12 @@ def text_data(source: Union[str, np.ndarray] = D.DATA, eval_fraction: float = D.
     if isinstance(source, np.ndarray):
         train, ev = split_tokens(source, eval_fraction)
         return TextData(train, ev, tokenizer, "array")
+    if os.fspath(source) == "stdlib":  # held out by document (radial_jax.data.stdlib), not by stream position
+        from radial_jax.data.corpus import offline_tokenizer
+        from radial_jax.data.stdlib import stdlib_split
+        tok = tokenizer or offline_tokenizer()
+        train_docs, held_docs = stdlib_split()
+        return TextData(tokenize(train_docs, tok), tokenize(held_docs, tok), tok, "stdlib")
     docs, tok = load_text_source(os.fspath(source), tokenizer)
     tokens = tokenize(docs, tok)
     train, ev = split_tokens(tokens, eval_fraction)

@@ -37,7 +37,7 @@ def load_model_and_data(args, with_scores: bool = False, load_weights: bool = Tr
     else:
         model = rj.CheckpointReader(args.model).shell(args.dtype, name=str(args.model))
     if model.is_decoder:
-        tokenizer = model.tokenizer() if (Path(model.tokenizer_path or "") / "tokenizer_config.json").exists() else None
+        tokenizer = model.tokenizer()  # the model's own; a model without one is refused, never given another's
         source = args.data or "wikitext2"
         docs, tokenizer = load_text_source(source, tokenizer)
         tokens = tokenize(docs, tokenizer)[:args.max_tokens]

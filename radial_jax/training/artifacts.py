@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from radial_jax.api import Model
+from radial_jax.data.corpus import OFFLINE_TOKENIZER_PREFIX
 from radial_jax.io import atomic_write_bytes, atomic_write_text
 from radial_jax.models.family import families, family_of
 
@@ -47,7 +48,9 @@ def load_params(directory, kind: str):
 
 
 def save_model(model: Model, directory, **extra) -> Path:
-    return save_params(directory, model.params, model.config, "lm", name=model.name, **extra)
+    """``model`` as an ``lm`` artifact; its tokenizer (``model.tokenizer_path``) is recorded with it."""
+    return save_params(directory, model.params, model.config, "lm", name=model.name, tokenizer=model.tokenizer_path,
+                       **extra)
 
 
 def load_model(directory) -> Model:
@@ -55,7 +58,9 @@ def load_model(directory) -> Model:
     d = Path(directory)
     if (d / "params.msgpack").is_file():
         params, config, meta = load_params(d, "lm")
-        return Model(config, params, name=meta.get("name"))
+        # artifacts from before the tokenizer was recorded were all trained with the offline BPE
+        tokenizer = meta["tokenizer"] if "tokenizer" in meta else f"{OFFLINE_TOKENIZER_PREFIX}{config.vocab_size}"
+        return Model(config, params, name=meta.get("name"), tokenizer_path=tokenizer)
     from radial_jax.loading import load
     return load(str(d))
 

@@ -128,8 +128,7 @@ def cmd_distill(args) -> int:
     mesh = mesh_from_args(args)
     memory, rules = memory_config(args), rules_for(args.pool)
     teacher = load_teacher(args.teacher, mesh, rules, memory)
-    has_tokenizer = teacher.tokenizer_path and (Path(teacher.tokenizer_path) / "tokenizer_config.json").exists()
-    data = text_data(args.data, tokenizer=teacher.tokenizer() if has_tokenizer else None)  # a hub teacher's own
+    data = text_data(args.data, tokenizer=teacher.tokenizer())  # the teacher's own, never a substitute
     pod = dict(mesh=mesh, memory=memory, rules=rules)
     cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
                         router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
@@ -200,7 +199,7 @@ def cmd_eval(args) -> int:
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(
             teacher.module, teacher.config, student.params, mesh, rules)))
     from radial_jax.data import eval_windows
-    data = text_data(args.data)
+    data = text_data(args.data, tokenizer=teacher.tokenizer())
     windows = eval_windows(data.eval, args.seq_len, args.max_windows)[0]
     if not args.trained_capacity:  # served at the capacity its routes need (radial.capacity), as the pipeline does
         student = student.fit_capacity(eval_windows(data.train, args.seq_len, D.SERVE_CALIBRATION_WINDOWS)[0])

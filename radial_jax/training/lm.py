@@ -104,5 +104,6 @@ def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Opti
     state, history = fit(state, step_fn, dataset, train, run_dir=run_dir, run_config=run_config, eval_fn=eval_fn,
                          mesh=mesh, progress=progress, callbacks=callbacks, desc="train-lm",
                          async_checkpoints=async_checkpoints)
-    trained = Model(config, to_host(state.params), dtype=model.dtype, name=f"{config.model_type}-trained")
+    trained = Model(config, to_host(state.params), dtype=model.dtype, name=f"{config.model_type}-trained",
+                    tokenizer_path=data.tokenizer_source)
     return trained, history

