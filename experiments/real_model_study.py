@@ -9,6 +9,8 @@ model loses when it spends fewer layer FLOPs by the simplest means.
 * **block oracle** (§3): an attention or MLP block's update dropped for a token when its ratio is
   under the threshold; it computes the block to decide, so it bounds a router that sees no more.
   Its skipped blocks still write K/V (the *propagate* cache policy);
+* **layer oracle**: the same rule for whole layers, run through the Radial Network (``routing="oracle"``,
+  *propagate* cache, every token admitted), its executed FLOPs counted as the network counts them;
 * windows of ``--window`` tokens open with the tokenizer's BOS (as the model was trained; every token
   after it is scored);
 * every point: perplexity against the full model's on the same windows, with a paired bootstrap 95 %
@@ -24,6 +26,7 @@ rerun finds it, so a stopped run continues where it was. ``--results`` writes th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -46,16 +49,28 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--drop", default="1,2,3,4", help="numbers of layers the static drop removes")
     p.add_argument("--thresholds", default="0.02,0.04,0.07,0.1", help="block-oracle thresholds (ratio_out)")
+    p.add_argument("--layer-thresholds", default="0.05,0.1,0.15",
+                   help="layer-oracle thresholds (the whole layer's ratio_out; through the Radial Network)")
+    p.add_argument("--student-steps", type=int, default=0,
+                   help="router-only ordered students distilled on stdlib training windows (0: none)")
+    p.add_argument("--student-seeds", default="0", help="one student per seed")
+    p.add_argument("--student-batch", type=int, default=2)
+    p.add_argument("--student-lr", type=float, default=3e-3)
+    p.add_argument("--student-oracle-threshold", type=float, default=0.1,
+                   help="layer-oracle keep labels that supervise the router")
+    p.add_argument("--student-compute-weight", type=float, default=0.5)
     p.add_argument("--bootstrap", type=int, default=4000, help="paired bootstrap resamples")
     p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
     args = p.parse_args(argv)
     try:
         args.drop = [int(k) for k in args.drop.split(",") if k.strip()]
         args.thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        args.layer_thresholds = [float(t) for t in args.layer_thresholds.split(",") if t.strip()]
+        args.student_seeds = [int(v) for v in args.student_seeds.split(",") if v.strip()]
     except ValueError as e:
         p.error(f"--drop takes integers and --thresholds numbers, comma-separated ({e})")
-    if any(k < 1 for k in args.drop) or any(not 0 < t < 1 for t in args.thresholds):
-        p.error("--drop values must be >= 1 and --thresholds in (0, 1)")
+    if any(k < 1 for k in args.drop) or any(not 0 < t < 1 for t in args.thresholds + args.layer_thresholds):
+        p.error("--drop values must be >= 1 and --thresholds, --layer-thresholds in (0, 1)")
     if args.window < 2 or args.eval_windows < 2 or args.calibration_windows < 1 or args.bootstrap < 100:
         p.error("need --window >= 2, --eval-windows >= 2, --calibration-windows >= 1, --bootstrap >= 100")
     return args
@@ -101,7 +116,7 @@ def stage(out: Path, name: str, compute):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import radial_jax as rj
-    from radial_jax.data import eval_windows, window_batches
+    from radial_jax.data import window_batches
     from radial_jax.data.packed import text_data
     from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
     from radial_jax.training.paired import paired_bootstrap, perplexity_of, window_nll
@@ -110,16 +125,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_path = args.model or default_model()
     model = rj.load(model_path)
-    data = text_data("stdlib", tokenizer=model.tokenizer())
+    # every window opens with the tokenizer's BOS, as the model was trained (Gemma without it is far worse)
+    data = text_data("stdlib", tokenizer=model.tokenizer(), open_with_bos=True)
     L = model.config.num_layers
     if max(args.drop) >= L:
         raise SystemExit(f"--drop values must be below the model's {L} layers")
-    # each window opens with the tokenizer's BOS, as the model was trained (Gemma without it is far worse)
-    bos = data.tokenizer.bos_token_id
-    with_bos = lambda w: w if bos is None else np.concatenate([np.full((len(w), 1), bos, w.dtype), w], 1)  # noqa
-    width = args.window - (bos is not None)
-    held = with_bos(eval_windows(data.eval, width, args.eval_windows)[0])
-    calib = with_bos(eval_windows(data.train, width, args.calibration_windows)[0])
+    held = data.windows(args.window, args.eval_windows)[0]  # in stream order, BOS first
+    calib = data.windows(args.window, args.calibration_windows, split="train")[0]
     ones = lambda w: np.ones_like(w, bool)  # noqa: E731
     print(f"{model.name}: {L} layers, {model.num_params / 1e6:.0f}M parameters; stdlib text: "
           f"{len(data.train):,} training / {len(data.eval):,} held-out tokens; scoring {len(held)} x {args.window}")
@@ -167,6 +179,36 @@ def main(argv=None) -> int:
         res = stage(out, f"oracle_{t:g}", compute)
         row("block oracle", {"threshold": t}, res, fractions(cost, L, res["attn_kept"], res["mlp_kept"]))
 
+    # the layer oracle: §3 at layer granularity through the Radial Network (routing="oracle"), the cache
+    # policy a skipping token writes its K/V with ("propagate"), every token admitted (capacity 1)
+    from radial_jax.radial import RadialModel
+    layer_oracle = RadialModel.from_sequential(model, mode="ordered", routing="oracle", cache_policy="propagate",
+                                               capacity_factor=1.0, dispatch="token")
+    full_layers = L * (cost["attn"] + cost["mlp"])
+    for t in args.layer_thresholds:
+        def compute(t=t):
+            executed = []
+            nll, n = window_nll(layer_oracle, held, B, forward_kwargs={"threshold": np.float32(t)},
+                                on_output=lambda o: executed.append(float(o.metrics.compute_fraction)),
+                                progress=True, desc=f"layer oracle {t}")
+            return {"nll": nll.tolist(), "scored": n.tolist(), "compute_fraction": float(np.mean(executed))}
+        res = stage(out, f"layer_oracle_{t:g}", compute)
+        cf = res["compute_fraction"]  # executed layer FLOPs (K/V writes of skipping tokens included) / dense
+        row("layer oracle", {"threshold": t}, res,
+            {"layer_flops": cf, "total_flops": (cf * full_layers + cost["head"]) / (full_layers + cost["head"])})
+
+    for seed in args.student_seeds if args.student_steps > 0 else ():
+        student = train_router_student(model, data, args, seed, out)
+        def compute(student=student):
+            executed = []
+            nll, n = window_nll(student, held, B, on_output=lambda o: executed.append(float(o.metrics.compute_fraction)),
+                                progress=True, desc=f"student {seed}")
+            return {"nll": nll.tolist(), "scored": n.tolist(), "compute_fraction": float(np.mean(executed))}
+        res = stage(out, f"student_{seed}_scores", compute)
+        cf = res["compute_fraction"]
+        row("router-only student", {"seed": seed, "steps": args.student_steps}, res,
+            {"layer_flops": cf, "total_flops": (cf * full_layers + cost["head"]) / (full_layers + cost["head"])})
+
     summary = {"model": str(model_path), "num_layers": L, "num_params": model.num_params,
                "data": "stdlib (held-out documents)", "window": args.window, "eval_windows": len(held),
                "train_tokens": int(len(data.train)), "held_out_tokens": int(len(data.eval)),
@@ -179,6 +221,30 @@ def main(argv=None) -> int:
     if args.results:
         write_figures(summary, vars(args), args.results)
     return 0
+
+
+def train_router_student(model, data, args, seed: int, out: Path):
+    """An ordered Radial Network over the model's frozen layers, its router distilled (``radial_jax.training.
+    distill``, ``train="router"``) with the layer oracle's keep labels; resumable (``out/student_<seed>_run``),
+    saved to ``out/student_<seed>``. Every token admitted (capacity 1), skipping tokens' K/V written
+    (*propagate*, as both oracles)."""
+    from radial_jax.training.artifacts import load_student, save_student
+    from radial_jax.training.distill import DistillConfig, distill
+    from radial_jax.training.loop import TrainConfig
+    from radial_jax.training.optim import OptimConfig
+    where = out / f"student_{seed}"
+    if (where / "config.json").exists():
+        print(f"[student {seed}] reusing {where}")
+        return load_student(where)[0]
+    cfg = DistillConfig(train="router", oracle_threshold=args.student_oracle_threshold,
+                        compute_weight=args.student_compute_weight)
+    train = TrainConfig(steps=args.student_steps, batch_size=args.student_batch, seq_len=args.window, seed=seed,
+                        optim=OptimConfig(learning_rate=args.student_lr, warmup_steps=min(10, args.student_steps)),
+                        checkpoint_every=max(1, args.student_steps // 4), eval_batches=0, log_every=5)
+    student, history = distill(model, data, cfg=cfg, mode="ordered", train=train, run_dir=out / f"student_{seed}_run",
+                               radial_kwargs=dict(capacity_factor=1.0, cache_policy="propagate"))
+    save_student(student, where, distill=dataclasses.asdict(cfg), data="stdlib", teacher=str(model.name), history=history)
+    return student
 
 
 def print_table(summary: dict) -> None:

@@ -158,7 +158,7 @@ def tiny_vit_dir(tmp_path_factory):
 # Modules known to take longest, longest first (measured with ``--durations``; a module of this list runs
 # first with all its tests, grouped or not), so that the work started last is short and no worker idles at
 # the end while the other finishes a long module.
-LONGEST_FIRST = ("test_training",)
+LONGEST_FIRST = ("test_training", "test_real_gemma")
 
 
 def _module_name(item) -> str:

@@ -154,3 +154,27 @@ def test_a_model_without_a_tokenizer_is_refused_not_given_another(tmp_path):
                               num_attention_heads=2, max_position_embeddings=32)).tokenizer()
     with pytest.raises(ValueError, match="offline-pydoc-bpe-N"):
         load_tokenizer("offline-pydoc-bpe-big")
+
+
+def test_windows_open_with_bos_then_cut_the_stream_without_gaps_or_overlaps():
+    from radial_jax.data.packed import PackedDataset
+    tokens = np.arange(10, 110)  # 100 stream tokens
+    ds = PackedDataset(tokens, seq_len=8, batch_size=3, seed=1, bos_token_id=2)
+    assert ds.num_windows == 100 // 7
+    every = ds.all_windows()
+    expected = [[2] + list(range(10 + 7 * i, 17 + 7 * i)) for i in range(100 // 7)]  # BOS + 7 stream tokens
+    assert every.tolist() == expected
+    seen = np.concatenate([ds.global_batch(p) for p in range(ds.batches_per_epoch)])
+    rows = set(map(tuple, seen.tolist()))  # one epoch: distinct windows, each one of the cuts above
+    assert len(rows) == len(seen) and rows <= set(map(tuple, expected))
+    plain = PackedDataset(tokens, seq_len=8, batch_size=3)  # without BOS: plain cuts of 8, as before
+    assert plain.all_windows().tolist() == tokens[:96].reshape(12, 8).tolist()
+
+
+def test_open_with_bos_needs_a_tokenizer_with_one():
+    from radial_jax.data.packed import text_data
+
+    class NoBos:
+        bos_token_id = None
+    with pytest.raises(ValueError, match="needs a tokenizer with a BOS token"):
+        text_data(np.arange(100), tokenizer=NoBos(), open_with_bos=True)

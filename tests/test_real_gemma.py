@@ -27,7 +27,6 @@ import radial_jax as rj  # noqa: E402
 from radial_jax.data.stdlib import stdlib_split  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-pytestmark = pytest.mark.xdist_group("real_gemma")  # one worker loads the model once
 
 PROMPTS = ["The for statement is used to iterate over the elements of a sequence",
            "A module is a file containing Python definitions and statements. The file name is"]

@@ -41,6 +41,7 @@ class PackedDataset:
     shuffle: bool = True
     process_index: int = 0
     process_count: int = 1
+    bos_token_id: Optional[int] = None  # set: each window is BOS + seq_len - 1 tokens of the stream
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens)
@@ -58,8 +59,20 @@ class PackedDataset:
                              f"need at least batch_size={self.batch_size}")
 
     @property
+    def _stride(self) -> int:
+        """Stream tokens per window (one fewer when every window opens with BOS)."""
+        return self.seq_len - (self.bos_token_id is not None)
+
+    @property
     def num_windows(self) -> int:
-        return len(self.tokens) // self.seq_len
+        return len(self.tokens) // self._stride
+
+    def _windows(self, rows: np.ndarray) -> np.ndarray:
+        idx = rows[:, None] * self._stride + np.arange(self._stride)[None, :]
+        out = self.tokens[idx].astype(np.int32)
+        if self.bos_token_id is not None:
+            out = np.concatenate([np.full((len(rows), 1), self.bos_token_id, np.int32), out], axis=1)
+        return out
 
     @property
     def batches_per_epoch(self) -> int:
@@ -79,9 +92,7 @@ class PackedDataset:
         if position < 0:
             raise ValueError(f"data position must be >= 0, got {position}")
         epoch, k = divmod(int(position), self.batches_per_epoch)
-        rows = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
-        idx = rows[:, None] * self.seq_len + np.arange(self.seq_len)[None, :]
-        return self.tokens[idx].astype(np.int32)
+        return self._windows(self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size])
 
     def batch(self, position: int) -> np.ndarray:
         """This process's rows of the global batch at ``position``."""
@@ -98,7 +109,7 @@ class PackedDataset:
     def all_windows(self, max_windows: Optional[int] = None) -> np.ndarray:
         """Every window in order (evaluation): ``[n, seq_len]``."""
         n = self.num_windows if max_windows is None else min(max_windows, self.num_windows)
-        return self.tokens[:n * self.seq_len].reshape(n, self.seq_len).astype(np.int32)
+        return self._windows(np.arange(n))
 
 
 def split_tokens(tokens: np.ndarray, eval_fraction: float = D.EVAL_FRACTION) -> tuple:
@@ -117,6 +128,8 @@ class TextData:
     eval: np.ndarray
     tokenizer: object
     source: str = "embedded"
+    #: windows open with this token (a pretrained model's BOS, as it was trained); None: plain stream cuts
+    bos_token_id: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
@@ -131,26 +144,44 @@ class TextData:
         name, a checkpoint directory or a cached GGUF conversion), or None for a raw token array."""
         return None if self.tokenizer is None else str(self.tokenizer.name_or_path)
 
+    def windows(self, window: int, max_windows: Optional[int] = None, split: str = "eval"):
+        """``(ids[n, window], attention_mask, score_mask)``: whole windows of ``split`` in stream order (BOS first
+        when the data opens with it), every token scored but the first: ``radial_jax.data.eval_windows``'s
+        windows for data without BOS."""
+        ids = self.dataset(window, 1, split=split).all_windows(max_windows)
+        score = np.ones(ids.shape, bool)
+        score[:, 0] = False
+        return ids, np.ones(ids.shape, bool), score
+
     def dataset(self, seq_len: int, batch_size: int, seed: int = 0, split: str = "train", **kw) -> PackedDataset:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         tokens = self.train if split == "train" else self.eval
-        return PackedDataset(tokens, seq_len, batch_size, seed=seed, shuffle=(split == "train"), **kw)
+        return PackedDataset(tokens, seq_len, batch_size, seed=seed, shuffle=(split == "train"),
+                             bos_token_id=self.bos_token_id, **kw)
 
 
 def text_data(source: Union[str, np.ndarray] = D.DATA, eval_fraction: float = D.EVAL_FRACTION,
-              tokenizer=None) -> TextData:
-    """Load, tokenise and split a text source (see the module docstring)."""
+              tokenizer=None, open_with_bos: bool = False) -> TextData:
+    """Load, tokenise and split a text source (see the module docstring).
+
+    ``open_with_bos``: every window of its datasets opens with the tokenizer's BOS token, as a pretrained
+    model was trained (Gemma 3 without it: perplexity many times higher)."""
+    bos = None
+    if open_with_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise ValueError("open_with_bos needs a tokenizer with a BOS token (bos_token_id); this one has none")
     if isinstance(source, np.ndarray):
         train, ev = split_tokens(source, eval_fraction)
-        return TextData(train, ev, tokenizer, "array")
+        return TextData(train, ev, tokenizer, "array", bos)
     if os.fspath(source) == "stdlib":  # held out by document (radial_jax.data.stdlib), not by stream position
         from radial_jax.data.corpus import offline_tokenizer
         from radial_jax.data.stdlib import stdlib_split
         tok = tokenizer or offline_tokenizer()
         train_docs, held_docs = stdlib_split()
-        return TextData(tokenize(train_docs, tok), tokenize(held_docs, tok), tok, "stdlib")
+        return TextData(tokenize(train_docs, tok), tokenize(held_docs, tok), tok, "stdlib", bos)
     docs, tok = load_text_source(os.fspath(source), tokenizer)
     tokens = tokenize(docs, tok)
     train, ev = split_tokens(tokens, eval_fraction)
-    return TextData(train, ev, tok, os.fspath(source))
+    return TextData(train, ev, tok, os.fspath(source), bos)

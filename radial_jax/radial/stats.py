@@ -11,8 +11,8 @@ summarises, over the valid tokens:
   what the budget refused;
 * reuse: ``reuse_token_share`` (tokens that visited some layer twice or more) and
   ``reuse_visits`` (visits beyond the first to a layer);
-* exits: ``exit_share`` (tokens that exited before the last step) and
-  ``exits_by_step[S]``;
+* exits: ``exit_share`` (tokens that exited before the last step: an exit at the
+  last step changes nothing, it is a skip) and ``exits_by_step[S]`` (every step's);
 * ``depth_histogram[S + 1]`` (tokens with 0 .. S layer visits) and ``mean_depth``.
 
 ``plot(path)`` draws the step x choice heat map and the depth histogram.
@@ -31,7 +31,7 @@ def route_rates(router, num_layers: int) -> dict:
     visits = router.assign.sum(0)  # [b, t, L]
     n = jnp.maximum(router.choice.shape[1] * router.choice.shape[2], 1)
     return {"drop_rate": jnp.sum(router.dropped) / jnp.maximum(wanted, 1),
-            "exit_share": jnp.sum(router.exited) / n, "reuse_share": jnp.sum((visits >= 2).any(-1)) / n}
+            "exit_share": jnp.sum(router.exited[:-1]) / n, "reuse_share": jnp.sum((visits >= 2).any(-1)) / n}
 
 
 class RouteStats:
@@ -71,7 +71,8 @@ class RouteStats:
         self.depth_hist += np.bincount(np.minimum(depth, self.S), minlength=self.S + 1)
         self.reuse_tokens += int((visits >= 2).any(-1).sum())
         self.reuse_visits += int(np.maximum(visits - 1, 0).sum())
-        self.exited_tokens += int(exited.any(0).sum())
+        # an exit at the last step changes nothing (no step follows): it is a skip, not an early exit
+        self.exited_tokens += int(exited[:-1].any(0).sum())
         return self
 
     def summary(self) -> dict:
