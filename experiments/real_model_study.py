@@ -49,16 +49,18 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--drop", default="1,2,3,4", help="numbers of layers the static drop removes")
     p.add_argument("--thresholds", default="0.02,0.04,0.07,0.1", help="block-oracle thresholds (ratio_out)")
-    p.add_argument("--layer-thresholds", default="0.05,0.1,0.15",
+    p.add_argument("--layer-thresholds", default="0.1,0.15,0.2",
                    help="layer-oracle thresholds (the whole layer's ratio_out; through the Radial Network)")
     p.add_argument("--student-steps", type=int, default=0,
                    help="router-only ordered students distilled on stdlib training windows (0: none)")
     p.add_argument("--student-seeds", default="0", help="one student per seed")
     p.add_argument("--student-batch", type=int, default=2)
     p.add_argument("--student-lr", type=float, default=3e-3)
-    p.add_argument("--student-oracle-threshold", type=float, default=0.1,
+    p.add_argument("--student-oracle-threshold", type=float, default=0.15,
                    help="layer-oracle keep labels that supervise the router")
-    p.add_argument("--student-compute-weight", type=float, default=0.5)
+    p.add_argument("--student-compute-weight", type=float, default=0.05)
+    p.add_argument("--student-keep-init", type=float, default=3.0,
+                   help="the router starts this far (logits) in favour of every layer: the student starts as the model")
     p.add_argument("--bootstrap", type=int, default=4000, help="paired bootstrap resamples")
     p.add_argument("--results", default=None, help="also write the README's figures to this JSON")
     args = p.parse_args(argv)
@@ -164,20 +166,27 @@ def main(argv=None) -> int:
         dropped = least_influential(influence, k)
         res = score(f"drop_{k}", drop_layers(model, dropped))
         row("static layer drop", {"layers_dropped": list(dropped)}, res, fractions(cost, L, L - k, L - k))
-    for t in args.thresholds:
-        kept = {"attn": [], "mlp": []}
+    # the block oracle as §3 writes it, and the same with the BOS token's blocks always kept: Gemma's BOS is an
+    # attention sink whose huge norm makes its ratios tiny, and skipping its blocks moves every token's context
+    for keep_bos in (False, True):
+        for t in args.thresholds:
+            kept = {"attn": [], "mlp": []}
 
-        def count(o, kept=kept):
-            kept["attn"].append(float(np.asarray(o.stats.attn.keep).sum(0).mean()))
-            kept["mlp"].append(float(np.asarray(o.stats.mlp.keep).sum(0).mean()))
+            def count(o, kept=kept):
+                kept["attn"].append(float(np.asarray(o.stats.attn.keep).sum(0).mean()))
+                kept["mlp"].append(float(np.asarray(o.stats.mlp.keep).sum(0).mean()))
 
-        def compute(t=t, kept=kept, count=count):
-            nll, n = window_nll(model, held, B, forward_kwargs={"threshold": np.float32(t)}, on_output=count,
-                                progress=True, desc=f"oracle {t}")
-            return {"nll": nll.tolist(), "scored": n.tolist(), "attn_kept": float(np.mean(kept["attn"])),
-                    "mlp_kept": float(np.mean(kept["mlp"]))}
-        res = stage(out, f"oracle_{t:g}", compute)
-        row("block oracle", {"threshold": t}, res, fractions(cost, L, res["attn_kept"], res["mlp_kept"]))
+            # a [1, t] threshold broadcasts over the batch: 0 at position 0 keeps every BOS block
+            thr = np.where(np.arange(args.window) == 0, 0.0, t).astype(np.float32)[None] if keep_bos else np.float32(t)
+
+            def compute(t=t, thr=thr, kept=kept, count=count):
+                nll, n = window_nll(model, held, B, forward_kwargs={"threshold": thr}, on_output=count,
+                                    progress=True, desc=f"oracle {t}")
+                return {"nll": nll.tolist(), "scored": n.tolist(), "attn_kept": float(np.mean(kept["attn"])),
+                        "mlp_kept": float(np.mean(kept["mlp"]))}
+            res = stage(out, f"oracle_{t:g}" + ("_bos_kept" if keep_bos else ""), compute)
+            row("block oracle" + (", BOS kept" if keep_bos else ""), {"threshold": t}, res,
+                fractions(cost, L, res["attn_kept"], res["mlp_kept"]))
 
     # the layer oracle: §3 at layer granularity through the Radial Network (routing="oracle"), the cache
     # policy a skipping token writes its K/V with ("propagate"), every token admitted (capacity 1)
@@ -201,8 +210,8 @@ def main(argv=None) -> int:
         student = train_router_student(model, data, args, seed, out)
         def compute(student=student):
             executed = []
-            nll, n = window_nll(student, held, B, on_output=lambda o: executed.append(float(o.metrics.compute_fraction)),
-                                progress=True, desc=f"student {seed}")
+            nll, n = window_nll(student, held, B, progress=True, desc=f"student {seed}",
+                                on_output=lambda o: executed.append(float(o.metrics.compute_fraction)))
             return {"nll": nll.tolist(), "scored": n.tolist(), "compute_fraction": float(np.mean(executed))}
         res = stage(out, f"student_{seed}_scores", compute)
         cf = res["compute_fraction"]
@@ -236,14 +245,27 @@ def train_router_student(model, data, args, seed: int, out: Path):
     if (where / "config.json").exists():
         print(f"[student {seed}] reusing {where}")
         return load_student(where)[0]
+    import jax.numpy as jnp
+    from radial_jax.radial.router import exit_index, skip_index
+    from radial_jax.training.distill import make_student
     cfg = DistillConfig(train="router", oracle_threshold=args.student_oracle_threshold,
                         compute_weight=args.student_compute_weight)
+    radial_kwargs = dict(capacity_factor=1.0, cache_policy="propagate")
+    # warm start at the model itself: skip and exit start --student-keep-init below "use layer s", so every
+    # token keeps every layer until the router learns where skipping pays (a fresh router keeps half at random,
+    # which this fragile model cannot afford)
+    start = make_student(model, cfg, mode="ordered", seed=seed, **radial_kwargs)
+    router = dict(start.params["router"])
+    bias = np.array(router["step_bias"])
+    bias[:, [skip_index(model.config.num_layers), exit_index(model.config.num_layers)]] -= args.student_keep_init
+    start = start.replace(params={**start.params, "router": {**router, "step_bias": jnp.asarray(bias)}})
     train = TrainConfig(steps=args.student_steps, batch_size=args.student_batch, seq_len=args.window, seed=seed,
                         optim=OptimConfig(learning_rate=args.student_lr, warmup_steps=min(10, args.student_steps)),
                         checkpoint_every=max(1, args.student_steps // 4), eval_batches=0, log_every=5)
-    student, history = distill(model, data, cfg=cfg, mode="ordered", train=train, run_dir=out / f"student_{seed}_run",
-                               radial_kwargs=dict(capacity_factor=1.0, cache_policy="propagate"))
-    save_student(student, where, distill=dataclasses.asdict(cfg), data="stdlib", teacher=str(model.name), history=history)
+    student, history = distill(model, data, cfg=cfg, mode="ordered", start=start, train=train,
+                               run_dir=out / f"student_{seed}_run", radial_kwargs=radial_kwargs)
+    save_student(student, where, distill=dataclasses.asdict(cfg), data="stdlib", teacher=str(model.name),
+                 history=history)
     return student
 
 
@@ -263,7 +285,8 @@ def write_figures(summary: dict, settings: dict, path) -> None:
     figs = [figure("real_full_ppl", "Gemma 3 270M (Q4_K_M): held-out stdlib perplexity, full model",
                    summary["full_perplexity"],
                    note=f"{summary['eval_windows']} windows of {summary['window']}; median ratio_out "
-                        f"{summary['median_ratio_out']:.3f}; head {100 * summary['head_share_of_flops']:.0f} % of FLOPs")]
+                        f"{summary['median_ratio_out']:.3f}; head "
+                        f"{100 * summary['head_share_of_flops']:.0f} % of FLOPs")]
     for r in summary["points"]:
         setting = (f"{len(r['setting']['layers_dropped'])} layers {r['setting']['layers_dropped']}"
                    if "layers_dropped" in r["setting"] else f"threshold {r['setting']['threshold']:g}")

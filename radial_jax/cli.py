@@ -22,7 +22,9 @@ COMMAND_MODULES = (
     "radial_jax.generation_cli",
     "radial_jax.training.cli",
 )
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)  # CheckpointError is a ValueError
+# CheckpointError is a ValueError; an ImportError is a missing optional dependency (its message names the
+# extra to install, e.g. torch for a GGUF file's tokenizer)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError)
 
 
 def _version() -> str:

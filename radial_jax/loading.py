@@ -276,6 +276,14 @@ def load_tokenizer(source):
         hf_logging.set_verbosity(previous)
 
 
+def _same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers give the same ids and special tokens on a probe text (a cache's round trip)."""
+    probe = "The for statement, def f(x):\n    return x ** 2  # 3.14 café\t<b>"
+    specials = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    return (len(a) == len(b) and a.encode(probe) == b.encode(probe)
+            and all(getattr(a, k, None) == getattr(b, k, None) for k in specials))
+
+
 def _gguf_tokenizer(path: Path):
     """transformers' tokenizer of a GGUF file, converted once and cached by the file's name, size and mtime."""
     from transformers import AutoTokenizer
@@ -288,17 +296,24 @@ def _gguf_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(cached))
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError as e:  # transformers' GGUF reader imports what it needs lazily
-        raise ImportError(f"reading the tokenizer of {path.name} needs transformers' GGUF reader and its "
-                          f"dependencies ({e}); pip install 'radial_jax[torch]'") from e
+    except ImportError as e:  # transformers' GGUF reader imports torch (and gguf) lazily
+        raise ImportError(f"reading the tokenizer of {path.name} needs torch (transformers' GGUF reader imports it; "
+                          f"{e}): pip install 'radial_jax[torch]'") from e
+    import shutil
     import tempfile
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
-    tok.save_pretrained(str(staging))
+    try:
+        tok.save_pretrained(str(staging))
+        if not _same_tokenizer(tok, AutoTokenizer.from_pretrained(str(staging))):
+            raise ValueError("the saved copy tokenises differently")
+    except Exception:  # noqa: BLE001 - some conversions do not survive save_pretrained: use them uncached
+        shutil.rmtree(staging, ignore_errors=True)
+        tok.name_or_path = str(path)  # what load_tokenizer reloads it from
+        return tok
     try:
         os.replace(staging, cached)  # atomic: a half-written tokenizer is never read
     except OSError:  # another process cached it first
-        import shutil
         shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(cached))  # named by its cache folder: reloadable without torch
 

@@ -205,7 +205,8 @@ def write_figures(summary: dict, path) -> None:
     for name, s in (summary["students"] or {}).items():
         met = s["executed_flops_fraction"] <= 0.6 and s["perplexity_increase_vs_teacher"] <= 0.05
         figs.append(figure(
-            f"pipeline_{name}", f"pipeline: {name} student, executed layer FLOPs / teacher's", s["executed_flops_fraction"],
+            f"pipeline_{name}", f"pipeline: {name} student, executed layer FLOPs / teacher's",
+            s["executed_flops_fraction"],
             target="<= 0.60 at <= +5 % ppl", met=met,
             note=f"depth {100 * s['depth_fraction']:.0f} %, ppl {s['perplexity']:.1f} "
                  f"({100 * s['perplexity_increase_vs_teacher']:+.1f} %), with the head "

@@ -282,6 +282,25 @@ def test_tokenizer_is_built_from_the_file(gguf_file):
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == eos
 
 
+def test_a_gguf_tokenizer_without_torch_is_one_line_naming_the_extra(gguf_file, tmp_path, monkeypatch, capsys):
+    from radial_jax.cli import main
+    from radial_jax.loading import load_tokenizer
+    monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path)  # nothing cached: the file must be read
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def without_torch(*args, **kwargs):  # what transformers raises when torch is not installed
+        if "gguf_file" in kwargs:
+            raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_torch)
+    with pytest.raises(ImportError, match=r"needs torch.*pip install 'radial_jax\[torch\]'"):
+        load_tokenizer(gguf_file("qwen3"))
+    argv = ["generate", "--model", str(gguf_file("qwen3")), "--prompt", "the", "--max-new-tokens", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("radial-jax generate: error: reading the tokenizer of") and "radial_jax[torch]" in err[-1]
+
+
 def test_rj_tokenizer_of_a_gguf_file_is_converted_once_then_cached(gguf_file, tmp_path, monkeypatch):
     """``load_tokenizer`` caches transformers' conversion (20 s for Gemma's vocabulary): the cached copy
     tokenises as the conversion does, and a second call never converts again."""

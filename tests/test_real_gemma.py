@@ -151,3 +151,34 @@ def test_stdlib_text_gives_the_study_its_tokens(ours):
     data = text_data("stdlib", tokenizer=ours.tokenizer())
     assert len(data.train) >= 1_000_000 and len(data.eval) >= 50_000
     assert data.vocab_size == ours.config.vocab_size and int(data.train.max()) < ours.config.vocab_size
+
+
+def test_the_study_runs_resumes_and_writes_its_figures(gguf_path, tmp_path, capsys):
+    """``experiments/real_model_study.py`` on tiny settings: every baseline row with a paired interval around
+    its ratio; a rerun reuses every stage (nothing recomputed) and gives the same summary."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import real_model_study
+    argv = ["--model", str(gguf_path), "--out", str(tmp_path / "run"), "--window", "16", "--eval-windows", "4",
+            "--calibration-windows", "2", "--batch-size", "2", "--drop", "1", "--thresholds", "0.05",
+            "--layer-thresholds", "0.1", "--bootstrap", "200", "--results", str(tmp_path / "study.json")]
+    assert real_model_study.main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    kinds = [r["kind"] for r in summary["points"]]
+    assert kinds == ["static layer drop", "block oracle", "block oracle, BOS kept", "layer oracle"]
+    for r in summary["points"]:
+        assert r["ppl_ratio_low"] <= r["ppl_ratio"] <= r["ppl_ratio_high"]
+        lf = r["layer_flops"]  # the head is a fixed cost: the total lies between the layers' share and 1
+        assert 0 < lf <= 1.05 and min(lf, 1) <= r["total_flops"] <= max(lf, 1)
+    assert summary["points"][0]["layer_flops"] == pytest.approx(17 / 18)
+    assert 0.5 < summary["head_share_of_flops"] < 0.7  # the 262k-word head dominates this model
+    figures = json.loads((tmp_path / "study.json").read_text())["figures"]
+    assert len(figures) == 1 + len(summary["points"])
+    capsys.readouterr()
+    assert real_model_study.main(argv) == 0
+    out = capsys.readouterr().out
+    stages = ["profile", "influence", "full", "drop_1", "oracle_0.05", "oracle_0.05_bos_kept", "layer_oracle_0.1"]
+    assert all(f"[{name}] reusing" in out for name in stages)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["points"] == summary["points"]
