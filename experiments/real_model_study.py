@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -288,11 +289,17 @@ def write_figures(summary: dict, settings: dict, path) -> None:
                         f"{summary['median_ratio_out']:.3f}; head "
                         f"{100 * summary['head_share_of_flops']:.0f} % of FLOPs")]
     for r in summary["points"]:
-        setting = (f"{len(r['setting']['layers_dropped'])} layers {r['setting']['layers_dropped']}"
-                   if "layers_dropped" in r["setting"] else f"threshold {r['setting']['threshold']:g}")
+        setting = r["setting"]
+        if "layers_dropped" in setting:
+            k = len(setting["layers_dropped"])
+            label = f"{k} layer{'s' if k > 1 else ''} {setting['layers_dropped']}"
+        elif "seed" in setting:
+            label = f"seed {setting['seed']}, {setting['steps']} steps"
+        else:
+            label = f"threshold {setting['threshold']:g}"
+        key = re.sub(r"[^a-z0-9.]+", "_", f"real {r['kind']} {label.split(' [')[0].split(',')[0]}".lower())
         figs.append(figure(
-            f"real_{r['kind'].replace(' ', '_')}_{setting.split(' [')[0].replace(' ', '_')}",
-            f"Gemma 3 270M, untrained {r['kind']} ({setting}): perplexity / full", r["ppl_ratio"], unit="×",
+            key, f"Gemma 3 270M, {r['kind']} ({label}): perplexity / full", r["ppl_ratio"], unit="×",
             note=f"95 % paired bootstrap [{r['ppl_ratio_low']:.3f}, {r['ppl_ratio_high']:.3f}]; layer FLOPs "
                  f"{r['layer_flops']:.3f}, with head {r['total_flops']:.3f}"))
     write_result(path, "real_model_study", {k: v for k, v in settings.items() if k != "results"}, figs, summary)
