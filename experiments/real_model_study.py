@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import radial_jax as rj
     from radial_jax.data import window_batches
-    from radial_jax.data.packed import text_data
+    from radial_jax.data.packed import model_text_data
     from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
     from radial_jax.training.paired import paired_bootstrap, perplexity_of, window_nll
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     model_path = args.model or default_model()
     model = rj.load(model_path)
     # every window opens with the tokenizer's BOS, as the model was trained (Gemma without it is far worse)
-    data = text_data("stdlib", tokenizer=model.tokenizer(), open_with_bos=True)
+    data = model_text_data("stdlib", model)
     L = model.config.num_layers
     if max(args.drop) >= L:
         raise SystemExit(f"--drop values must be below the model's {L} layers")

@@ -64,7 +64,7 @@ def run_pipeline(args) -> int:
     from radial_jax import defaults as D
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
-    from radial_jax.data.packed import text_data
+    from radial_jax.data.packed import model_text_data, text_data
 
     thresholds = parse_thresholds(args.thresholds)
     if args.serve_repeats > 0 and not 1 <= args.serve_tokens < args.window:
@@ -79,8 +79,7 @@ def run_pipeline(args) -> int:
     teacher_dir = out / "teacher"
     if args.model:
         teacher, teacher_name = rj.load(args.model), str(args.model)
-        tokenizer = teacher.tokenizer()  # windows open with its BOS where it has one, as the model was trained
-        data = text_data(args.data, tokenizer=tokenizer, open_with_bos=tokenizer.bos_token_id is not None)
+        data = model_text_data(args.data, teacher)  # its own tokenizer; windows open with its BOS
     else:
         data = text_data(args.data)
     print(f"data: {data.source} ({len(data.train):,} train / {len(data.eval):,} eval tokens, "

@@ -178,3 +178,21 @@ def test_open_with_bos_needs_a_tokenizer_with_one():
         bos_token_id = None
     with pytest.raises(ValueError, match="needs a tokenizer with a BOS token"):
         text_data(np.arange(100), tokenizer=NoBos(), open_with_bos=True)
+
+
+def test_model_text_data_opens_windows_with_bos_for_pretrained_models_only(tmp_path):
+    import radial_jax as rj
+    from conftest import make_opt
+    from radial_jax.data.packed import model_text_data
+    text = np.arange(3, 300) % 90 + 3
+    make_opt(tmp_path / "ckpt", seed=0, vocab_size=2048, max_position_embeddings=32)
+    offline_tokenizer().save_pretrained(tmp_path / "ckpt")  # a checkpoint's own tokenizer, with a BOS
+    pretrained = rj.load(str(tmp_path / "ckpt"))
+    windows = model_text_data(text, pretrained).windows(8)[0]
+    assert (windows[:, 0] == pretrained.tokenizer().bos_token_id).all()
+    trained_here = rj.build(pretrained.config)
+    trained_here.tokenizer_path = offline_tokenizer().name_or_path  # recorded by a model trained here
+    plain = model_text_data(text, trained_here)
+    assert plain.bos_token_id is None and plain.windows(8)[0][0].tolist() == plain.eval[:8].tolist()
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        model_text_data(text, rj.build(pretrained.config))

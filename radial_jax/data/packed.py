@@ -185,3 +185,14 @@ def text_data(source: Union[str, np.ndarray] = D.DATA, eval_fraction: float = D.
     tokens = tokenize(docs, tok)
     train, ev = split_tokens(tokens, eval_fraction)
     return TextData(train, ev, tok, os.fspath(source), bos)
+
+
+def model_text_data(source: Union[str, np.ndarray], model, eval_fraction: float = D.EVAL_FRACTION) -> TextData:
+    """``source`` tokenised with ``model``'s own tokenizer (``model.tokenizer()``: refused when it has none), each
+    window opened with its BOS when the model is a pretrained one that has a BOS (as it was trained); a model
+    trained here with the offline BPE keeps the plain stream cuts it was trained on."""
+    from radial_jax.data.corpus import OFFLINE_TOKENIZER_PREFIX
+    tokenizer = model.tokenizer()
+    trained_here = str(model.tokenizer_path).startswith(OFFLINE_TOKENIZER_PREFIX)
+    bos = not trained_here and getattr(tokenizer, "bos_token_id", None) is not None
+    return text_data(source, eval_fraction, tokenizer=tokenizer, open_with_bos=bos)

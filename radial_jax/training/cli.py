@@ -122,13 +122,13 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
-    from radial_jax.data.packed import text_data
+    from radial_jax.data.packed import model_text_data
     if args.radial_steps and args.mode != "ordered":
         raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
     mesh = mesh_from_args(args)
     memory, rules = memory_config(args), rules_for(args.pool)
     teacher = load_teacher(args.teacher, mesh, rules, memory)
-    data = text_data(args.data, tokenizer=teacher.tokenizer())  # the teacher's own, never a substitute
+    data = model_text_data(args.data, teacher)  # the teacher's own tokenizer, never a substitute
     pod = dict(mesh=mesh, memory=memory, rules=rules)
     cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
                         router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
@@ -180,7 +180,7 @@ def load_teacher(name: str, mesh=None, rules=None, memory=None):
 def cmd_eval(args) -> int:
     from radial_jax.training.artifacts import load_model, load_student
     from radial_jax.training.evaluate import evaluate
-    from radial_jax.data.packed import text_data
+    from radial_jax.data.packed import model_text_data
     mesh = mesh_from_args(args)
     student, meta = load_student(args.student)
     if not meta.get("teacher"):
@@ -198,11 +198,10 @@ def cmd_eval(args) -> int:
         teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(
             teacher.module, teacher.config, student.params, mesh, rules)))
-    from radial_jax.data import eval_windows
-    data = text_data(args.data, tokenizer=teacher.tokenizer())
-    windows = eval_windows(data.eval, args.seq_len, args.max_windows)[0]
+    data = model_text_data(args.data, teacher)
+    windows = data.windows(args.seq_len, args.max_windows)[0]
     if not args.trained_capacity:  # served at the capacity its routes need (radial.capacity), as the pipeline does
-        student = student.fit_capacity(eval_windows(data.train, args.seq_len, D.SERVE_CALIBRATION_WINDOWS)[0])
+        student = student.fit_capacity(data.windows(args.seq_len, D.SERVE_CALIBRATION_WINDOWS, split="train")[0])
     out = Path(args.out)
     result = evaluate(student, teacher, windows, png=out / "curve.png", out_json=out / "eval.json",
                       progress=not args.no_progress)
