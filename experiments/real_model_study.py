@@ -15,7 +15,7 @@ model loses when it spends fewer layer FLOPs by the simplest means.
   after it is scored);
 * every point: perplexity against the full model's on the same windows, with a paired bootstrap 95 %
   interval over windows (``radial_jax.training.paired``), and its FLOPs as a fraction of the full
-  model's, for the layer stack and with the LM head (60 % of this model's FLOPs at 256 tokens).
+  model's, for the layer stack and with the LM head (62 % of this model's FLOPs at 256 tokens).
 
 Every stage writes its own file under ``--out`` (default ``runs/real_gemma``) and is skipped when a
 rerun finds it, so a stopped run continues where it was. ``--results`` writes the README's figures.
@@ -94,11 +94,16 @@ def flops_per_token(config, window: int) -> dict:
     return {"attn": blocks["attn"], "mlp": blocks["mlp"], "head": head_flops(config, 1)}
 
 
-def fractions(cost: dict, L: int, attn_kept: float, mlp_kept: float) -> dict:
-    """Layer-stack and total (with head) FLOPs as fractions of the full model's, from blocks kept per token."""
-    layers = attn_kept * cost["attn"] + mlp_kept * cost["mlp"]
+def flops_fractions(cost: dict, L: int, layer_fraction: float) -> dict:
+    """Layer-stack FLOPs as a fraction of the full model's, and the same with the head (a fixed cost) added."""
     full = L * (cost["attn"] + cost["mlp"])
-    return {"layer_flops": layers / full, "total_flops": (layers + cost["head"]) / (full + cost["head"])}
+    return {"layer_flops": layer_fraction,
+            "total_flops": (layer_fraction * full + cost["head"]) / (full + cost["head"])}
+
+
+def kept_fraction(cost: dict, L: int, attn_kept: float, mlp_kept: float) -> float:
+    """Layer FLOPs kept, from attention and MLP blocks kept per token (of ``L`` each)."""
+    return (attn_kept * cost["attn"] + mlp_kept * cost["mlp"]) / (L * (cost["attn"] + cost["mlp"]))
 
 
 def stage(out: Path, name: str, compute):
@@ -122,7 +127,8 @@ def main(argv=None) -> int:
     from radial_jax.data import window_batches
     from radial_jax.data.packed import model_text_data
     from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
-    from radial_jax.training.paired import paired_bootstrap, perplexity_of, window_nll
+    from radial_jax.training.losses import perplexity
+    from radial_jax.training.paired import paired_bootstrap, window_nll
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,97 +139,80 @@ def main(argv=None) -> int:
     L = model.config.num_layers
     if max(args.drop) >= L:
         raise SystemExit(f"--drop values must be below the model's {L} layers")
-    held = data.windows(args.window, args.eval_windows)[0]  # in stream order, BOS first
-    calib = data.windows(args.window, args.calibration_windows, split="train")[0]
-    ones = lambda w: np.ones_like(w, bool)  # noqa: E731
+    held, held_mask, _ = data.windows(args.window, args.eval_windows)  # in stream order, BOS first
+    calib, calib_mask, _ = data.windows(args.window, args.calibration_windows, split="train")
     print(f"{model.name}: {L} layers, {model.num_params / 1e6:.0f}M parameters; stdlib text: "
           f"{len(data.train):,} training / {len(data.eval):,} held-out tokens; scoring {len(held)} x {args.window}")
     cost = flops_per_token(model.config, args.window)
     B = args.batch_size
 
-    def score(name, m, **kw):
+    def score(name, m, forward_kwargs=None, measure=None):
+        """Stage ``name``: ``m``'s per-window NLL on the held-out windows, and the batch mean of each value of
+        ``measure(output)`` (kept blocks, executed FLOPs)."""
         def compute():
-            nll, n = window_nll(m, held, B, progress=True, desc=name, **kw)
-            return {"nll": nll.tolist(), "scored": n.tolist()}
+            measured = []
+            nll, n = window_nll(m, held, B, forward_kwargs=forward_kwargs, progress=True, desc=name,
+                                on_output=None if measure is None else lambda o: measured.append(measure(o)))
+            means = {k: float(np.mean([v[k] for v in measured])) for k in (measured[0] if measured else ())}
+            return {"nll": nll.tolist(), "scored": n.tolist(), **means}
         return stage(out, name, compute)
 
     prof = stage(out, "profile", lambda: {
-        k: v for k, v in rj.profile(model, [(b[0], ones(b[0])) for b in window_batches((held,), B)],
+        k: v for k, v in rj.profile(model, window_batches((held, held_mask), B),
                                     data_name="stdlib (held-out)").to_dict().items()
         if k in ("median_ratio_out", "median_ratio_in", "tokens", "ratios")})
     influence = stage(out, "influence", lambda: {"block_influence": block_influence(
-        model, [(b[0], ones(b[0])) for b in window_batches((calib,), B)]).tolist()})["block_influence"]
+        model, window_batches((calib, calib_mask), B)).tolist()})["block_influence"]
     full = score("full", model)
     base = (np.asarray(full["nll"]), np.asarray(full["scored"]))
     rows = []
 
-    def row(kind, setting, res, frac):
+    def row(kind, setting, res, layer_fraction):
         other = (np.asarray(res["nll"]), np.asarray(res["scored"]))
         cmp = paired_bootstrap(base, other, reps=args.bootstrap)
-        rows.append({"kind": kind, "setting": setting, "perplexity": perplexity_of(*other), **frac,
+        rows.append({"kind": kind, "setting": setting, "perplexity": perplexity(other[0].sum(), other[1].sum()),
+                     **flops_fractions(cost, L, layer_fraction),
                      "ppl_ratio": cmp["ratio"], "ppl_ratio_low": cmp["low"], "ppl_ratio_high": cmp["high"]})
+
+    def blocks_kept(o):
+        return {"attn_kept": float(np.asarray(o.stats.attn.keep).sum(0).mean()),
+                "mlp_kept": float(np.asarray(o.stats.mlp.keep).sum(0).mean())}
+
+    def executed(o):  # a Radial Network's executed layer FLOPs / dense (router, skipping tokens' K/V included)
+        return {"compute_fraction": float(o.metrics.compute_fraction)}
 
     for k in args.drop:
         dropped = least_influential(influence, k)
         res = score(f"drop_{k}", drop_layers(model, dropped))
-        row("static layer drop", {"layers_dropped": list(dropped)}, res, fractions(cost, L, L - k, L - k))
+        row("static layer drop", {"layers_dropped": list(dropped)}, res, (L - k) / L)
     # the block oracle as §3 writes it, and the same with the BOS token's blocks always kept: Gemma's BOS is an
     # attention sink whose huge norm makes its ratios tiny, and skipping its blocks moves every token's context
     for keep_bos in (False, True):
         for t in args.thresholds:
-            kept = {"attn": [], "mlp": []}
-
-            def count(o, kept=kept):
-                kept["attn"].append(float(np.asarray(o.stats.attn.keep).sum(0).mean()))
-                kept["mlp"].append(float(np.asarray(o.stats.mlp.keep).sum(0).mean()))
-
             # a [1, t] threshold broadcasts over the batch: 0 at position 0 keeps every BOS block
             thr = np.where(np.arange(args.window) == 0, 0.0, t).astype(np.float32)[None] if keep_bos else np.float32(t)
-
-            def compute(t=t, thr=thr, kept=kept, count=count):
-                nll, n = window_nll(model, held, B, forward_kwargs={"threshold": thr}, on_output=count,
-                                    progress=True, desc=f"oracle {t}")
-                return {"nll": nll.tolist(), "scored": n.tolist(), "attn_kept": float(np.mean(kept["attn"])),
-                        "mlp_kept": float(np.mean(kept["mlp"]))}
-            res = stage(out, f"oracle_{t:g}" + ("_bos_kept" if keep_bos else ""), compute)
+            res = score(f"oracle_{t:g}" + ("_bos_kept" if keep_bos else ""), model, {"threshold": thr}, blocks_kept)
             row("block oracle" + (", BOS kept" if keep_bos else ""), {"threshold": t}, res,
-                fractions(cost, L, res["attn_kept"], res["mlp_kept"]))
+                kept_fraction(cost, L, res["attn_kept"], res["mlp_kept"]))
 
     # the layer oracle: §3 at layer granularity through the Radial Network (routing="oracle"), the cache
     # policy a skipping token writes its K/V with ("propagate"), every token admitted (capacity 1)
     from radial_jax.radial import RadialModel
     layer_oracle = RadialModel.from_sequential(model, mode="ordered", routing="oracle", cache_policy="propagate",
                                                capacity_factor=1.0, dispatch="token")
-    full_layers = L * (cost["attn"] + cost["mlp"])
     for t in args.layer_thresholds:
-        def compute(t=t):
-            executed = []
-            nll, n = window_nll(layer_oracle, held, B, forward_kwargs={"threshold": np.float32(t)},
-                                on_output=lambda o: executed.append(float(o.metrics.compute_fraction)),
-                                progress=True, desc=f"layer oracle {t}")
-            return {"nll": nll.tolist(), "scored": n.tolist(), "compute_fraction": float(np.mean(executed))}
-        res = stage(out, f"layer_oracle_{t:g}", compute)
-        cf = res["compute_fraction"]  # executed layer FLOPs (K/V writes of skipping tokens included) / dense
-        row("layer oracle", {"threshold": t}, res,
-            {"layer_flops": cf, "total_flops": (cf * full_layers + cost["head"]) / (full_layers + cost["head"])})
+        res = score(f"layer_oracle_{t:g}", layer_oracle, {"threshold": np.float32(t)}, executed)
+        row("layer oracle", {"threshold": t}, res, res["compute_fraction"])
 
     for seed in args.student_seeds if args.student_steps > 0 else ():
-        student = train_router_student(model, data, args, seed, out)
-        def compute(student=student):
-            executed = []
-            nll, n = window_nll(student, held, B, progress=True, desc=f"student {seed}",
-                                on_output=lambda o: executed.append(float(o.metrics.compute_fraction)))
-            return {"nll": nll.tolist(), "scored": n.tolist(), "compute_fraction": float(np.mean(executed))}
-        res = stage(out, f"student_{seed}_scores", compute)
-        cf = res["compute_fraction"]
-        row("router-only student", {"seed": seed, "steps": args.student_steps}, res,
-            {"layer_flops": cf, "total_flops": (cf * full_layers + cost["head"]) / (full_layers + cost["head"])})
+        res = score(f"student_{seed}_scores", train_router_student(model, data, args, seed, out), measure=executed)
+        row("router-only student", {"seed": seed, "steps": args.student_steps}, res, res["compute_fraction"])
 
     summary = {"model": str(model_path), "num_layers": L, "num_params": model.num_params,
                "data": "stdlib (held-out documents)", "window": args.window, "eval_windows": len(held),
                "train_tokens": int(len(data.train)), "held_out_tokens": int(len(data.eval)),
-               "full_perplexity": perplexity_of(*base), "head_share_of_flops": cost["head"] / (
-                   L * (cost["attn"] + cost["mlp"]) + cost["head"]),
+               "full_perplexity": perplexity(base[0].sum(), base[1].sum()),
+               "head_share_of_flops": flops_fractions(cost, L, 0.0)["total_flops"],  # the forward with no layer
                "median_ratio_out": prof["median_ratio_out"], "median_ratio_in": prof["median_ratio_in"],
                "block_influence": influence, "points": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -305,7 +305,8 @@ def _gguf_tokenizer(path: Path):
     staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging-"))
     try:
         tok.save_pretrained(str(staging))
-        if not _same_tokenizer(tok, AutoTokenizer.from_pretrained(str(staging))):
+        saved = AutoTokenizer.from_pretrained(str(staging))
+        if not _same_tokenizer(tok, saved):
             raise ValueError("the saved copy tokenises differently")
     except Exception:  # noqa: BLE001 - some conversions do not survive save_pretrained: use them uncached
         shutil.rmtree(staging, ignore_errors=True)
@@ -315,7 +316,8 @@ def _gguf_tokenizer(path: Path):
         os.replace(staging, cached)  # atomic: a half-written tokenizer is never read
     except OSError:  # another process cached it first
         shutil.rmtree(staging, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(str(cached))  # named by its cache folder: reloadable without torch
+    saved.name_or_path = str(cached)  # the checked copy, named by its cache folder: reloadable without torch
+    return saved
 
 
 class CheckpointReader:

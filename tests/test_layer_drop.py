@@ -10,7 +10,8 @@ import transformers
 import radial_jax as rj
 from conftest import perturb_
 from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
-from radial_jax.training.paired import paired_bootstrap, perplexity_of, window_nll
+from radial_jax.training.losses import perplexity
+from radial_jax.training.paired import paired_bootstrap, window_nll
 
 transformers.logging.set_verbosity_error()
 # Gemma 3: local and global layers with their own RoPE (one global every third layer), so dropping a layer
@@ -98,7 +99,7 @@ def test_window_nll_sums_what_transformers_loss_averages(gemma):
         want = [float(ref(torch.tensor(w[None]), labels=torch.tensor(w[None])).loss) * (len(w) - 1) for w in windows]
     np.testing.assert_allclose(nll, want, rtol=1e-4)
     assert scored.tolist() == [7] * 5
-    assert perplexity_of(nll, scored) == pytest.approx(np.exp(np.sum(want) / 35), rel=1e-5)
+    assert perplexity(nll.sum(), scored.sum()) == pytest.approx(np.exp(np.sum(want) / 35), rel=1e-5)
 
 
 def test_paired_bootstrap_against_a_plain_resampling_loop():

@@ -49,10 +49,6 @@ def window_nll(model, windows_nt: np.ndarray, batch_size: int = 4, *, forward_kw
     return nll, np.full(len(nll), windows_nt.shape[1] - 1, np.float64)
 
 
-def perplexity_of(nll: np.ndarray, scored: np.ndarray) -> float:
-    return float(np.exp(np.sum(nll) / np.sum(scored)))
-
-
 def paired_bootstrap(base: Tuple[np.ndarray, np.ndarray], other: Tuple[np.ndarray, np.ndarray],
                      reps: int = 2000, seed: int = 0, level: float = 0.95) -> Dict[str, float]:
     """Perplexity ratio ``other / base`` on the same windows, with its paired bootstrap interval.
