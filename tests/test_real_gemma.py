@@ -155,7 +155,8 @@ def test_stdlib_text_gives_the_study_its_tokens(ours):
 
 def test_the_study_runs_resumes_and_writes_its_figures(gguf_path, tmp_path, capsys):
     """``experiments/real_model_study.py`` on tiny settings: every baseline row with a paired interval around
-    its ratio; a rerun reuses every stage (nothing recomputed) and gives the same summary."""
+    its ratio, an adapted student and an adapted static drop; a rerun reuses every stage (nothing recomputed,
+    the adapted runs rebuilt from their saved adapters) and gives the same summary."""
     import json
     import sys
     from pathlib import Path
@@ -163,22 +164,42 @@ def test_the_study_runs_resumes_and_writes_its_figures(gguf_path, tmp_path, caps
     import real_model_study
     argv = ["--model", str(gguf_path), "--out", str(tmp_path / "run"), "--window", "16", "--eval-windows", "4",
             "--calibration-windows", "2", "--batch-size", "2", "--drop", "1", "--thresholds", "0.05",
-            "--layer-thresholds", "0.1", "--bootstrap", "200", "--results", str(tmp_path / "study.json")]
+            "--layer-thresholds", "0.1", "--bootstrap", "200", "--results", str(tmp_path / "study.json"),
+            "--adapt-steps", "2", "--adapt-seeds", "0", "--adapt-drop", "1", "--adapt-batch", "1",
+            "--target-windows", "2", "--target-positions", "4", "--target-top-k", "8"]
     assert real_model_study.main(argv) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     kinds = [r["kind"] for r in summary["points"]]
-    assert kinds == ["static layer drop", "block oracle", "block oracle, BOS kept", "layer oracle"]
+    assert kinds == ["static layer drop", "block oracle", "block oracle, BOS kept", "layer oracle", "adapted student",
+                     "adapted static drop"]
     for r in summary["points"]:
         assert r["ppl_ratio_low"] <= r["ppl_ratio"] <= r["ppl_ratio_high"]
         lf = r["layer_flops"]  # the head is a fixed cost: the total lies between the layers' share and 1
         assert 0 < lf <= 1.05 and min(lf, 1) <= r["total_flops"] <= max(lf, 1)
     assert summary["points"][0]["layer_flops"] == pytest.approx(17 / 18)
+    [comparison] = summary["student_vs_baselines"]  # one adapted student, against every baseline kind
+    assert set(comparison["baselines"]) == set(real_model_study.BASELINES)
     assert 0.5 < summary["head_share_of_flops"] < 0.7  # the 262k-word head dominates this model
     figures = json.loads((tmp_path / "study.json").read_text())["figures"]
     assert len(figures) == 1 + len(summary["points"])
     capsys.readouterr()
     assert real_model_study.main(argv) == 0
     out = capsys.readouterr().out
-    stages = ["profile", "influence", "full", "drop_1", "oracle_0.05", "oracle_0.05_bos_kept", "layer_oracle_0.1"]
+    stages = ["profile", "influence", "full", "drop_1", "oracle_0.05", "oracle_0.05_bos_kept", "layer_oracle_0.1",
+              "targets", "adapted_student_0.2_0", "adapted_student_0.2_0_scores", "adapted_drop_1_0"]
     assert all(f"[{name}] reusing" in out for name in stages)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["points"] == summary["points"]
+
+
+def test_the_committed_student_loads_on_the_real_file_and_skips_layers(ours):
+    """README: ``load_adapted("results/real_gemma_student", rj.load(...))`` rebuilds the study's first adapted
+    student (its adapters and router, 7 MB) on the GGUF model; it routes real text past some layers."""
+    from pathlib import Path
+    from radial_jax.training import load_adapted
+    student, meta = load_adapted(Path(__file__).resolve().parents[1] / "results" / "real_gemma_student", ours)
+    assert meta["adapter_params"] > 0 and student.radial.mode == "ordered"
+    ids = np.asarray(ours.tokenizer()("The for statement is used to iterate over the elements of a sequence")
+                     ["input_ids"])[None]
+    out = student.forward(ids)
+    assert np.isfinite(np.asarray(out.logits)).all()
+    assert 0.5 < float(out.metrics.depth_fraction) < 1.0  # it skips, but not everything
