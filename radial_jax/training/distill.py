@@ -167,7 +167,10 @@ def distill_loss_fn(student, teacher: Model, cfg: DistillConfig):
         del key
         tparams = teacher_params if cfg.train == "all" else jax.lax.stop_gradient(without_router(params))
         t_out = teacher.module.apply({"params": tparams}, ids_bt)
-        s_out = module.apply({"params": params}, ids_bt)
+        # router-only: the frozen layers are constants of the student's forward too, so no gradient of the
+        # 100M+ frozen parameters (the embedding, the head) is computed only for the optimiser to drop it
+        s_params = params if cfg.train == "all" else {**tparams, "router": params["router"]}
+        s_out = module.apply({"params": s_params}, ids_bt)
         kl = losses.distill_kl(s_out.logits, t_out.logits, temperature=cfg.temperature)
         total, metrics = cfg.kl_weight * kl, {"kl": kl, "hard_depth": s_out.metrics.depth_fraction,
                                              "compute": s_out.metrics.compute_fraction}
