@@ -23,20 +23,17 @@ what was trained (adapters, router: a few MB) with the settings to rebuild the s
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional, Union
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from radial_jax import defaults as D
 from radial_jax.api import Model
-from radial_jax.io import atomic_write_bytes, atomic_write_text
 from radial_jax.training import losses
+from radial_jax.training.artifacts import read_artifact, write_artifact
 from radial_jax.training.distill import expected_layer_visits, keep_logits_ordered, without_router
 from radial_jax.training.lora import LoraConfig, init_adapters, merge, num_adapter_params
 from radial_jax.training.loop import TrainConfig, fit
@@ -97,9 +94,6 @@ def adapt_loss_fn(student, cfg: AdaptConfig):
         total, metrics = kl, {"kl": kl}
         if radial:
             r = out.router
-            if batch["keep"].shape[1] != L:
-                raise ValueError(f"the cached keep labels are for {batch['keep'].shape[1]} layers; the student "
-                                 f"has {L}")
             bce = losses.router_keep_bce(keep_logits_ordered(r.logits), jnp.swapaxes(batch["keep"], 0, 1))
             depth = losses.compute_penalty(expected_layer_visits(r, True, L), L)
             total = total + cfg.router_weight * bce + cfg.compute_weight * depth
@@ -124,6 +118,9 @@ def adapt(student, targets: TeacherTargets, cfg: AdaptConfig = AdaptConfig(), tr
     if targets.ids.shape[1] != train.seq_len:
         raise ValueError(f"train.seq_len is {train.seq_len} but the cached windows have {targets.ids.shape[1]} "
                          "tokens")
+    if radial and targets.keep.shape[1] != student.config.num_layers:
+        raise ValueError(f"the cached keep labels are for {targets.keep.shape[1]} layers; the student has "
+                         f"{student.config.num_layers}")
     train = train.with_schedule()
     params = {"lora": init_adapters(student.params, cfg.lora, jax.random.key(train.seed))}
     if radial:
@@ -155,28 +152,16 @@ def with_adapters(student, trained: dict, lora: LoraConfig):
 
 def save_adapted(directory, trained: dict, cfg: AdaptConfig, student, base: str, **extra) -> Path:
     """``params.msgpack`` (only ``trained``) and ``config.json`` (what rebuilds the student from ``base``:
-    its radial settings or dropped layers, the LoRA settings), each atomic, the config last."""
-    d = Path(directory)
+    its radial settings or dropped layers, the LoRA settings), as ``artifacts.write_artifact`` writes them."""
     meta = {"kind": ARTIFACT_KIND, "base": str(base), "adapt": cfg.to_dict(),
             "radial": dataclasses.asdict(student.radial) if _is_radial(student) else None,
             "num_layers": student.config.num_layers, "adapter_params": num_adapter_params(trained), **extra}
-    text = json.dumps(meta, indent=1)
-    atomic_write_bytes(d / "params.msgpack", flax.serialization.msgpack_serialize(jax.device_get(trained)))
-    atomic_write_text(d / "config.json", text)
-    return d
+    return write_artifact(directory, trained, meta)
 
 
 def read_adapted(directory):
     """``(trained, meta)`` as ``save_adapted`` wrote them (nothing rebuilt)."""
-    d = Path(directory)
-    if not (d / "config.json").is_file() or not (d / "params.msgpack").is_file():
-        raise ValueError(f"{d} is not an adapted-student artifact (needs config.json and params.msgpack)")
-    meta = json.loads((d / "config.json").read_text())
-    if meta.get("kind") != ARTIFACT_KIND:
-        raise ValueError(f"{d} holds a {meta.get('kind')!r} artifact, expected {ARTIFACT_KIND!r}")
-    trained = jax.tree_util.tree_map(np.asarray, flax.serialization.msgpack_restore(
-        (d / "params.msgpack").read_bytes()))
-    return trained, meta
+    return read_artifact(directory, ARTIFACT_KIND)
 
 
 def load_adapted(directory, base: Optional[Model] = None):

@@ -16,25 +16,39 @@ from radial_jax.io import atomic_write_bytes, atomic_write_text
 from radial_jax.models.family import families, family_of
 
 
-def save_params(directory, params, config, kind: str, **extra) -> Path:
-    """``config.json`` and ``params.msgpack`` in ``directory``, each written atomically, the config last:
-    a reader never sees half a file, and a directory with a config has its parameters."""
+def write_artifact(directory, tree, meta: dict) -> Path:
+    """``config.json`` (``meta``) and ``params.msgpack`` (``tree``, flax serialisation) in ``directory``, each
+    written atomically, the config last: a reader never sees half a file, and a directory with a config has
+    its parameters."""
     d = Path(directory)
-    meta = {"kind": kind, "family": family_of(config).name, "model": dataclasses.asdict(config), **extra}
     text = json.dumps(meta, indent=2)  # before any write: a non-JSON extra fails with nothing written
-    atomic_write_bytes(d / "params.msgpack", flax.serialization.msgpack_serialize(jax.device_get(params)))
+    atomic_write_bytes(d / "params.msgpack", flax.serialization.msgpack_serialize(jax.device_get(tree)))
     atomic_write_text(d / "config.json", text)
     return d
 
 
-def load_params(directory, kind: str):
-    """``(params, config, meta)``; ``kind`` is ``"lm"`` or ``"radial_student"``."""
+def read_artifact(directory, kind: str):
+    """``(tree, meta)`` written by ``write_artifact``, refused unless ``meta["kind"]`` is ``kind``."""
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "params.msgpack").is_file():
         raise ValueError(f"{d} is not a radial_jax training artifact (needs config.json and params.msgpack)")
     meta = json.loads((d / "config.json").read_text())
     if meta.get("kind") != kind:
         raise ValueError(f"{d} holds a {meta.get('kind')!r} artifact, expected {kind!r}")
+    tree = flax.serialization.msgpack_restore((d / "params.msgpack").read_bytes())
+    return jax.tree_util.tree_map(np.asarray, tree), meta
+
+
+def save_params(directory, params, config, kind: str, **extra) -> Path:
+    """``params`` and ``config`` (the family's name and fields, plus ``extra``) as a ``kind`` artifact."""
+    meta = {"kind": kind, "family": family_of(config).name, "model": dataclasses.asdict(config), **extra}
+    return write_artifact(directory, params, meta)
+
+
+def load_params(directory, kind: str):
+    """``(params, config, meta)``; ``kind`` is ``"lm"`` or ``"radial_student"``."""
+    d = Path(directory)
+    params, meta = read_artifact(d, kind)
     family = families().get(meta.get("family", "opt"))  # artifacts written before families were named: OPT
     if family is None:
         raise ValueError(f"{d}/config.json names family {meta.get('family')!r}; known: {sorted(families())}")
@@ -42,8 +56,6 @@ def load_params(directory, kind: str):
         config = family.config_cls(**meta["model"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{d}/config.json does not hold a valid {family.config_cls.__name__}: {e}") from e
-    params = flax.serialization.msgpack_restore((d / "params.msgpack").read_bytes())
-    params = jax.tree_util.tree_map(np.asarray, params)
     return params, config, meta
 
 
