@@ -21,13 +21,15 @@ Usage::
 """
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from radial_jax.results import figure, machine, write_result
 from radial_jax.timing import block, interleave, rate, ratio, summary
 
-__all__ = ["RESULTS", "block", "figure", "interleave", "machine", "rate", "ratio", "summary", "write_result",
-           "xla_flops"]
+__all__ = ["RESULTS", "block", "figure", "interleave", "machine", "rate", "ratio", "stage", "summary",
+           "write_result", "xla_flops"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -40,3 +42,19 @@ def xla_flops(fn, *args, **kwargs) -> float:
     return float(cost.get("flops", float("nan")))
 
 
+
+
+def stage(out: Path, name: str, compute):
+    """``compute()``'s dict, saved as ``out/name.json`` (arrays as lists); reused when the file exists, so a
+    long study stopped anywhere resumes at its first missing stage."""
+    from radial_jax.io import atomic_write_json
+    path = Path(out) / f"{name}.json"
+    if path.exists():
+        print(f"[{name}] reusing {path}")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    result = compute()
+    result["seconds"] = time.perf_counter() - t0
+    atomic_write_json(path, result)
+    print(f"[{name}] {time.perf_counter() - t0:.0f} s")
+    return result

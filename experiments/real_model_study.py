@@ -30,13 +30,15 @@ import dataclasses
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from benchlib import stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -135,21 +137,6 @@ def flops_fractions(cost: dict, L: int, layer_fraction: float) -> dict:
 def kept_fraction(cost: dict, L: int, attn_kept: float, mlp_kept: float) -> float:
     """Layer FLOPs kept, from attention and MLP blocks kept per token (of ``L`` each)."""
     return (attn_kept * cost["attn"] + mlp_kept * cost["mlp"]) / (L * (cost["attn"] + cost["mlp"]))
-
-
-def stage(out: Path, name: str, compute):
-    """``compute()``'s dict, saved as ``out/name.json`` (arrays as lists); reused when the file exists."""
-    from radial_jax.io import atomic_write_json
-    path = out / f"{name}.json"
-    if path.exists():
-        print(f"[{name}] reusing {path}")
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    result = compute()
-    result["seconds"] = time.perf_counter() - t0
-    atomic_write_json(path, result)
-    print(f"[{name}] {time.perf_counter() - t0:.0f} s")
-    return result
 
 
 def main(argv=None) -> int:

@@ -577,6 +577,8 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
         bundle's forward keeps its outputs replicated (``radial_jax.sharded.ShardedModel``).
     """
     dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
+    if (Path(os.fspath(name_or_path)) / "params.msgpack").is_file():  # `radial-jax train`'s or the pipeline's
+        return _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh)
     reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
     if mesh is not None:
         from radial_jax.sharded import ShardedModel
@@ -584,3 +586,14 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
                             name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
     return Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
                  tokenizer_path=reader.tokenizer_path)
+
+
+def _load_trained_here(directory: Path, dtype, gguf_file, mesh) -> Model:
+    """A model saved by this library (``training.artifacts.save_model``): its own config and tokenizer."""
+    if gguf_file is not None or mesh is not None:
+        raise ValueError(f"{directory} is a model trained with radial_jax (params.msgpack); gguf_file= and mesh= "
+                         "apply to Hugging Face checkpoints and GGUF files only")
+    from radial_jax.training.artifacts import load_model
+    model = load_model(directory)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.params)
+    return Model(model.config, params, dtype=dtype, name=str(directory), tokenizer_path=model.tokenizer_path)

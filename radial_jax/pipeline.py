@@ -2,9 +2,13 @@
 
 Stages (each writes its results atomically and is skipped when a rerun finds them):
 
-1. ``teacher``: train a small OPT-shaped LM on the embedded offline corpus
-   (Python's documentation, ``radial_jax.data``) with the offline BPE tokenizer;
-   or, with ``--model``, load a checkpoint instead (hub id or local directory).
+1. ``teacher``: train a small OPT-shaped LM on offline text (by default the
+   standard library's documentation and sources, ``radial_jax.data``) with the
+   offline BPE tokenizer; or, with ``--model``, load a checkpoint instead (hub id,
+   local directory or GGUF file, with its own tokenizer). ``half_depth``: for a
+   teacher trained here, the same model with half its layers trained on the same
+   tokens, the static baseline that tells whether depth pays and that a routed
+   student must beat (``compare/half_depth.json``, paired bootstrap intervals).
 2. ``profile``: residual ratios of every block on the held-out text (§2).
 3. ``simulate``: oracle layer skipping over a threshold sweep (§3).
 4. ``distill``: distil the teacher into a Radial Network in ordered mode (router
@@ -34,24 +38,54 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
-def _offline_teacher(args, data, teacher_dir: Path):
-    """``(model, name)``: the small OPT-shaped teacher trained on ``data`` (reused when ``teacher_dir`` has it)."""
+def _train_offline(args, data, where: Path, num_layers: int, role: str):
+    """``(model, name)``: an OPT-shaped LM of the ``--size`` preset with ``num_layers`` layers, trained on
+    ``data`` for ``--teacher-steps`` (reused when ``where`` has it). The teacher and its half-depth baseline
+    are both made here, from the same tokens in the same order (same seed), so they differ only in depth."""
     import radial_jax as rj
     from radial_jax import defaults as D
     from radial_jax.training.artifacts import load_model, save_model
     from radial_jax.training.lm import train_lm
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
-    if _done(teacher_dir / "config.json"):
-        print(f"[teacher] reusing {teacher_dir}")
-        return load_model(teacher_dir), "offline-opt (trained by this pipeline, reused)"
+    if _done(where / "config.json"):
+        print(f"[{role}] reusing {where}")
+        return load_model(where), f"offline-opt, {num_layers} layers (trained by this pipeline, reused)"
     config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
-                          **D.SIZES[args.size])
+                          **{**D.SIZES[args.size], "num_hidden_layers": num_layers})
     train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
                         optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
-    teacher, _ = train_lm(config, data, train=train, run_dir=teacher_dir.parent / "teacher_run")
-    save_model(teacher, teacher_dir, data=data.source)
-    return teacher, "offline-opt (trained by this pipeline)"
+    model, _ = train_lm(config, data, train=train, run_dir=where.parent / f"{where.name}_run")
+    save_model(model, where, data=data.source)
+    return model, f"offline-opt, {num_layers} layers (trained by this pipeline)"
+
+
+def half_depth_comparison(teacher, half, students: dict, evaluation, windows_nt, batch_size: int) -> dict:
+    """The teacher and each student against the half-depth baseline on the held-out windows.
+
+    Per-window NLL of every model on the same windows, so each comparison is a paired bootstrap ratio of
+    perplexities (``training.paired``): ``teacher_vs_half`` below 0.9 is "depth pays by at least 10 %"; a
+    student's ``vs_half`` below 1 with its interval is "routing beats the static half-depth model", read at the
+    student's executed layer FLOPs (``compute``) against the half model's; ``ppl_at_half_flops`` is the
+    student's router sweep (``evaluate``'s curve) read at exactly the half model's FLOPs (no interval).
+    """
+    from radial_jax.flops import dense_flops
+    from radial_jax.training.evaluate import interpolate_at
+    from radial_jax.training.losses import perplexity
+    from radial_jax.training.paired import paired_bootstrap, window_nll
+
+    t = windows_nt.shape[1]
+    half_flops = dense_flops(half.config, 1, t, with_head=False) / dense_flops(teacher.config, 1, t, with_head=False)
+    score = {name: window_nll(m, windows_nt, batch_size, progress=True, desc=f"score {name}")
+             for name, m in {"half": half, "teacher": teacher, **students}.items()}
+    result = {"half_depth": {"layers": half.config.num_layers, "layer_flops_fraction": half_flops,
+                             "perplexity": perplexity(*(a.sum() for a in score["half"]))},
+              "teacher_vs_half": paired_bootstrap(score["half"], score["teacher"]), "students": {}}
+    for name in students:
+        row = evaluation["students"][name]
+        result["students"][name] = {"compute": row["compute"], "vs_half": paired_bootstrap(score["half"], score[name]),
+                                    "ppl_at_half_flops": interpolate_at(row["curve"], half_flops)}
+    return result
 
 
 def run_pipeline(args) -> int:
@@ -85,10 +119,19 @@ def run_pipeline(args) -> int:
     print(f"data: {data.source} ({len(data.train):,} train / {len(data.eval):,} eval tokens, "
           f"tokenizer {data.tokenizer_source}, vocab {data.vocab_size})")
     if not args.model:
-        teacher, teacher_name = _offline_teacher(args, data, teacher_dir)
+        teacher, teacher_name = _train_offline(args, data, teacher_dir, D.SIZES[args.size]["num_hidden_layers"],
+                                               "teacher")
     teacher.name = teacher_name
     timings["teacher_s"] = time.perf_counter() - t0
     print(f"[teacher] {teacher!r}")
+    # the static baseline a routed student must beat: half the teacher's layers, trained on the same tokens
+    half = None
+    if not args.model:
+        t0 = time.perf_counter()
+        half, half_name = _train_offline(args, data, out / "half_depth", max(1, teacher.config.num_layers // 2),
+                                         "half-depth")
+        half.name = half_name
+        timings["half_depth_s"] = time.perf_counter() - t0
 
     # one window set for profile, simulate and evaluate: the same teacher perplexity in all of them
     ids, mask, score = data.windows(args.window, args.max_windows)
@@ -115,13 +158,13 @@ def run_pipeline(args) -> int:
 
     # 4-6. distillation (ordered, then radial), evaluation, serving speed
     evaluation = speed = None
+    students = {}
     full = ids  # whole windows: evaluation scores every token of a window but its first, as simulate does
     if args.distill_steps > 0:
         from radial_jax.training.distill import DistillConfig, distill
         cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
                             train=args.distill_train)
         teacher_ref = str(teacher_dir.resolve()) if not args.model else str(args.model)
-        students = {}
         t0 = time.perf_counter()
         for mode, steps in (("ordered", args.distill_steps), ("radial", args.radial_steps)):
             if steps <= 0:
@@ -167,6 +210,16 @@ def run_pipeline(args) -> int:
             speed = json.loads((out / "serve" / "speed.json").read_text())
         timings["serve_s"] = time.perf_counter() - t0
 
+    comparison = None
+    if half is not None:
+        t0 = time.perf_counter()
+        where = out / "compare" / "half_depth.json"
+        if not _done(where) or set(json.loads(where.read_text())["students"]) != set(students):
+            atomic_write_json(where, half_depth_comparison(teacher, half, students, evaluation, full,
+                                                           min(args.batch_size, len(full))))
+        comparison = json.loads(where.read_text())
+        timings["compare_s"] = time.perf_counter() - t0
+
     summary = {
         "model": teacher.name, "num_params": teacher.num_params, "data": data_name,
         "backend": jax.default_backend(), "default_ratio": "ratio_out",
@@ -174,6 +227,8 @@ def run_pipeline(args) -> int:
         "oracle": [{k: r[k] for k in ("threshold", "depth_fraction", "flops_kept", "perplexity")}
                    for r in simulation["thresholds"]],
         "teacher_perplexity": None if evaluation is None else evaluation["teacher"]["ppl"],
+        "half_depth": None if comparison is None else {**comparison["half_depth"],
+                                                       "teacher_vs_half": comparison["teacher_vs_half"]},
         "students": None if evaluation is None else {
             name: {"mode": s["mode"], "capacity_factor": s["radial_config"]["capacity_factor"],
                    "capacity_slack": s["radial_config"]["capacity_slack"],
@@ -185,7 +240,9 @@ def run_pipeline(args) -> int:
                    "oracle_perplexity_at_same_compute": s["oracle_ppl_at_same_compute"],
                    "reuse_share": s["route_stats"]["reuse_token_share"], "exit_share": s["route_stats"]["exit_share"],
                    "drop_rate": s["route_stats"]["drop_rate"],
-                   "speed": None if speed is None else speed["students"].get(name)}
+                   "speed": None if speed is None else speed["students"].get(name),
+                   **({} if comparison is None else {k: comparison["students"][name][k]
+                                                     for k in ("vs_half", "ppl_at_half_flops")})}
             for name, s in evaluation["students"].items()},
         "settings": {k: v for k, v in vars(args).items() if k != "func"}, "timings_s": timings,
     }
@@ -201,6 +258,15 @@ def write_figures(summary: dict, path) -> None:
     from radial_jax.results import figure, write_result
     figs = [figure("pipeline_teacher", "pipeline: teacher perplexity (held-out)",
                             summary["teacher_perplexity"])]
+    half = summary.get("half_depth")
+    if half:
+        cmp = half["teacher_vs_half"]
+        figs.append(figure("pipeline_half_depth", f"pipeline: half-depth model ({half['layers']} layers, same tokens), "
+                                                  "perplexity (held-out)", half["perplexity"]))
+        figs.append(figure(
+            "pipeline_depth_pays", "pipeline: teacher / half-depth model perplexity (does depth pay?)", cmp["ratio"],
+            target="<= 0.90", met=cmp["ratio"] <= 0.9 and cmp["high"] < 1,
+            note=f"paired bootstrap 95 % [{cmp['low']:.3f}, {cmp['high']:.3f}] over {cmp['windows']} windows"))
     for name, s in (summary["students"] or {}).items():
         met = s["executed_flops_fraction"] <= 0.6 and s["perplexity_increase_vs_teacher"] <= 0.05
         figs.append(figure(
@@ -212,6 +278,16 @@ def write_figures(summary: dict, path) -> None:
                  f"{s['executed_flops_fraction_with_head']:.3f}, oracle at same FLOPs "
                  f"{s['oracle_perplexity_at_same_compute'] or float('nan'):.1f}; served at capacity factor "
                  f"{s['capacity_factor']:.3g}, slack {s['capacity_slack']}, {s['prefill_buckets']} prefill buckets"))
+        if s.get("vs_half"):
+            cmp, at = s["vs_half"], s["ppl_at_half_flops"]
+            figs.append(figure(
+                f"pipeline_{name}_vs_half", f"pipeline: {name} student / half-depth model perplexity", cmp["ratio"],
+                target="< 1 at <= the half model's layer FLOPs",
+                met=cmp["high"] < 1 and s["executed_flops_fraction"] <= half["layer_flops_fraction"] + 1e-9,
+                note=f"paired bootstrap 95 % [{cmp['low']:.3f}, {cmp['high']:.3f}]; student at "
+                     f"{s['executed_flops_fraction']:.3f} of the layer FLOPs, half model at "
+                     f"{half['layer_flops_fraction']:.3f}; its router sweep there: ppl "
+                     + ("outside the sweep" if at is None else f"{at:.1f} (half model {half['perplexity']:.1f})")))
         if s["speed"]:
             for key, label in (("prefill_speedup", "prefill"), ("decode_b1_speedup", "decode steps, batch 1"),
                                ("decode_b8_speedup", "decode steps, batch 8")):
@@ -227,6 +303,11 @@ def print_summary(summary: dict, out: Path) -> None:
     for r in summary["oracle"]:
         print(f"oracle t={r['threshold']:<5} depth {100 * r['depth_fraction']:5.1f}%  FLOPs {100 * r['flops_kept']:5.1f}%"
               f"  ppl {r['perplexity']:.3f}")
+    half = summary.get("half_depth")
+    if half:
+        cmp = half["teacher_vs_half"]
+        print(f"half-depth model ({half['layers']} layers, same tokens): ppl {half['perplexity']:.3f}; teacher / half "
+              f"{cmp['ratio']:.3f} [{cmp['low']:.3f}, {cmp['high']:.3f}] (depth pays when <= 0.90)")
     if summary["students"]:
         print(f"teacher ppl {summary['teacher_perplexity']:.3f}")
         for name, s in summary["students"].items():
@@ -236,11 +317,14 @@ def print_summary(summary: dict, out: Path) -> None:
                     f"({100 * s['executed_flops_fraction_with_head']:.1f}% with the head), ppl {s['perplexity']:.3f} "
                     f"({100 * s['perplexity_increase_vs_teacher']:+.1f}%), reuse {100 * s['reuse_share']:.0f}%, "
                     f"exit {100 * s['exit_share']:.0f}%")
+            if s.get("vs_half"):
+                v = s["vs_half"]
+                line += f"; / half-depth ppl {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
             if speed:
                 line += (f"; vs teacher: prefill {speed['prefill_speedup']['median']:.2f}x, decode b1 "
                          f"{speed['decode_b1_speedup']['median']:.2f}x, b8 {speed['decode_b8_speedup']['median']:.2f}x")
             print(line)
-    print(f"results in {out}/ (summary.json, profile/, simulate/, distill/, serve/)")
+    print(f"results in {out}/ (summary.json, profile/, simulate/, distill/, serve/, compare/)")
 
 
 def register(sub) -> None:
@@ -248,7 +332,7 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="train (or load), profile, simulate, distil, evaluate, serve: the whole study")
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--model", default=None, help="use this checkpoint instead of training a small teacher")
-    p.add_argument("--data", default=D.DATA, help="'embedded' (offline default), 'wikitext2', or text files")
+    p.add_argument("--data", default=D.DATA, help="'stdlib' (offline default), 'embedded', 'wikitext2', or text files")
     p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES), help="teacher size preset")
     p.add_argument("--teacher-steps", type=int, default=D.TEACHER_STEPS)
     p.add_argument("--distill-steps", type=int, default=D.DISTILL_STEPS, help="ordered student; 0 skips distillation")

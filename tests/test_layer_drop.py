@@ -9,7 +9,7 @@ import transformers
 
 import radial_jax as rj
 from conftest import perturb_
-from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
+from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential, route_layers
 from radial_jax.training.losses import perplexity
 from radial_jax.training.paired import paired_bootstrap, window_nll
 
@@ -58,6 +58,34 @@ def test_dropped_model_computes_what_transformers_computes_without_those_layers(
     np.testing.assert_allclose(np.asarray(short(ids)), want, atol=1e-4, rtol=1e-4)
     per_layer = drop_layers(ours.with_layout("per_layer"), drop)  # the inference layout drops the same layers
     np.testing.assert_allclose(np.asarray(per_layer(ids)), want, atol=1e-4, rtol=1e-4)
+
+
+def _through(ref, route):
+    """transformers' model running its layers in ``route``'s order, a repeated layer as a copy of its module."""
+    routed = copy.deepcopy(ref)
+    routed.model.layers = torch.nn.ModuleList(copy.deepcopy(ref.model.layers[i]) for i in route)
+    routed.config.layer_types = [ref.config.layer_types[i] for i in route]
+    routed.config.num_hidden_layers = len(route)
+    for j, layer in enumerate(routed.model.layers):
+        layer.self_attn.layer_idx = j
+    return routed
+
+
+@pytest.mark.parametrize("route", [[0, 1, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 2, 2], [0, 2, 0, 2]])
+def test_a_static_route_with_reused_layers_computes_what_transformers_computes_through_them(gemma, route):
+    ref, ours = gemma
+    ids = np.random.default_rng(3).integers(3, 96, (2, 10))
+    routed = route_layers(ours, route)
+    assert routed.config.num_layers == len(route)
+    assert routed.config.layer_types == tuple(ours.config.layer_types[i] for i in route)  # a layer keeps its kind
+    with torch.no_grad():
+        want = _through(ref, route)(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(routed(ids)), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(route_layers(ours.with_layout("per_layer"), route)(ids)), want,
+                               atol=1e-4, rtol=1e-4)
+    for bad in ([], [6], [0, -1]):
+        with pytest.raises(ValueError, match=r"non-empty sequence of layer indices in \[0, 6\)"):
+            route_layers(ours, bad)
 
 
 def test_block_influence_is_one_minus_the_cosine_of_layer_input_and_output(gemma):

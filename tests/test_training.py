@@ -313,6 +313,15 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     assert main(["eval", "--student", lm, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "holds a 'lm' artifact" in err and "Traceback" not in err
+    # what `train` wrote is a model every command loads by path, with the tokenizer it was trained with
+    from radial_jax.training.artifacts import load_model
+    saved, loaded = load_model(lm), rj.load(lm)
+    ids = np.arange(12).reshape(2, 6)
+    np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(saved(ids)))
+    assert loaded.tokenizer_path == saved.tokenizer_path and loaded.name == lm
+    assert rj.load(lm, dtype="bfloat16").params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="trained with radial_jax"):
+        rj.load(lm, mesh=object())
 
 
 def test_joint_training_from_scratch_schedule_and_capacity(corpus):
@@ -360,11 +369,21 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
         assert s["mode"] == name and 0 <= s["depth_fraction"] <= 1 and s["executed_flops_fraction"] > 0
         # timed, not asserted: 2 decode steps of a tiny model are within timing noise
         assert math.isfinite(s["speed"]["decode_b1_speedup"]["median"]) and s["speed"]["prefill_speedup"]["n"] == 1
+    # the half-depth baseline: half the teacher's layers on the same tokens, paired against teacher and students
+    half = summary["half_depth"]
+    assert load_model(out / "half_depth").config.num_layers == half["layers"] == 1
+    assert half["layer_flops_fraction"] == pytest.approx(0.5)
+    # two code paths, one perplexity: evaluate's teacher row equals the paired scoring's half x ratio
+    assert half["perplexity"] * half["teacher_vs_half"]["ratio"] == pytest.approx(summary["teacher_perplexity"],
+                                                                                   rel=1e-5)
+    for s in summary["students"].values():
+        assert s["vs_half"]["low"] <= s["vs_half"]["ratio"] <= s["vs_half"]["high"]
     for f in ("profile/profile.json", "simulate/simulation.json", "distill/eval.json", "distill/curve.png",
-              "distill/radial_routes.png", "serve/speed.json"):
+              "distill/radial_routes.png", "serve/speed.json", "compare/half_depth.json"):
         assert (out / f).is_file(), f
     figures = json.loads((tmp_path / "r.json").read_text())["figures"]
-    assert {f["key"] for f in figures} >= {"pipeline_teacher", "pipeline_ordered", "pipeline_radial"}
+    assert {f["key"] for f in figures} >= {"pipeline_teacher", "pipeline_ordered", "pipeline_radial",
+                                          "pipeline_depth_pays", "pipeline_ordered_vs_half"}
     teacher = load_model(out / "teacher")
     layers = {}
     for mode, trained in (("ordered", "router"), ("radial", "all")):
@@ -375,7 +394,8 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
         np.testing.assert_array_equal(a, np.asarray(b))
     assert any(not np.array_equal(a, b) for a, b in zip(layers["radial"], layers["ordered"]))
     before = {f: (out / f).stat().st_mtime_ns for f in ("teacher/params.msgpack", "distill/eval.json",
-                                                        "serve/speed.json")}
+                                                        "serve/speed.json", "half_depth/params.msgpack",
+                                                        "compare/half_depth.json")}
     capsys.readouterr()
     assert main(argv) == 0  # a rerun finds every stage done and rewrites none
     assert "reusing" in capsys.readouterr().out

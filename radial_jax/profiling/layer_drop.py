@@ -8,7 +8,8 @@ so ranking costs one forward pass per batch and no hidden state is kept.
 
 ``drop_layers(model, layers)`` is the sequential model without them: a real, smaller ``Model`` (its
 config has fewer layers; per-layer fields such as Gemma's ``layer_types`` keep the kept layers' own
-values), which serves at the smaller cost, not a mask over the full one.
+values), which serves at the smaller cost, not a mask over the full one. ``route_layers(model, route)``
+is the general static route (any order, repeats allowed), the probe of whether reusing a layer can pay.
 
 Example::
 
@@ -18,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -60,20 +61,33 @@ def drop_layers(model: Model, layers: Sequence[int]) -> Model:
     if any(not 0 <= i < L for i in drop) or len(drop) >= L:
         raise ValueError(f"layers to drop must be distinct indices in [0, {L}) leaving at least one; got {list(layers)}")
     keep = [i for i in range(L) if i not in drop]
+    name = f"{model.name} without layers {drop}" if drop else model.name
+    return route_layers(model, keep, name=name)
+
+
+def route_layers(model: Model, route: Sequence[int], name: Optional[str] = None) -> Model:
+    """A static route through ``model``'s pool: every token runs the layers ``route`` names, in that order.
+
+    Any sequence of pool indices: a subsequence drops layers (``drop_layers``), a repeated index reuses a layer
+    (its weights and its own per-layer fields, e.g. Gemma's local or global attention, at each visit). Returns a
+    ``Model`` of ``len(route)`` layers."""
+    L = model.config.num_layers
+    route = [int(i) for i in route]
+    if not route or any(not 0 <= i < L for i in route):
+        raise ValueError(f"a route is a non-empty sequence of layer indices in [0, {L}); got {route}")
     changes = {}
     for field in dataclasses.fields(model.config):
         value = getattr(model.config, field.name)
         if field.name in _LAYER_COUNT_FIELDS:
-            changes[field.name] = len(keep)
+            changes[field.name] = len(route)
         elif field.name in _PER_LAYER_FIELDS and value is not None:
-            changes[field.name] = tuple(value[i] for i in keep)
+            changes[field.name] = tuple(value[i] for i in route)
     config = dataclasses.replace(model.config, **changes)
     pool = model.params["layers"]
     if isinstance(pool, (tuple, list)):  # per-layer layout
-        layers_params = tuple(pool[i] for i in keep)
+        layers_params = tuple(pool[i] for i in route)
     else:  # stacked: a leading layer axis on every leaf
-        index = np.asarray(keep)
+        index = np.asarray(route)
         layers_params = jax.tree_util.tree_map(lambda a: a[index], pool)
-    name = f"{model.name} without layers {drop}" if drop else model.name
-    return Model(config, {**model.params, "layers": layers_params}, dtype=model.dtype, name=name,
-                 tokenizer_path=model.tokenizer_path)
+    return Model(config, {**model.params, "layers": layers_params}, dtype=model.dtype,
+                 name=name or f"{model.name} through layers {route}", tokenizer_path=model.tokenizer_path)
