@@ -139,6 +139,23 @@ def config_shape_mismatch(env):
     return env.model
 
 
+def config_width_as_text(env):
+    env.edit_config(hidden_size="32")  # a config.json written by hand
+    return env.model
+
+
+def config_width_as_text_in_code(env):
+    return lambda: rj.OPTConfig(hidden_size="32")
+
+
+def negative_norm_epsilon(env):
+    return lambda: rj.LlamaConfig(rms_norm_eps=-1.0)
+
+
+def zero_embedding_projection(env):
+    return lambda: rj.OPTConfig(word_embed_proj_dim=0)
+
+
 def no_checkpoint_dir(env):
     return lambda: rj.load(str(env.dir / "nowhere"))
 
@@ -330,6 +347,11 @@ CASES = [
     ("missing config.json", missing_config, CheckpointError, ["{dir}/ckpt", "no config.json"]),
     ("unknown model_type", unknown_model_type, CheckpointError, ["mamba"]),
     ("config disagrees with tensors", config_shape_mismatch, CheckpointError, ["{dir}/ckpt", "shape"]),
+    ("config.json width as text", config_width_as_text, CheckpointError,
+     ["{dir}/ckpt/config.json", "OPTConfig.hidden_size must be an integer", "'32' \\(str\\)"]),
+    ("OPTConfig width as text", config_width_as_text_in_code, ValueError, ["OPTConfig.hidden_size", "integer", "'32'"]),
+    ("LlamaConfig negative rms_norm_eps", negative_norm_epsilon, ValueError, ["rms_norm_eps", "> 0", "-1.0"]),
+    ("OPTConfig word_embed_proj_dim=0", zero_embedding_projection, ValueError, ["word_embed_proj_dim", ">= 1"]),
     ("no checkpoint directory", no_checkpoint_dir, CheckpointError, ["{dir}/nowhere", "no checkpoint directory"]),
     ("checkpoint path is a file", checkpoint_is_a_file, CheckpointError, ["model.safetensors", "is a file"]),
     ("shard index names an absent file", shard_index_names_absent_file, CheckpointError,
@@ -388,3 +410,18 @@ def test_bad_input_fails_clearly(tmp_path, good_ckpt, capsys, make, exception, p
 def test_the_table_is_broad():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
     assert sum(c[2] is CLIError for c in CASES) >= 5
+
+
+def test_numpy_scalars_are_numbers_in_every_config():
+    """What a numpy computation hands over (``np.int64(4)``, ``np.float32(0.5)``) is accepted as the Python
+    number it is, so configs built from arrays hash, compare and serialise like hand-written ones."""
+    from radial_jax.radial.config import RadialConfig
+    opt = rj.OPTConfig(hidden_size=np.int64(32), num_hidden_layers=np.int32(2), ffn_dim=64, num_attention_heads=2)
+    assert opt == rj.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2)
+    assert type(opt.hidden_size) is int and hash(opt) == hash(rj.OPTConfig(hidden_size=32, num_hidden_layers=2,
+                                                                          ffn_dim=64, num_attention_heads=2))
+    rc = RadialConfig(mode="radial", capacity_factor=np.float32(0.5), max_steps=np.int64(4))
+    assert (rc.capacity_factor, rc.max_steps) == (0.5, 4) and type(rc.max_steps) is int
+    assert rj.LlamaConfig(rms_norm_eps=np.float32(1e-5)).rms_norm_eps == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match=r"RadialConfig.capacity_factor must be a number, got True"):
+        RadialConfig(capacity_factor=True)

@@ -379,7 +379,7 @@ GPT2_HUB = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=76
     ({**GEMMA2_2B, "hidden_activation": "swish"}, "hidden_activation 'swish' is not supported"),
     ({**GEMMA2_2B, "sliding_window": None}, "sliding_window must be an integer >= 1"),
     ({**GEMMA2_2B, "layer_types": ["full_attention"] * 3}, "layer_types has 3 entries for 26 layers"),
-    ({**GEMMA2_2B, "num_hidden_layers": None}, "num_hidden_layers must be an integer >= 1"),
+    ({**GEMMA2_2B, "num_hidden_layers": None}, "num_hidden_layers must be an integer"),
     ({**GEMMA2_2B, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_parameters.*'yarn' is not supported"),
     ({**GEMMA2_2B, "query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a number > 0"),
     ({**GEMMA2_2B, "final_logit_softcapping": -1.0}, "final_logit_softcapping must be None"),

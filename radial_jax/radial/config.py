@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from radial_jax.defaults import RATIO, ROUTER_HIDDEN
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.layer import RATIO_KINDS
 
 MODES = ("ordered", "radial")
@@ -77,6 +78,7 @@ class RadialConfig:
     scan_unroll: bool = False  # unroll the step loop (XLA's cost analysis counts a rolled loop body once)
 
     def __post_init__(self):
+        check_field_types(self)  # numpy scalars are numbers: np.float32(0.5) becomes 0.5
         for name, value, allowed in (("mode", self.mode, MODES), ("cache_policy", self.cache_policy, CACHE_POLICIES),
                                      ("routing", self.routing, ROUTINGS), ("dispatch", self.dispatch, DISPATCHES),
                                      ("gate", self.gate, GATES), ("ratio_kind", self.ratio_kind, RATIO_KINDS)):

@@ -37,6 +37,7 @@ import dataclasses
 from typing import Optional, Union
 
 from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import ACTIVATIONS, LayerConfig
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
@@ -139,6 +140,7 @@ class GemmaConfig:
     eos_token_id: Union[None, int, tuple] = 1
 
     def __post_init__(self):
+        check_field_types(self)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"GemmaConfig.model_type {self.model_type!r} is not supported; supported: {MODEL_TYPES}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

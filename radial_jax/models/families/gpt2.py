@@ -21,6 +21,7 @@ import dataclasses
 from typing import Optional, Union
 
 from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import ACTIVATIONS, LayerConfig
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
@@ -56,6 +57,7 @@ class GPT2Config:
     model_type = "gpt2"
 
     def __post_init__(self):
+        check_field_types(self)
         if self.n_inner is None:
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
         if isinstance(self.eos_token_id, list):

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Optional, Union
 
 from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import ACTIVATIONS, LayerConfig
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
@@ -50,6 +51,7 @@ class LlamaConfig:
     model_type: str = "llama"  # the checkpoint's own: "llama" or "mistral"
 
     def __post_init__(self):
+        check_field_types(self)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"LlamaConfig.model_type {self.model_type!r} is not supported; allowed: {MODEL_TYPES}")

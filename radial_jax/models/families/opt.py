@@ -13,6 +13,7 @@ import dataclasses
 from typing import Optional
 
 from radial_jax.models.decoder import CausalLM, DecoderSpec
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import LayerConfig
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
@@ -42,10 +43,11 @@ class OPTConfig:
     POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (fairseq legacy)
 
     def __post_init__(self):
+        check_field_types(self)
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads",
-                     "max_position_embeddings"):
+                     "max_position_embeddings", "word_embed_proj_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OPTConfig.{name} must be >= 1, got {getattr(self, name)}")
         self.layer_config()  # validates heads / activation early

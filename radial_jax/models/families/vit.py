@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.models.decoder import HeadOutput
+from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import LayerConfig, make_norm
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
@@ -41,6 +42,7 @@ class ViTConfig:
     model_type = "vit"
 
     def __post_init__(self):
+        check_field_types(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         self.layer_config()
