@@ -9,6 +9,22 @@ from pathlib import Path
 import numpy as np
 
 
+def check_output_dir(path, flag: str = "--out") -> Path:
+    """``path`` as a directory results can be written to, or a ValueError saying why not, without creating
+    anything: checked before the work whose results would otherwise be lost at the end."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; it must be a directory (or a path to create one)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so the directory cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write via a temporary file in the same directory and rename (created parents included); on any
     failure the temporary file is removed and ``path`` is left as it was."""

@@ -577,6 +577,9 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
         bundle's forward keeps its outputs replicated (``radial_jax.sharded.ShardedModel``).
     """
     dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (radial_jax.sharding.make_mesh((data, fsdp, tensor))), "
+                         f"got {mesh!r}; the CLI's --mesh takes the 'data,fsdp,tensor' text")
     if (Path(os.fspath(name_or_path)) / "params.msgpack").is_file():  # `radial-jax train`'s or the pipeline's
         return _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh)
     reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)

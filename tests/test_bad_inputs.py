@@ -250,6 +250,15 @@ def out_of_vocabulary_ids(env):
     return lambda: m(_ids() + 200)
 
 
+def mesh_as_text(env):
+    return lambda: rj.load(str(env.ckpt), mesh="1,1,1")
+
+
+def ragged_ids(env):
+    m = env.model()
+    return lambda: m([[5, 6], [7]])
+
+
 def one_dimensional_ids(env):
     m = env.model()
     return lambda: m(_ids()[0])
@@ -268,6 +277,36 @@ def generate_zero_new_tokens(env):
 def generate_sampling_without_rng(env):
     m = env.model()
     return lambda: m.generate(_ids(), max_new_tokens=2, do_sample=True)
+
+
+def _routed(env):
+    from radial_jax.radial import RadialModel
+    return RadialModel.from_sequential(env.model(), mode="radial", capacity_factor=3.0, max_steps=3)
+
+
+def fit_capacity_batch_zero(env):
+    rm = _routed(env)
+    return lambda: rm.fit_capacity(_ids(), batch_size=0)
+
+
+def fit_capacity_out_of_vocabulary(env):
+    rm = _routed(env)
+    return lambda: rm.fit_capacity(_ids() + 200)
+
+
+def profile_of_padding_only(env):
+    m = env.model()
+    return lambda: rj.profile(m, [(_ids(), np.zeros((2, 5), bool))])
+
+
+def simulate_with_text_thresholds(env):
+    m = env.model()
+    return lambda: rj.simulate_skipping(m, [(_ids(), np.ones((2, 5), bool))], ["x"])
+
+
+def distill_threshold_above_one(env):
+    from radial_jax.training.distill import DistillConfig
+    return lambda: DistillConfig(oracle_threshold=5.0)
 
 
 def radial_zero_capacity(env):
@@ -316,6 +355,24 @@ def cli_profile_garbage_checkpoint(env):
 def cli_eval_of_a_teacher_dir(env):
     run_dir_of_another_kind(env)
     return env.cli("eval", "--student", env.dir / "lm", "--out", env.dir / "out", "--no-progress")
+
+
+def cli_distill_negative_radial_steps(env):  # refused before the teacher is even loaded (--teacher is absent)
+    return env.cli("distill", "--teacher", env.dir / "nowhere", "--run-dir", env.dir / "run", "--radial-steps", "-1")
+
+
+def cli_distill_radial_threshold_above_one(env):
+    return env.cli("distill", "--teacher", env.dir / "nowhere", "--run-dir", env.dir / "run", "--radial-steps", "2",
+                   "--radial-oracle-threshold", "3")
+
+
+def cli_profile_batch_zero(env):
+    return env.cli("profile", "--model", env.ckpt, "--data", "embedded", "--batch-size", "0", "--out", env.dir / "o")
+
+
+def cli_profile_out_is_a_file(env):
+    (env.dir / "afile").write_text("x")
+    return env.cli("profile", "--model", env.ckpt, "--data", "embedded", "--window", "16", "--out", env.dir / "afile")
 
 
 def cli_generate_negative_tokens(env):
@@ -370,9 +427,18 @@ CASES = [
     ("float token ids", float_ids, ValueError, ["input_ids", "integers", "float32"]),
     ("out-of-vocabulary ids", out_of_vocabulary_ids, ValueError, [r"\[0, 96\)", "tokenizer of another model"]),
     ("1-D token ids", one_dimensional_ids, ValueError, ["input_ids", "2-D"]),
+    ("load with a mesh given as text", mesh_as_text, ValueError, ["jax.sharding.Mesh", "make_mesh", "'1,1,1'"]),
+    ("ragged token ids", ragged_ids, ValueError, ["input_ids", "rectangular", "attention_mask"]),
     ("too many tokens", too_long_ids, ValueError, ["49", "48 positions"]),
     ("generate max_new_tokens=0", generate_zero_new_tokens, ValueError, ["max_new_tokens", ">= 1"]),
     ("sampling without rng", generate_sampling_without_rng, ValueError, ["rng"]),
+    ("fit_capacity batch_size=0", fit_capacity_batch_zero, ValueError, ["batch_size", ">= 1", "got 0"]),
+    ("fit_capacity on out-of-vocabulary ids", fit_capacity_out_of_vocabulary, ValueError, [r"\[0, 96\)"]),
+    ("profile of padding only", profile_of_padding_only, ValueError, ["no token to profile", "all 0"]),
+    ("simulate with thresholds as text", simulate_with_text_thresholds, ValueError,
+     ["thresholds", r"\[0, 1\]", "'x'"]),
+    ("DistillConfig oracle_threshold=5", distill_threshold_above_one, ValueError,
+     ["oracle_threshold", r"\[0, 1\]", "5.0"]),
     ("RadialConfig capacity_factor=0", radial_zero_capacity, ValueError, ["capacity_factor", "> 0"]),
     ("RadialConfig unknown mode", radial_unknown_mode, ValueError, ["mode", "'sideways'", "allowed"]),
     ("RadialConfig router_hidden=0", radial_zero_router_hidden, ValueError, ["router_hidden", ">= 1"]),
@@ -383,6 +449,11 @@ CASES = [
     ("CLI profile of a missing model", cli_profile_missing_model, CLIError, ["{dir}/nowhere"]),
     ("CLI profile of a garbage checkpoint", cli_profile_garbage_checkpoint, CLIError, ["model.safetensors"]),
     ("CLI eval of a teacher dir", cli_eval_of_a_teacher_dir, CLIError, ["{dir}/lm", "'lm'"]),
+    ("CLI distill --radial-steps -1", cli_distill_negative_radial_steps, CLIError, ["--radial-steps", ">= 0", "-1"]),
+    ("CLI distill --radial-oracle-threshold 3", cli_distill_radial_threshold_above_one, CLIError,
+     ["oracle_threshold", r"\[0, 1\]", "3.0"]),
+    ("CLI profile --batch-size 0", cli_profile_batch_zero, CLIError, ["--batch-size", ">= 1", "got 0"]),
+    ("CLI profile --out a file", cli_profile_out_is_a_file, CLIError, ["--out", "{dir}/afile", "is a file"]),
     ("CLI generate --max-new-tokens -3", cli_generate_negative_tokens, CLIError, ["--max-new-tokens", ">= 1"]),
     ("CLI pipeline --thresholds 0,2", cli_pipeline_bad_thresholds, CLIError, ["thresholds", r"\[0, 1\]"]),
     ("CLI pipeline --serve-tokens >= --window", cli_pipeline_serve_tokens_beyond_window, CLIError,

@@ -321,7 +321,7 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     assert loaded.tokenizer_path == saved.tokenizer_path and loaded.name == lm
     assert rj.load(lm, dtype="bfloat16").params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="trained with radial_jax"):
-        rj.load(lm, mesh=object())
+        rj.load(lm, gguf_file="x.gguf")
 
 
 def test_joint_training_from_scratch_schedule_and_capacity(corpus):

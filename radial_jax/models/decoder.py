@@ -55,7 +55,11 @@ class HeadOutput:
 def check_token_ids(config, input_ids, attention_mask=None, extra_len: int = 0) -> None:
     """ValueError unless ``input_ids`` is ``[batch>=1, 1<=len<=max]`` integers in the vocabulary
     (and ``attention_mask``, if given, has the same shape and holds 0/1 values)."""
-    shape = np.shape(input_ids)
+    try:
+        shape = np.shape(input_ids)
+    except ValueError:  # numpy refuses ragged nested lists
+        raise ValueError("input_ids must be a rectangular [batch, length] array; its rows have different lengths "
+                         "(pad them to one length and pass an attention_mask with 0 on the padding)") from None
     if len(shape) != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length]; got shape {shape}")
     if shape[0] < 1 or shape[1] < 1:

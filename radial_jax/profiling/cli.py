@@ -59,9 +59,21 @@ def _out_dir(args, command: str) -> Path:
     return Path(args.out or Path("runs") / command / str(args.model).strip("/").replace("/", "--"))
 
 
+def check_args(args, command: str) -> None:
+    """The sizes and the output directory, checked before the model is loaded."""
+    from radial_jax.io import check_output_dir
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--window", args.window, 2),
+                             ("--max-images", args.max_images, 1), ("--stride", args.stride, 1),
+                             ("--max-tokens", args.max_tokens, 2)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_output_dir(_out_dir(args, command))
+
+
 def run_profile(args) -> int:
     import radial_jax as rj
     from radial_jax.pod import is_main_process, mesh_from_args
+    check_args(args, "profile")
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, load_weights=not args.streaming, mesh=mesh)
     if args.streaming:
@@ -85,6 +97,7 @@ def run_simulate(args) -> int:
     from radial_jax.profiling.skipping import parse_thresholds
     from radial_jax.pod import is_main_process, mesh_from_args
     thresholds = parse_thresholds(args.thresholds)  # before loading anything
+    check_args(args, "simulate")
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, with_scores=True, mesh=mesh)
     sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)

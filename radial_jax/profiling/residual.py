@@ -54,10 +54,12 @@ def as_batches(model, data) -> List[tuple]:
         elif not isinstance(item, tuple):
             item = (item, None)
         inputs, mask = item[0], item[1] if len(item) > 1 else None
-        model.check_inputs(np.asarray(inputs))
+        model.check_inputs(np.asarray(inputs), None if mask is None else np.asarray(mask))
         batches.append((np.asarray(inputs), None if mask is None else np.asarray(mask, bool)))
     if not batches:
         raise ValueError("no data to profile: the data source produced no batches")
+    if all(mask is not None and not mask.any() for _, mask in batches):
+        raise ValueError("no token to profile: every attention_mask is all 0 (every token is padding)")
     return batches
 
 

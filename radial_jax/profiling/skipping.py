@@ -47,7 +47,10 @@ def parse_thresholds(text: str, flag: str = "--thresholds") -> List[float]:
 
 
 def check_thresholds(thresholds) -> List[float]:
-    ts = [float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))]
+    try:
+        ts = [float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))]
+    except (TypeError, ValueError):
+        raise ValueError(f"thresholds must be a non-empty list of values in [0, 1]; got {thresholds!r}") from None
     bad = [t for t in ts if not 0.0 <= t <= 1.0 or np.isnan(t)]
     if not ts or bad:
         raise ValueError(f"thresholds must be a non-empty list of values in [0, 1]; got {list(thresholds)}")

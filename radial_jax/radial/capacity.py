@@ -124,6 +124,9 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
         raise ValueError(f"calibration windows must be [n >= 1, t] token ids, got shape {windows.shape}")
+    model.check_inputs(windows)  # the forward's own checks: ids in the vocabulary, windows within the positions
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not 0 <= max_padding or isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
         raise ValueError(f"max_padding must be >= 0 and max_buckets an integer >= 1; got {max_padding!r}, "
                          f"{max_buckets!r}")

@@ -123,16 +123,21 @@ def cmd_distill(args) -> int:
     from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
     from radial_jax.data.packed import model_text_data
+    if args.radial_steps < 0:
+        raise ValueError(f"--radial-steps must be >= 0 (0: no radial phase), got {args.radial_steps}")
     if args.radial_steps and args.mode != "ordered":
         raise ValueError("--radial-steps continues an ordered phase in radial mode; it needs --mode ordered")
+    # both phases' settings are checked before any work: a bad radial flag must not wait for the ordered phase
+    cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
+                        router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
+                        compute_weight=args.compute_weight, train=args.train)
+    radial_cfg = cfg.radial_phase(args.radial_compute_weight, args.radial_train, args.radial_oracle_threshold) \
+        if args.radial_steps else None
     mesh = mesh_from_args(args)
     memory, rules = memory_config(args), rules_for(args.pool)
     teacher = load_teacher(args.teacher, mesh, rules, memory)
     data = model_text_data(args.data, teacher)  # the teacher's own tokenizer, never a substitute
     pod = dict(mesh=mesh, memory=memory, rules=rules)
-    cfg = DistillConfig(temperature=args.temperature, hidden_weight=args.hidden_weight,
-                        router_weight=args.router_weight, oracle_threshold=args.oracle_threshold,
-                        compute_weight=args.compute_weight, train=args.train)
     radial_kwargs = {"capacity_factor": args.capacity_factor}
     final_cfg = cfg  # what the saved student was last trained with
     student, history = distill(teacher, data, cfg=cfg, mode=args.mode, train=_train_config(args),
@@ -142,7 +147,6 @@ def cmd_distill(args) -> int:
         train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
         # warm start: the radial network begins exactly where the ordered student is (to_radial scales the
         # capacity factor so each step's layer keeps its ordered budget: --capacity-factor is not passed again)
-        radial_cfg = cfg.radial_phase(args.radial_compute_weight, args.radial_train, args.radial_oracle_threshold)
         student, more = distill(teacher, data, cfg=radial_cfg, mode="radial", start=student, train=train,
                                 run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress, **pod)
         history, final_cfg = history + more, radial_cfg

@@ -81,6 +81,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+        if not self.oracle_threshold <= 1:  # as simulate's: a ratio_out is in [0, 1]
+            raise ValueError(f"oracle_threshold must be in [0, 1] (a residual ratio), got {self.oracle_threshold}")
 
     def radial_phase(self, compute_weight: float = D.RADIAL_COMPUTE_WEIGHT, train: str = D.RADIAL_DISTILL_TRAIN,
                      oracle_threshold: float = D.RADIAL_ORACLE_THRESHOLD) -> "DistillConfig":
