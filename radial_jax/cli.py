@@ -24,7 +24,8 @@ COMMAND_MODULES = (
 )
 # CheckpointError is a ValueError; an ImportError is a missing optional dependency (its message names the
 # extra to install, e.g. torch for a GGUF file's tokenizer)
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError)
+# FloatingPointError: training's NonFiniteLossError, which stops at the bad step with the last good checkpoint
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError, FloatingPointError)
 
 
 def _version() -> str:

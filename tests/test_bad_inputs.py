@@ -375,6 +375,18 @@ def cli_profile_out_is_a_file(env):
     return env.cli("profile", "--model", env.ckpt, "--data", "embedded", "--window", "16", "--out", env.dir / "afile")
 
 
+def cli_train_run_dir_is_a_file(env):
+    (env.dir / "afile").write_text("x")
+    return env.cli("train", "--run-dir", env.dir / "afile", "--size", "tiny", "--steps", "1")
+
+
+def text_data_of_binary_files(env):
+    from radial_jax.data.packed import text_data
+    (env.dir / "texts").mkdir()
+    (env.dir / "texts" / "a.txt").write_bytes(bytes(range(128, 256)))
+    return lambda: text_data(str(env.dir / "texts"))
+
+
 def cli_generate_negative_tokens(env):
     return env.cli("generate", "--model", env.ckpt, "--prompt", "x", "--max-new-tokens", "-3")
 
@@ -454,6 +466,8 @@ CASES = [
      ["oracle_threshold", r"\[0, 1\]", "3.0"]),
     ("CLI profile --batch-size 0", cli_profile_batch_zero, CLIError, ["--batch-size", ">= 1", "got 0"]),
     ("CLI profile --out a file", cli_profile_out_is_a_file, CLIError, ["--out", "{dir}/afile", "is a file"]),
+    ("CLI train --run-dir a file", cli_train_run_dir_is_a_file, CLIError, ["--run-dir", "{dir}/afile", "is a file"]),
+    ("text of binary .txt files", text_data_of_binary_files, ValueError, ["{dir}/texts/a.txt", "not UTF-8"]),
     ("CLI generate --max-new-tokens -3", cli_generate_negative_tokens, CLIError, ["--max-new-tokens", ">= 1"]),
     ("CLI pipeline --thresholds 0,2", cli_pipeline_bad_thresholds, CLIError, ["thresholds", r"\[0, 1\]"]),
     ("CLI pipeline --serve-tokens >= --window", cli_pipeline_serve_tokens_beyond_window, CLIError,

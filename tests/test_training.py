@@ -324,6 +324,21 @@ def test_cli_train_distill_eval(tmp_path, capsys):
         rj.load(lm, gguf_file="x.gguf")
 
 
+def test_cli_train_that_diverges_ends_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from radial_jax.cli import main
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    argv = ["train", "--size", "tiny", "--steps", "8", "--batch-size", "4", "--seq-len", "16", "--data", str(text),
+            "--run-dir", str(tmp_path / "t"), "--no-progress", "--lr", "1e30", "--checkpoint-every", "1"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radial-jax train: error: non-finite loss") and err.count("\n") == 1, err
+    assert "last good checkpoint is intact" in err and "Traceback" not in err
+    steps = [int(d.name) for d in (tmp_path / "t" / "checkpoints" / "latest").iterdir() if d.name.isdigit()]
+    assert steps and max(steps) < 8  # the steps before the divergence were checkpointed; the bad one was not
+
+
 def test_joint_training_from_scratch_schedule_and_capacity(corpus):
     from radial_jax.training.joint import JointConfig, train_joint
     cfg = rj.OPTConfig(vocab_size=corpus.vocab_size, **SMALL)

@@ -88,7 +88,13 @@ def read_text_files(path: Union[str, Path]) -> List[str]:
     files = [p] if p.is_file() else sorted(p.rglob("*.txt")) if p.is_dir() else []
     if not files:
         raise ValueError(f"no text at {path!s}: give a .txt file or a directory holding .txt files")
-    return [f.read_text(encoding="utf-8") for f in files]
+    documents = []
+    for f in files:
+        try:
+            documents.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}); give text files only") from None
+    return documents
 
 
 def load_text_source(source: str = "embedded", tokenizer=None):

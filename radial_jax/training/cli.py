@@ -102,6 +102,8 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     import jax
+    from radial_jax.io import check_output_dir
+    check_output_dir(args.run_dir, "--run-dir")
     mesh = mesh_from_args(args)  # --distributed first, then the mesh: before any other jax work
     import radial_jax as rj
     from radial_jax.training.artifacts import save_model
@@ -123,6 +125,8 @@ def cmd_distill(args) -> int:
     from radial_jax.training.artifacts import save_student
     from radial_jax.training.distill import DistillConfig, distill
     from radial_jax.data.packed import model_text_data
+    from radial_jax.io import check_output_dir
+    check_output_dir(args.run_dir, "--run-dir")
     if args.radial_steps < 0:
         raise ValueError(f"--radial-steps must be >= 0 (0: no radial phase), got {args.radial_steps}")
     if args.radial_steps and args.mode != "ordered":

@@ -37,7 +37,8 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.data_pos, self.batch, self.loss = step, data_pos, batch, loss
         super().__init__(
             f"non-finite loss {loss} at step {step} (data position {data_pos}, batch shape "
-            f"{np.shape(batch)}); the state was not updated and no checkpoint was written for this step")
+            f"{np.shape(batch)}); the state was not updated and no checkpoint was written for this step: the "
+            "last good checkpoint is intact (rerun to resume from it, e.g. with a lower learning rate)")
 
 
 def _loss_and_grads(loss_fn, params, batch, key, extra, memory: MemoryConfig):
