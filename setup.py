@@ -32,6 +32,8 @@ setup(
         "pyarrow",
         "tensorboardX",
         "gguf>=0.10",  # rj.load of .gguf files
+        "ml_dtypes",  # bfloat16 tensors of checkpoints (loading, gguf)
+        "pillow",  # image folders for ViT (radial_jax.data.images)
     ],
     extras_require={
         # torch is test-only; pinned to the CPU build that is installed from a local wheel. accelerate:

@@ -587,8 +587,20 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
         from radial_jax.sharded import ShardedModel
         return ShardedModel(reader.config, reader.sharded_params(mesh, dtype, rules), mesh=mesh, dtype=dtype,
                             name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
-    return Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
-                 tokenizer_path=reader.tokenizer_path)
+    params = reader.params(dtype)
+    warn_non_finite(params, str(name_or_path))
+    return Model(reader.config, params, dtype=dtype, name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
+
+
+def warn_non_finite(params, source: str) -> None:
+    """A warning naming the tensors of ``params`` that hold NaN or inf: such weights load, and every output is
+    NaN without a word (a checkpoint saved after a divergence)."""
+    import warnings
+    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+           if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
+    if bad:
+        warnings.warn(f"{source}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:5])}"
+                      f"{', ...' if len(bad) > 5 else ''}); the model's outputs will not be finite", stacklevel=3)
 
 
 def _load_trained_here(directory: Path, dtype, gguf_file, mesh) -> Model:

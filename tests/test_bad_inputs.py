@@ -510,3 +510,19 @@ def test_numpy_scalars_are_numbers_in_every_config():
     assert rj.LlamaConfig(rms_norm_eps=np.float32(1e-5)).rms_norm_eps == pytest.approx(1e-5)
     with pytest.raises(ValueError, match=r"RadialConfig.capacity_factor must be a number, got True"):
         RadialConfig(capacity_factor=True)
+
+
+def test_weights_holding_nan_load_with_a_warning_naming_the_tensor(tmp_path, good_ckpt):
+    """A checkpoint saved after a divergence loads (it may be inspected) but says so: every output would be NaN."""
+    import torch
+    from conftest import make_opt
+    ref = make_opt(tmp_path / "nan", seed=5)
+    with torch.no_grad():
+        ref.model.decoder.layers[1].fc1.weight[0, 0] = float("nan")
+    ref.save_pretrained(tmp_path / "nan")
+    with pytest.warns(UserWarning, match=r"1 tensors hold NaN or inf \(.*'layers'.*fc1.*\)"):
+        rj.load(str(tmp_path / "nan"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite checkpoint loads without it
+        rj.load(str(good_ckpt))
