@@ -129,7 +129,7 @@ def write_figures(rows, args) -> None:
             met=p["ratio"] <= 0.9 and p["high"] < 1,
             note=f"paired bootstrap 95 % [{p['low']:.3f}, {p['high']:.3f}] over {p['windows']} windows, "
                  f"{len(r['seeds'])} seeds pooled (each: " + ", ".join(f"{s['ratio']:.3f}" for s in r["seeds"])
-                 + f"); the {r['layers']}-layer model trains in {secs:.0f} s here"))
+                 + f"); training the {r['layers']}-layer model took {secs:.0f} s of wall time on this shared machine"))
     settings = {k: v for k, v in vars(args).items() if k not in ("results", "png")}
     write_result(args.results, "depth_pays", settings, figs, {"rows": rows})
 

@@ -117,7 +117,8 @@ def main(argv=None) -> int:
 
 def write_figures(summary, args) -> None:
     figs = []
-    short = "Gemma 3 270M" if "gemma" in summary["model"].lower() else summary["model"]
+    name = summary["model"].lower()
+    short = "Gemma 3 270M" if "gemma" in name else "the pipeline's teacher" if "pipeline" in name else summary["model"]
     for row in summary["rows"]:
         r, v, L = row["repeat_vs_no_repeat"], row["visits"], summary["layers"]
         ppl = row["perplexity"]
