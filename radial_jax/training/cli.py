@@ -2,7 +2,7 @@
 
 Offline default pipeline::
 
-    radial-jax train   --run-dir runs/teacher                 # small OPT on the embedded corpus
+    radial-jax train   --run-dir runs/teacher                 # small OPT on the standard library's text
     radial-jax distill --teacher runs/teacher/model --run-dir runs/student
     radial-jax eval    --student runs/student/student --out runs/eval   # eval.json + curve.png
 """
@@ -18,7 +18,8 @@ from radial_jax.pod import add_mesh_args, is_main_process, mesh_from_args, rules
 
 
 def _common(p, steps, lr):
-    p.add_argument("--data", default=D.DATA, help="'embedded', 'wikitext2', a .txt file or a directory")
+    p.add_argument("--data", default=D.DATA,
+                   help="'stdlib' (offline), 'embedded', 'wikitext2', a .txt file or a directory")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE, help="global batch")
     p.add_argument("--seq-len", type=int, default=D.WINDOW)
