@@ -120,6 +120,19 @@ def test_stdlib_split_is_by_document_name_and_holds_out_about_five_percent():
     assert sum(map(len, train)) > 4_000_000 and sum(map(len, held)) > 200_000
 
 
+def test_stdlib_text_is_tokenized_once_per_tokenizer_and_read_only():
+    from radial_jax.data.corpus import offline_tokenizer, tokenize
+    from radial_jax.data.packed import text_data
+    from radial_jax.data.stdlib import stdlib_split
+    first, again = text_data("stdlib"), text_data("stdlib")
+    assert again.train is first.train and again.eval is first.eval  # the cached streams, not a second pass
+    with pytest.raises(ValueError, match="read-only"):
+        first.train[0] = 0
+    held = tokenize(stdlib_split()[1], offline_tokenizer())  # what the cache holds, computed again
+    np.testing.assert_array_equal(first.eval, held)
+    assert first.windows(16, 4)[0].shape == (4, 16) and first.dataset(16, 2).batch(0).shape == (2, 16)
+
+
 def test_stdlib_split_refuses_a_fraction_outside_0_1():
     from radial_jax.data.stdlib import stdlib_split
     for bad in (0, 1, -0.1, 1.5):

@@ -177,14 +177,32 @@ def text_data(source: Union[str, np.ndarray] = D.DATA, eval_fraction: float = D.
         return TextData(train, ev, tokenizer, "array", bos)
     if os.fspath(source) == "stdlib":  # held out by document (radial_jax.data.stdlib), not by stream position
         from radial_jax.data.corpus import offline_tokenizer
-        from radial_jax.data.stdlib import stdlib_split
         tok = tokenizer or offline_tokenizer()
-        train_docs, held_docs = stdlib_split()
-        return TextData(tokenize(train_docs, tok), tokenize(held_docs, tok), tok, "stdlib", bos)
+        return TextData(*_stdlib_streams(tok), tok, "stdlib", bos)
     docs, tok = load_text_source(os.fspath(source), tokenizer)
     tokens = tokenize(docs, tok)
     train, ev = split_tokens(tokens, eval_fraction)
     return TextData(train, ev, tok, os.fspath(source), bos)
+
+
+_STDLIB_STREAMS: dict = {}  # the last tokenizer's (train, held-out) streams: tokenizing them takes seconds
+
+
+def _stdlib_streams(tokenizer) -> tuple:
+    """The stdlib source's training and held-out token streams (read-only), tokenised once per process for a
+    named tokenizer (the offline BPE, a checkpoint's or a GGUF file's: the same name gives the same tokens)."""
+    from radial_jax.data.stdlib import stdlib_split
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    key = (name, int(tokenizer.vocab_size), D.STDLIB_HELD_OUT)
+    if name and key in _STDLIB_STREAMS:
+        return _STDLIB_STREAMS[key]
+    streams = tuple(tokenize(docs, tokenizer) for docs in stdlib_split())
+    for stream in streams:
+        stream.setflags(write=False)
+    if name:
+        _STDLIB_STREAMS.clear()
+        _STDLIB_STREAMS[key] = streams
+    return streams
 
 
 def model_text_data(source: Union[str, np.ndarray], model, eval_fraction: float = D.EVAL_FRACTION) -> TextData:
