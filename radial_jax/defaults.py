@@ -19,8 +19,8 @@ MIN_POSITIONS = 256  # max_position_embeddings of a trained teacher: at least th
 
 # -- data --------------------------------------------------------------------------------------------
 # the standard library's documentation and sources (4.5M training tokens with the offline BPE), held out by
-# document; "embedded" (Python's topic help, 116k training tokens) is overfitted within a few epochs, where a
-# deeper teacher does worse than a shallower one (a 4-layer 134 against a 2-layer 124 held-out perplexity)
+# document; "embedded" (Python's topic help, 116k training tokens) is repeated for epochs by the pipeline's
+# teacher, and a deeper model overfits it sooner
 DATA = "stdlib"
 EVAL_FRACTION = 0.1  # held-out share of the token stream
 STDLIB_HELD_OUT = 0.05  # held-out share of the "stdlib" source's documents (split by document name)
