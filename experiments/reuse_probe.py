@@ -43,6 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of the final comparison")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--adapt-steps", type=int, default=0,
+                   help="also give both winners LoRA adapters trained this many steps against the frozen model "
+                        "(one adapter per visit: a repeated layer's second visit gets its own); 0: untrained only")
+    p.add_argument("--adapt-batch", type=int, default=2)
+    p.add_argument("--adapt-lr", type=float, default=5e-4)
+    p.add_argument("--adapt-rank", type=int, default=8)
+    p.add_argument("--target-windows", type=int, default=64, help="training windows of the cached teacher targets")
     p.add_argument("--results", default=None, help="write the README figures to this JSON")
     args = p.parse_args(argv)
     args.drops = sorted({int(k) for k in args.drops.split(",")})
@@ -94,25 +101,66 @@ def main(argv=None) -> int:
         return np.asarray(res["nll"]), np.asarray(res["scored"])
 
     full = held_out(list(range(L)))
+    adapted = adapted_scorer(model, data, args, out) if args.adapt_steps > 0 else None
     rows = []
     for k in args.drops:
         v = L - k
         arms = {"no repeat (greedy)": greedy[v], "one repeat": repeat[v], "ShortGPT drop": shortgpt[v]}
         scores = {name: held_out(route) for name, route in arms.items()}
+        if adapted is not None:  # the same adapters, targets and steps for both winners
+            scores.update({f"{name}, adapted": adapted(arms[name]) for name in ("no repeat (greedy)", "one repeat")})
         rows.append({"visits": v, "routes": arms,
                      "perplexity": {n: perplexity(s[0].sum(), s[1].sum()) for n, s in scores.items()},
                      "vs_full": {n: paired_bootstrap(full, s, reps=args.bootstrap) for n, s in scores.items()},
                      "repeat_vs_no_repeat": paired_bootstrap(scores["no repeat (greedy)"], scores["one repeat"],
                                                              reps=args.bootstrap)})
-        r = rows[-1]["repeat_vs_no_repeat"]
-        print(f"{v} of {L} visits: one repeat {repeat[v]} / no repeat {greedy[v]}: perplexity {r['ratio']:.3f} "
-              f"[{r['low']:.3f}, {r['high']:.3f}]")
+        if adapted is not None:
+            rows[-1]["adapted_repeat_vs_no_repeat"] = paired_bootstrap(
+                scores["no repeat (greedy), adapted"], scores["one repeat, adapted"], reps=args.bootstrap)
+        for key in ("repeat_vs_no_repeat", "adapted_repeat_vs_no_repeat"):
+            if key in rows[-1]:
+                r = rows[-1][key]
+                print(f"{v} of {L} visits, {key}: one repeat {repeat[v]} / no repeat {greedy[v]}: perplexity "
+                      f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]")
     summary = {"model": model.name, "layers": L, "full_perplexity": perplexity(full[0].sum(), full[1].sum()),
                "block_influence": influence.tolist(), "greedy_routes": {str(v): r for v, r in greedy.items()},
                "rows": rows}
     if args.results:
         write_figures(summary, args)
     return 0
+
+
+def adapted_scorer(model, data, args, out: Path):
+    """``route -> (nll[n], scored[n])`` on the held-out windows of the route given LoRA adapters trained against
+    the frozen model's cached targets (``training.adapt``; resumable in ``out/adapt_<route>_run``)."""
+    from radial_jax.profiling.layer_drop import route_layers
+    from radial_jax.training.adapt import AdaptConfig, adapt
+    from radial_jax.training.lora import LoraConfig
+    from radial_jax.training.loop import TrainConfig
+    from radial_jax.training.optim import OptimConfig
+    from radial_jax.training.paired import window_nll
+    from radial_jax.training.targets import TeacherTargets, compute_targets
+    path = out / "targets.npz"
+    if not path.exists():
+        windows = data.windows(args.window, args.target_windows, split="train")[0]
+        compute_targets(model, windows, batch_size=args.batch_size).save(path)
+    targets = TeacherTargets.load(path)
+    held = data.windows(args.window, args.eval_windows)[0]
+    cfg = AdaptConfig(lora=LoraConfig(rank=args.adapt_rank), router_weight=0.0, compute_weight=0.0)
+    train = TrainConfig(steps=args.adapt_steps, batch_size=args.adapt_batch, seq_len=args.window,
+                        optim=OptimConfig(learning_rate=args.adapt_lr, warmup_steps=min(10, args.adapt_steps)),
+                        checkpoint_every=max(1, args.adapt_steps // 4), eval_batches=0, log_every=5)
+
+    def score(route):
+        name = "-".join(map(str, route))
+
+        def compute():
+            student, _, _ = adapt(route_layers(model, route), targets, cfg, train, run_dir=out / f"adapt_{name}_run")
+            nll, scored = window_nll(student, held, args.batch_size, progress=True)
+            return {"nll": nll.tolist(), "scored": scored.tolist()}
+        res = stage(out, f"held_adapted_{name}", compute)
+        return np.asarray(res["nll"]), np.asarray(res["scored"])
+    return score
 
 
 def write_figures(summary, args) -> None:
@@ -130,6 +178,14 @@ def write_figures(summary, args) -> None:
                  f"{ppl['one repeat']:.1f} via {row['routes']['one repeat']}, no repeat "
                  f"{ppl['no repeat (greedy)']:.1f}, ShortGPT drop {ppl['ShortGPT drop']:.1f}, full model "
                  f"{summary['full_perplexity']:.1f}"))
+        if "adapted_repeat_vs_no_repeat" in row:
+            r = row["adapted_repeat_vs_no_repeat"]
+            figs.append(figure(
+                f"reuse_probe_{v}_adapted", f"{short}, {v} of {L} layer visits, each route given LoRA adapters "
+                f"({args.adapt_steps} steps, one adapter per visit): with one repeated layer / without", r["ratio"],
+                unit="×", target="< 1 (a repeat pays)", met=r["high"] < 1,
+                note=f"paired bootstrap 95 % [{r['low']:.3f}, {r['high']:.3f}]; perplexity: repeat "
+                     f"{ppl['one repeat, adapted']:.1f}, no repeat {ppl['no repeat (greedy), adapted']:.1f}"))
     settings = {k: v for k, v in vars(args).items() if k != "results"}
     write_result(args.results, "reuse_probe", settings, figs, summary)
 

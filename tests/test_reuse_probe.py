@@ -32,10 +32,11 @@ def test_reuse_probe_picks_the_best_repeat_and_greedy_routes_and_a_rerun_reuses_
     save_model(model, tmp_path / "model")
     argv = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "runs"), "--drops", "1,2", "--window", "16",
             "--calibration-windows", "2", "--eval-windows", "6", "--batch-size", "2", "--bootstrap", "200",
-            "--results", str(tmp_path / "r.json")]
+            "--adapt-steps", "2", "--target-windows", "4", "--results", str(tmp_path / "r.json")]
     assert reuse_probe.main(argv) == 0
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert [f["key"] for f in doc["figures"]] == ["reuse_probe_3", "reuse_probe_2"]
+    assert [f["key"] for f in doc["figures"]] == ["reuse_probe_3", "reuse_probe_3_adapted", "reuse_probe_2",
+                                                  "reuse_probe_2_adapted"]
     greedy = {int(v): r for v, r in doc["details"]["greedy_routes"].items()}
     assert sorted(greedy) == [1, 2, 3, 4] and all(len(r) == v for v, r in greedy.items())
     for v in (1, 2, 3):  # each greedy route is the previous one less one layer
@@ -50,8 +51,12 @@ def test_reuse_probe_picks_the_best_repeat_and_greedy_routes_and_a_rerun_reuses_
         scores = [_plain_nll(route_layers(model, c), calib) for c in candidates]
         assert _plain_nll(route_layers(model, route), calib) <= min(scores) + 1e-3 * abs(min(scores))
         assert row["routes"]["no repeat (greedy)"] == greedy[v]
-        r = row["repeat_vs_no_repeat"]
-        assert r["low"] <= r["ratio"] <= r["high"]
+        for key in ("repeat_vs_no_repeat", "adapted_repeat_vs_no_repeat"):
+            r = row[key]
+            assert r["low"] <= r["ratio"] <= r["high"]
+        # adapters trained for both winners, one per visit: the repeated layer's two visits got their own
+        assert (tmp_path / "runs" / ("adapt_" + "-".join(map(str, route)) + "_run")).is_dir()
+        assert row["perplexity"]["one repeat, adapted"] != row["perplexity"]["one repeat"]
     capsys.readouterr()
     jax.clear_caches()
     assert reuse_probe.main(argv) == 0
