@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return np.asarray(res["nll"]), np.asarray(res["scored"])
 
     full = held_out(list(range(L)))
-    adapted = adapted_scorer(model, data, args, out) if args.adapt_steps > 0 else None
+    adapted = adapted_scorer(model, data, held, args, out) if args.adapt_steps > 0 else None
     rows = []
     for k in args.drops:
         v = L - k
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def adapted_scorer(model, data, args, out: Path):
+def adapted_scorer(model, data, held, args, out: Path):
     """``route -> (nll[n], scored[n])`` on the held-out windows of the route given LoRA adapters trained against
     the frozen model's cached targets (``training.adapt``; resumable in ``out/adapt_<route>_run``)."""
     from radial_jax.profiling.layer_drop import route_layers
@@ -145,7 +145,6 @@ def adapted_scorer(model, data, args, out: Path):
         windows = data.windows(args.window, args.target_windows, split="train")[0]
         compute_targets(model, windows, batch_size=args.batch_size).save(path)
     targets = TeacherTargets.load(path)
-    held = data.windows(args.window, args.eval_windows)[0]
     cfg = AdaptConfig(lora=LoraConfig(rank=args.adapt_rank), router_weight=0.0, compute_weight=0.0)
     train = TrainConfig(steps=args.adapt_steps, batch_size=args.adapt_batch, seq_len=args.window,
                         optim=OptimConfig(learning_rate=args.adapt_lr, warmup_steps=min(10, args.adapt_steps)),

@@ -581,15 +581,17 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
         raise ValueError(f"mesh must be a jax.sharding.Mesh (radial_jax.sharding.make_mesh((data, fsdp, tensor))), "
                          f"got {mesh!r}; the CLI's --mesh takes the 'data,fsdp,tensor' text")
     if (Path(os.fspath(name_or_path)) / "params.msgpack").is_file():  # `radial-jax train`'s or the pipeline's
-        return _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh)
-    reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
-    if mesh is not None:
-        from radial_jax.sharded import ShardedModel
-        return ShardedModel(reader.config, reader.sharded_params(mesh, dtype, rules), mesh=mesh, dtype=dtype,
-                            name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
-    params = reader.params(dtype)
-    warn_non_finite(params, str(name_or_path))
-    return Model(reader.config, params, dtype=dtype, name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
+        model = _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh)
+    else:
+        reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
+        if mesh is not None:
+            from radial_jax.sharded import ShardedModel
+            return ShardedModel(reader.config, reader.sharded_params(mesh, dtype, rules), mesh=mesh, dtype=dtype,
+                                name=str(name_or_path), tokenizer_path=reader.tokenizer_path)
+        model = Model(reader.config, reader.params(dtype), dtype=dtype, name=str(name_or_path),
+                      tokenizer_path=reader.tokenizer_path)
+    warn_non_finite(model.params, str(name_or_path))  # checkpoints of both kinds
+    return model
 
 
 def warn_non_finite(params, source: str) -> None:

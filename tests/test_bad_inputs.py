@@ -522,6 +522,15 @@ def test_weights_holding_nan_load_with_a_warning_naming_the_tensor(tmp_path, goo
     ref.save_pretrained(tmp_path / "nan")
     with pytest.warns(UserWarning, match=r"1 tensors hold NaN or inf \(.*'layers'.*fc1.*\)"):
         rj.load(str(tmp_path / "nan"))
+    import jax
+    from radial_jax.api import Model
+    from radial_jax.training.artifacts import save_model
+    good = rj.load(str(good_ckpt))
+    params = jax.tree_util.tree_map(np.array, good.params)
+    params["final_norm"]["scale"][0] = np.inf  # a model trained here and saved after a divergence: the same warning
+    save_model(Model(good.config, params, name="diverged"), tmp_path / "trained")
+    with pytest.warns(UserWarning, match=r"1 tensors hold NaN or inf \(\['final_norm'\]\['scale'\]\)"):
+        rj.load(str(tmp_path / "trained"))
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a finite checkpoint loads without it
