@@ -32,7 +32,7 @@ from radial_jax.models.layer import RATIO_KINDS
 
 MODES = ("ordered", "radial")
 CACHE_POLICIES = ("mask", "propagate")
-ROUTINGS = ("learned", "identity", "oracle")
+ROUTINGS = ("learned", "identity", "oracle", "mixture")
 DISPATCHES = ("token", "expert")
 GATES = ("straight_through", "prob")
 
@@ -54,12 +54,16 @@ class RadialConfig:
     routing: ``"learned"`` (the router), ``"identity"`` (every token to layer ``s mod L`` at
       step ``s``: the sequential model when ``S = L``, its pool looped ``S / L`` times
       otherwise), ``"oracle"`` (ordered only: the layer-level threshold rule of §3, needs
-      ``threshold``).
+      ``threshold``), ``"mixture"`` (radial, training: every token through every layer of a step,
+      each update times the router's probability of that layer and the token's survival, the
+      product of ``1 - p_exit`` over earlier steps; needs ``capacity_factor >= S``, nothing dropped).
     dispatch: ``"token"`` (token choice, causal: the only one decoding serves) /
       ``"expert"`` (each layer takes its top-``C_max`` tokens: sees future tokens,
       a training-only option).
     gate: ``"straight_through"`` (update times ``1 + p - stop_grad(p)``: value 1, gradient
       of the router probability ``p``) / ``"prob"`` (times ``p``, MoE style).
+    min_exit_step: radial mode: no token exits before this step (the exit column is masked at
+      steps ``s < min_exit_step``; 1: the head never reads a raw embedding). 0: exits anywhere.
     """
 
     mode: str = "ordered"
@@ -74,6 +78,7 @@ class RadialConfig:
     router_hidden: int = ROUTER_HIDDEN
     router_last_layer: bool = False
     router_init_scale: float = 0.02
+    min_exit_step: int = 0
     ratio_kind: str = RATIO
     scan_unroll: bool = False  # unroll the step loop (XLA's cost analysis counts a rolled loop body once)
 
@@ -87,13 +92,18 @@ class RadialConfig:
         if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \
                 or not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be a number > 0, got {self.capacity_factor!r}")
-        for name in ("capacity_slack", "prefill_buckets", "router_hidden"):
+        for name in ("capacity_slack", "prefill_buckets", "router_hidden", "min_exit_step"):
             value = getattr(self, name)
-            low = 0 if name == "capacity_slack" else 1
+            low = 0 if name in ("capacity_slack", "min_exit_step") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"max_steps must be an integer >= 1 (or None for the pool size), got {self.max_steps!r}")
+        if self.min_exit_step and self.ordered:
+            raise ValueError(f"min_exit_step={self.min_exit_step} limits exits, which only radial mode has; "
+                             "leave it 0 in ordered mode")
+        if self.routing == "mixture" and self.mode != "radial":
+            raise ValueError("routing='mixture' mixes the layers of a step: it needs mode='radial'")
         if self.routing == "oracle" and self.mode != "ordered":
             raise ValueError("routing='oracle' imitates the sequential threshold rule: it needs mode='ordered'")
 

@@ -105,14 +105,16 @@ class RadialNetwork(nn.Module):
 
     # -- the parallel forward -----------------------------------------------------------------------
     def __call__(self, inputs, attention_mask_bt=None, *, positions_bt=None, cache: Optional[RadialCache] = None,
-                 max_len: Optional[int] = None, threshold=None, compute_logits: bool = True) -> RadialOutput:
+                 max_len: Optional[int] = None, threshold=None, compute_logits: bool = True,
+                 explore=None) -> RadialOutput:
         """Whole sequences: token ids ``[b, t]`` (language models) or pixels ``[b, c, h, w]`` (ViT).
 
         Without ``positions_bt`` positions count the real tokens (left padding allowed)
         and slots are the indices; with it (right padding, a prefill for decoding) slots
         = positions. A fresh cache of ``max_len`` (default ``t``) slots is made when
         ``cache`` is None. ``threshold``: for oracle routing. ``compute_logits=False``
-        skips the head's logits.
+        skips the head's logits. ``explore``: a ``routing.Explore`` (training): learned routes are
+        chosen on noisy logits.
         """
         rc, L = self.radial, self.base_config.num_layers
         if self.family.is_decoder:
@@ -143,7 +145,7 @@ class RadialNetwork(nn.Module):
         rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
         tok = self._tokens(plan, rows, slots, positions, valid)
         x, cache, records = run_steps(plan, self.base.layers, self.base_config.layer_meta(), self.router, x, tok,
-                                      cache, threshold)
+                                      cache, threshold, explore)
         head: HeadOutput = self.base.head(x, compute_logits)
         metrics = compute_metrics(plan, records, valid, b, t, cache.max_len, c_max)
         return RadialOutput(logits=head.logits, hidden=head.hidden, pooled=head.pooled, cache=cache,

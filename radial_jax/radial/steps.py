@@ -46,7 +46,7 @@ from radial_jax.models.remat import remat_layer, shard_batch
 from radial_jax.models.stack import is_per_layer, layer_forward, meta_at, pool_layer, stack_pool
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
-from radial_jax.radial.router import Router
+from radial_jax.radial.router import Router, exit_index
 from radial_jax.radial.routing import decide, gate
 
 
@@ -110,11 +110,17 @@ def _layer(plan: Plan) -> TransformerLayer:
 
 # --------------------------------------------------------------------------- 1. route
 
-def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s, threshold):
-    """Router logits ``[G, N, L+2]``, the decision, and the oracle probe's ratios (or None)."""
+def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s, threshold, explore=None):
+    """Router logits ``[G, N, L+2]``, the decision, and the oracle probe's ratios (or None).
+
+    Before ``rc.min_exit_step`` the exit logit is -1e9 (finite: softmax and z-loss stay finite),
+    so the records, the probabilities and the choice agree that no token may exit there."""
     rc, L = plan.rc, plan.num_layers
     router = Router(L, plan.steps, rc.router_hidden, rc.router_last_layer, rc.router_init_scale, parent=None)
     logits = router.apply({"params": router_params}, x, jnp.asarray(s, jnp.int32), last).astype(jnp.float32)
+    if not rc.ordered and rc.min_exit_step:
+        no_exit = jnp.asarray(s) < rc.min_exit_step
+        logits = logits.at[..., exit_index(L)].set(jnp.where(no_exit, -1e9, logits[..., exit_index(L)]))
     eligible = active & tok.valid
     probe = None
     if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
@@ -122,7 +128,7 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
         _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
                                  tok.valid, causal=plan.causal)
         probe = stats.layer.ratio(rc.ratio_kind)
-    return logits, decide(rc, logits, s, L, eligible, probe, threshold), probe
+    return logits, decide(rc, logits, s, L, eligible, probe, threshold, explore), probe
 
 
 # --------------------------------------------------------------------------- 2. admit
@@ -486,17 +492,23 @@ class Carry:
     last: jax.Array  # [G, N] last layer visited (L: none)
     kv: KVCache
     admitted: jax.Array  # [B, S, L] the budget's counters
+    alive: jax.Array  # [G, N] float32: mixture routing's survival, prod(1 - p_exit) of earlier steps (else 1)
 
 
-def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s, threshold):
+def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s, threshold, explore=None):
     """One step ``s``: returns the new carry and the step's record (router fields and what ran)."""
     rc, L = plan.rc, plan.num_layers
     x = carry.x
-    logits, decision, probe = route(plan, router_params, pool, meta, x, carry.active, carry.last, tok, s, threshold)
+    logits, decision, probe = route(plan, router_params, pool, meta, x, carry.active, carry.last, tok, s, threshold,
+                                    explore)
     eligible = carry.active & tok.valid
     layer_ids = jnp.reshape(s, (1,)).astype(jnp.int32) if rc.ordered else jnp.arange(L, dtype=jnp.int32)
     admitted_kgn, counters = admit(plan, decision, carry.admitted, tok, s, layer_ids)
     gate_kgn = gate(rc, decision.prob_kgn)
+    alive = carry.alive
+    if rc.routing == "mixture":
+        gate_kgn = gate_kgn * alive[None]
+        alive = alive * (1.0 - jax.nn.softmax(logits, axis=-1)[..., exit_index(L)])
     kv = carry.kv
     ratio_gn = jnp.zeros(eligible.shape, jnp.float32)
     state = (x, kv, ratio_gn)
@@ -563,14 +575,14 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         layer_sizes=sizes_l[:, 0], attn_queries=sizes_l[:, 1], exit_size=exit_size, ran=jnp.bool_(True),
         aligned_kv=jnp.bool_(rc.cache_policy == "propagate") & (s < L))
     new = Carry(x=x_new, active=carry.active & ~decision.exiting_gn,
-                last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters)
+                last=jnp.where(processed, visited, carry.last), kv=kv, admitted=counters, alive=alive)
     return new, record
 
 
 # --------------------------------------------------------------------------- the loops
 
 def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: RadialCache,
-              threshold=None) -> tuple:
+              threshold=None, explore=None) -> tuple:
     """All ``S`` steps: ``(x, cache, records)`` with records stacked ``[S, ...]``.
 
     Stacked pool (training): the parallel forward scans every step (differentiable);
@@ -578,12 +590,16 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
     (every row exited) or ``S`` steps ran, and fills the records of the steps that did
     not run with ``choice = -1`` and zeros. A per-layer pool (the inference layout,
     ``stack.unstack_pool``) runs ``_run_steps_per_layer``: each layer reads its own
-    weights and cache in place. Both give the same values.
+    weights and cache in place. Both give the same values. ``explore`` (``routing.Explore``, training):
+    whole sequences on a stacked pool and cache only.
     """
     S, L = plan.steps, plan.num_layers
+    if explore is not None and (plan.decoding or is_per_layer(pool) or is_split(cache.kv)):
+        raise ValueError("exploration is a training option: the parallel forward of whole sequences on a stacked "
+                         "pool and cache; decoding and the inference layout choose by the clean logits")
     G, N = tok.valid.shape
     carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
-                  admitted=cache.admitted)
+                  admitted=cache.admitted, alive=jnp.ones((G, N), jnp.float32))
     if is_per_layer(pool) and plan.rc.routing != "oracle":  # the oracle's probe picks layers by a traced step
         return _run_steps_per_layer(plan, pool, meta, router_params, carry, tok, threshold)
     if is_split(cache.kv):
@@ -595,7 +611,7 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
     if not plan.decoding:
         def body(carry, s):
             carry = carry.replace(x=shard_batch(carry.x), kv=shard_batch(carry.kv, axis=1))  # see models.remat
-            return run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
+            return run_step(plan, pool, meta, router_params, carry, tok, s, threshold, explore)
         carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(S, dtype=jnp.int32),  # remat: models.remat
                                       unroll=bool(plan.rc.scan_unroll))
         return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records

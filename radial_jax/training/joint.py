@@ -23,6 +23,30 @@ step per stage, chosen on the host by the update count):
   bias the router can undo), the capacity factor falling from ``capacity_start`` to
   ``capacity_end`` in ``capacity_stages`` equal steps over ``capacity_steps``
   updates, and staying there.
+
+Options for routes that can reuse and exit (docs/design.md §5, *joint training*):
+
+* ``visit_target``: the compute is a constraint, not a price: the weight of the soft
+  depth term is a Lagrange multiplier, raised while the *hard* mean layer visits per
+  token (what the routes execute) are above the target and lowered (not below 0)
+  while they are under it, ``dual_lr`` per update per pool-size of excess. Fixed
+  penalty weights can be met by the soft probabilities while the decisions stay
+  put. The multiplier lives on the host: a resumed run restarts it at
+  ``compute_weight``;
+* ``explore_start`` -> ``explore_end``: the learned routes are chosen on noisy
+  logits (``routing.Explore``), the noise scale annealed linearly over the learned
+  updates, so that a straight-through gate sees the alternatives and not only the
+  argmax (1: a sample of the router's softmax; 0: its argmax).
+
+* ``mixture_steps``: after the warm-up, this many updates of mixture routing
+  (``routing="mixture"``: every token through every layer of a step, updates
+  weighted by the router's probabilities and survival; needs a capacity factor
+  ``S``), so that the gradient compares layers, skipping and exiting, before the
+  hard routes take over; the multiplier then follows the expected visits.
+
+With ``gate="straight_through"`` a visit's value is 1 before and after routing
+starts (``"prob"`` scales every update by ``p`` and the network jumps when learned
+routing begins); with a capacity factor ``S`` nothing is dropped while training.
 """
 from __future__ import annotations
 
@@ -31,11 +55,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from radial_jax.api import init_params
 from radial_jax.radial import RadialModel, RadialConfig
 from radial_jax.radial.router import aligned_step_bias, with_keep_offset
+from radial_jax.radial.routing import Explore
 from radial_jax.radial.stats import route_rates
 from radial_jax.defaults import ROUTER_HIDDEN
 from radial_jax.training import losses
@@ -64,6 +91,11 @@ class JointConfig:
     router_hidden: int = ROUTER_HIDDEN
     router_bias_init: float = 2.0
     router_align: float = 4.0
+    visit_target: Optional[float] = None  # mean layer visits per token (None: fixed compute_weight)
+    dual_lr: float = 0.05
+    explore_start: float = 0.0
+    explore_end: float = 0.0
+    mixture_steps: int = 0
 
     def __post_init__(self):
         if not (self.capacity_end > 0 and self.capacity_start > 0):
@@ -71,17 +103,41 @@ class JointConfig:
         for name in ("capacity_steps", "capacity_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.route_start < 0:
-            raise ValueError(f"route_start must be >= 0, got {self.route_start}")
-        for name in ("compute_weight", "balance_weight", "z_weight"):
+        for name in ("route_start", "mixture_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("compute_weight", "balance_weight", "z_weight", "dual_lr", "explore_start", "explore_end"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.visit_target is not None and not self.visit_target > 0:
+            raise ValueError(f"visit_target (mean layer visits per token) must be > 0, got {self.visit_target}")
+
+    @property
+    def explores(self) -> bool:
+        return self.explore_start > 0 or self.explore_end > 0
+
+    def explore_scale(self, step: int, steps: int) -> float:
+        """The exploration noise at update ``step`` of ``steps``: 0 during the warm-up and the mixture, then
+        linear from ``explore_start`` to ``explore_end`` over the hard learned updates."""
+        start = self.route_start + self.mixture_steps
+        if step < start:
+            return 0.0
+        frac = (step - start) / max(steps - 1 - start, 1)
+        return float(self.explore_start + (self.explore_end - self.explore_start) * min(frac, 1.0))
+
+    def dual_update(self, weight: float, visits: float, num_layers: int) -> float:
+        """The compute multiplier after an update whose routes executed ``visits`` mean layer visits."""
+        if self.visit_target is None:
+            return weight
+        return max(0.0, weight + self.dual_lr * (visits - self.visit_target) / num_layers)
 
     def stage(self, step: int, full_capacity: float = 1.0) -> tuple:
         """``(routing, capacity_factor)`` at update ``step``; ``full_capacity``: the capacity factor at
         which the warm-up's identity routes drop nothing (``S * K / L``)."""
         if step < self.route_start:
             return "identity", float(full_capacity)
+        if step < self.route_start + self.mixture_steps:
+            return "mixture", float(full_capacity)
         k = min(self.capacity_stages - 1, (step - self.route_start) * self.capacity_stages // self.capacity_steps)
         if self.capacity_stages == 1:
             return "learned", float(self.capacity_end)
@@ -90,22 +146,26 @@ class JointConfig:
 
 
 def joint_loss_fn(network: RadialModel, cfg: JointConfig):
-    """``loss(params, ids_bt, key) -> (loss, metrics)`` for one stage's network."""
+    """``loss(params, ids_bt, key, frozen) -> (loss, metrics)`` for one stage's network; ``frozen`` holds
+    this update's controls: ``compute_weight`` (the multiplier) and ``explore`` (the noise scale)."""
     module, ordered = network.replace(prefill_buckets=1).module, network.radial.mode == "ordered"  # see distill
     L = network.config.num_layers
 
-    def loss(params, ids_bt, key):
-        del key
-        out = module.apply({"params": params}, ids_bt)
+    def loss(params, ids_bt, key, frozen=None):
+        controls = frozen or {"compute_weight": cfg.compute_weight, "explore": 0.0}
+        explore = Explore(key, jnp.float32(controls["explore"])) if cfg.explores else None
+        out = module.apply({"params": params}, ids_bt, explore=explore)
         lm, _ = losses.lm_cross_entropy(out.logits, ids_bt)
         r = out.router
         depth = losses.compute_penalty(expected_layer_visits(r, ordered, L, step_cost(network, ids_bt.shape[1])), L)
         z = losses.router_z_loss(r.logits)
         total = lm + cfg.z_weight * z
+        # the visits the routes make: the executed ones, or (mixture: every layer runs) the expected ones
+        visits = depth * L if network.radial.routing == "mixture" else out.metrics.mean_depth
         metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.depth_fraction,
-                   "compute": out.metrics.compute_fraction, **route_rates(r, L)}
-        if network.radial.routing == "learned":
-            total += cfg.compute_weight * depth
+                   "visits": visits, "compute": out.metrics.compute_fraction, **route_rates(r, L)}
+        if network.radial.routing in ("learned", "mixture"):
+            total += controls["compute_weight"] * depth
             if not ordered:
                 lb = losses.load_balance(r.probs, r.assign)
                 total += cfg.balance_weight * lb
@@ -133,6 +193,10 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     L = config.num_layers
     S = rc.steps(L)
     full_capacity = S * rc.layers_per_step(L) / L  # phi = 1: nothing dropped
+    if cfg.mixture_steps and (rc.ordered or min(cfg.capacity_start, cfg.capacity_end) < full_capacity):
+        raise ValueError(f"mixture_steps={cfg.mixture_steps} runs every layer for every token: it needs mode="
+                         f"'radial' and capacity_start, capacity_end >= {full_capacity:g} (S, nothing dropped); got "
+                         f"mode={rc.mode!r}, {cfg.capacity_start:g}, {cfg.capacity_end:g}")
     base = init_params(config, seed=train.seed)
     network = RadialModel(config, rc, {}).replace(params=base, seed=train.seed)
     router = with_keep_offset(network.params["router"], cfg.router_bias_init)
@@ -144,19 +208,28 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     from radial_jax.training.scale import joint_placement  # mesh / memory: radial_jax.training.scale
     state, step_kwargs = joint_placement(network, state, tx, mesh, memory, rules)
 
+    if mesh is not None:  # the controls are scalars every device reads
+        replicated = NamedSharding(mesh, PartitionSpec())
+        step_kwargs["frozen_shardings"] = {"compute_weight": replicated, "explore": replicated}
     compiled = {}
+    multiplier = [float(cfg.compute_weight)]  # the Lagrange multiplier (fixed without a visit_target)
 
     def stage_network(step):
         routing, capacity = cfg.stage(step, full_capacity)
         return network.replace(routing=routing, capacity_factor=capacity)
 
     def step_fn(state, batch):
-        net = stage_network(int(state.step))
+        step = int(state.step)
+        net = stage_network(step)
         key = (net.radial.routing, net.radial.capacity_factor)
         if key not in compiled:
             compiled[key] = make_train_step(joint_loss_fn(net, cfg), tx, **step_kwargs)
-        new, metrics = compiled[key](state, batch)
-        return new, {**metrics, "capacity": np.float32(net.radial.capacity_factor)}
+        controls = {"compute_weight": np.float32(multiplier[0]),
+                    "explore": np.float32(cfg.explore_scale(step, train.steps))}
+        new, metrics = compiled[key](state, batch, controls)
+        if net.radial.routing in ("learned", "mixture") and bool(metrics["finite"]):
+            multiplier[0] = cfg.dual_update(multiplier[0], float(metrics["visits"]), L)
+        return new, {**metrics, "capacity": np.float32(net.radial.capacity_factor), **controls}
 
     dataset = data.dataset(train.seq_len, train.batch_size, seed=train.seed, process_index=jax.process_index(),
                            process_count=jax.process_count())
