@@ -6,7 +6,12 @@ models of ``L`` and ``L/2`` layers, and scored on the same held-out windows (the
 reused when ``--depth-pays`` holds them). Arms (one config each, ``ARMS``):
 
 * ``looped``: identity routing throughout (layer ``s mod L/2`` at step ``s``): static reuse, every token
-  ``L`` visits: does reusing the pool pay at all against the ``L/2``-layer model?
+  ``L`` visits: does reusing the pool pay at all against the ``L/2``-layer model? Under the global KV
+  cache (docs/design.md §4.1) a second visit to a layer attends to the other tokens' K/V of their first
+  visit (rule 1: first visit writes, a reuse never overwrites);
+* ``looped_fresh_kv``: the same loop as a sequential ``L``-layer model whose layer ``s`` is the pool's
+  layer ``s mod L/2`` (weights tied, trained through the tie): every visit attends to K/V of the same
+  pass. The difference between the two loops is what the cache rule costs reuse;
 * ``joint_default``: ``JointConfig`` as shipped (gate ``prob``, capacity falling to 0.75, a fixed
   compute weight);
 * ``joint_explore``: straight-through gate (no jump when routing starts), capacity ``S`` (nothing
@@ -60,12 +65,15 @@ def arms(visit_target: float, route_start: int, steps: int) -> dict:
     }
 
 
+TIED_LOOP = "looped_fresh_kv"  # not a JointConfig recipe: a sequential model with tied layers
+
+
 def parse_args(argv=None):
     from radial_jax import defaults as D
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/joint_recipes", help="stage files (one per trained model)")
     p.add_argument("--depth-pays", default="runs/depth_pays", help="depth_pays' stage files (the sequential models)")
-    p.add_argument("--arms", default="looped,joint_default,joint_explore,joint_mixture")
+    p.add_argument("--arms", default=f"looped,{TIED_LOOP},joint_default,joint_explore,joint_mixture")
     p.add_argument("--data", default=D.DATA)
     p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES))
     p.add_argument("--steps", type=int, default=2000, help="training updates (depth_pays: 4 / 2 layers 0.976 here)")
@@ -81,7 +89,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.arms = args.arms.split(",")
-    known = arms(args.visit_target, args.route_start, args.steps)
+    known = {**arms(args.visit_target, args.route_start, args.steps), TIED_LOOP: None}
     if unknown := [a for a in args.arms if a not in known]:
         p.error(f"unknown arms {unknown}; allowed: {sorted(known)}")
     if not 0 <= args.route_start <= args.steps or args.steps < 1 or not args.seeds:
@@ -125,6 +133,56 @@ def train_radial(args, data, arm: str, seed: int, held) -> dict:
             "routes": routes.summary(), "history_tail": [{k: float(v) for k, v in h.items()} for h in history[-5:]]}
 
 
+def train_tied_loop(args, data, seed: int, held) -> dict:
+    """The static loop with fresh K/V: an ``L``-layer sequential model whose layer ``s`` is layer ``s mod L/2``
+    of a pool (the gradient of every use reaches the one tied copy), trained on the same tokens."""
+    import jax
+    import jax.numpy as jnp
+    import radial_jax as rj
+    from radial_jax import defaults as D
+    from radial_jax.api import Model
+    from radial_jax.training.losses import lm_cross_entropy
+    from radial_jax.training.loop import TrainConfig, fit
+    from radial_jax.training.optim import OptimConfig, make_optimizer
+    from radial_jax.training.paired import window_nll
+    from radial_jax.training.state import TrainState
+    from radial_jax.training.steps import make_train_step, to_host
+    L = D.SIZES[args.size]["num_hidden_layers"]
+    shape = dict(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window))
+    pool = rj.build(rj.OPTConfig(**shape, **{**D.SIZES[args.size], "num_hidden_layers": L // 2}), seed=seed)
+    full = rj.OPTConfig(**shape, **D.SIZES[args.size])
+    module, order = rj.build(full, seed=seed).module, jnp.arange(L) % (L // 2)
+
+    def looped(params):  # the pool's stacked layers, in loop order
+        return {**params, "layers": jax.tree_util.tree_map(lambda a: a[order], params["layers"])}
+
+    def loss(params, ids_bt, key):
+        del key
+        nll, n = lm_cross_entropy(module.apply({"params": looped(params)}, ids_bt).logits, ids_bt)
+        return nll, {"tokens": n}
+
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.window, seed=seed,
+                        optim=OptimConfig(learning_rate=args.lr), checkpoint_every=args.steps).with_schedule()
+    tx = make_optimizer(train.optim)
+    t0 = time.perf_counter()
+    state, _ = fit(TrainState.create(pool.params, tx, seed=seed), make_train_step(loss, tx),
+                   data.dataset(train.seq_len, train.batch_size, seed=seed), train, desc="tied loop")
+    train_seconds = time.perf_counter() - t0
+    model = Model(full, looped(to_host(state.params)), name="tied-loop")
+    nll, scored = window_nll(model, held, args.batch_size, progress=True, desc=f"score {TIED_LOOP}")
+    tokens = int(len(held) * held.shape[1])
+    return {"arm": TIED_LOOP, "seed": seed, "pool": L // 2, "steps": L, "params": pool.num_params,
+            "train_seconds": train_seconds, "nll": nll.tolist(), "scored": scored.tolist(),
+            "visits": [float(L)] * len(held), "routes": {"tokens": tokens, "reuse_token_share": 1.0,
+                                                         "exit_share": 0.0, "exits_by_step": [0] * L}}
+
+
+def train_arm(args, data, arm: str, seed: int, held) -> dict:
+    if arm == TIED_LOOP:
+        return train_tied_loop(args, data, seed, held)
+    return train_radial(args, data, arm, seed, held)
+
+
 def main(argv=None) -> int:
     from radial_jax import defaults as D
     from radial_jax.data.packed import text_data
@@ -144,7 +202,7 @@ def main(argv=None) -> int:
                                                                                held))
         for arm in args.arms:
             runs[arm, seed] = stage(Path(args.out), f"{arm}_steps{args.steps}_seed{seed}",
-                                    lambda arm=arm, seed=seed: train_radial(args, data, arm, seed, held))
+                                    lambda arm=arm, seed=seed: train_arm(args, data, arm, seed, held))
 
     def nll(name, seeds):
         return tuple(np.mean([np.asarray(runs[name, s][k]) for s in seeds], 0) for k in ("nll", "scored"))

@@ -1,11 +1,13 @@
 """Does the radial graph pay? Ordered vs radial students, the layer oracle, and joint training with reuse.
 
-Offline, on the embedded corpus, minutes on 2 CPU cores (bigger settings by flags):
+Offline, on ``--data`` (the standard library's text by default), minutes on 2 CPU cores (bigger settings
+by flags), with the pipeline's distillation defaults (``radial_jax.defaults``):
 
 A. distillation from one sequential teacher (an OPT-shaped model trained here, or
    ``--teacher-dir``): (a) the teacher, (b) the ordered student (skip only),
    (c) the radial student, warm-started from (b) (``RadialModel.to_radial``: it
-   begins exactly where (b) is) and trained on to use any layer, reuse and exit,
+   begins exactly where (b) is) and trained on to use any layer, reuse and exit
+   (``DistillConfig.radial_phase``, as the pipeline does),
    (d) the layer oracle (§3) with the teacher's layers; every one evaluated on
    held-out windows by perplexity against *executed* FLOPs (what ran), each
    student with its router swept over keep offsets, so "at equal executed FLOPs"
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
+from radial_jax import defaults as D  # noqa: E402
 from radial_jax.io import figure, save_figure  # noqa: E402
 from radial_jax.training.artifacts import load_model, save_model  # noqa: E402
 from radial_jax.training.distill import DistillConfig, distill  # noqa: E402
@@ -49,20 +52,21 @@ from radial_jax.data.packed import text_data  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/radial_vs_ordered")
+    ap.add_argument("--data", default=D.DATA, help="offline text (radial_jax.data.packed.text_data)")
     ap.add_argument("--teacher-dir", default=None, help="a saved teacher (e.g. runs/pipeline/teacher) to reuse")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--distill-steps", type=int, default=300, help="ordered student")
-    ap.add_argument("--radial-steps", type=int, default=300, help="radial student, after the warm start")
+    ap.add_argument("--teacher-steps", type=int, default=D.TEACHER_STEPS)
+    ap.add_argument("--distill-steps", type=int, default=D.DISTILL_STEPS, help="ordered student")
+    ap.add_argument("--radial-steps", type=int, default=D.RADIAL_STEPS, help="radial student, after the warm start")
     ap.add_argument("--joint-steps", type=int, default=600)
     ap.add_argument("--joint-layers", type=int, default=2, help="L: the radial pool and the small sequential model")
     ap.add_argument("--joint-steps-per-token", type=int, default=4, help="S > L: steps of the radial network")
-    ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--window", type=int, default=D.WINDOW)
+    ap.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     ap.add_argument("--eval-windows", type=int, default=256)
-    ap.add_argument("--compute-weight", type=float, default=0.3)
-    ap.add_argument("--cache-policy", choices=("mask", "propagate"), default="propagate",
+    ap.add_argument("--compute-weight", type=float, default=D.COMPUTE_WEIGHT, help="the ordered student's")
+    ap.add_argument("--cache-policy", choices=("mask", "propagate"), default=D.DISTILL_CACHE_POLICY,
                     help="the students' cache policy (this study's; the library's default is defaults.DISTILL_CACHE_POLICY)")
     ap.add_argument("--quick", action="store_true", help="tiny steps everywhere (a smoke run)")
     ap.add_argument("--results", default=str(benchlib.RESULTS / "radial_vs_ordered.json"))
@@ -90,11 +94,11 @@ def part_a(args, data, windows, out):
         teacher, _ = train_lm(config, data, train=train_config(args, args.teacher_steps, 3e-3),
                               run_dir=out / "teacher_run")
         save_model(teacher, out / "teacher", data=data.source)
-    dcfg = DistillConfig(compute_weight=args.compute_weight)  # radial_jax.defaults: train="all", threshold 0.35
+    dcfg = DistillConfig(compute_weight=args.compute_weight)  # the ordered phase; the radial one: radial_phase()
     policy = {"cache_policy": args.cache_policy}
     ordered, _ = distill(teacher, data, cfg=dcfg, train=train_config(args, args.distill_steps, 1e-3),
                          run_dir=out / "ordered_run", radial_kwargs=policy)
-    radial, history = distill(teacher, data, cfg=dcfg, mode="radial", start=ordered,
+    radial, history = distill(teacher, data, cfg=dcfg.radial_phase(), mode="radial", start=ordered,
                               train=train_config(args, args.radial_steps, 1e-3), run_dir=out / "radial_run",
                               radial_kwargs=policy)
     result = evaluate({"ordered": ordered, "radial": radial}, teacher, windows, png=out / "curve.png",
@@ -161,7 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = text_data("embedded")
+    data = text_data(args.data)
     windows = data.dataset(args.window, 1, split="eval").all_windows(args.eval_windows)
     t0 = time.time()
     a, radial_history = part_a(args, data, windows, out)
