@@ -18,7 +18,7 @@ reused when ``--depth-pays`` holds them). Arms (one config each, ``ARMS``):
   dropped while training), the router sees the last layer visited, no exit at step 0, Gumbel
   exploration annealed to the argmax, and the compute as a constraint: a Lagrange multiplier towards
   ``--visit-target`` hard visits per token;
-* ``joint_mixture``: ``joint_explore`` whose first half of the learned updates mixes the layers of
+* ``joint_mixture``: ``joint_explore`` whose first three quarters of the learned updates mix the layers of
   each step (every token through every layer, updates weighted by the router's probabilities and
   survival; twice the layer compute of an update there), so that the gradient compares the layers,
   skipping and exiting before the hard routes take over.
@@ -59,7 +59,7 @@ def arms(visit_target: float, route_start: int, steps: int) -> dict:
                           {"router_last_layer": True, "min_exit_step": 1}),
         "joint_mixture": ({"mode": "radial", "route_start": route_start, "gate": "straight_through",
                            "capacity_start": None, "capacity_end": None, "visit_target": visit_target,
-                           "mixture_steps": learned // 2, "explore_start": 0.5, "explore_end": 0.0,
+                           "mixture_steps": 3 * learned // 4, "explore_start": 0.5, "explore_end": 0.0,
                            "capacity_steps": max(learned, 1)},
                           {"router_last_layer": True, "min_exit_step": 1}),
     }

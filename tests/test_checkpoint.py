@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radial_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
+from radial_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import OptimConfig, make_optimizer
 from radial_jax.training.state import TrainState
@@ -205,4 +205,38 @@ def test_best_by_eval_and_keep_n(tmp_path):
     assert meta["metrics"]["eval_loss"] == 1.0
     with pytest.raises(ValueError, match="needs metric 'eval_loss'"):
         ck.save_best(4, {"w": jnp.zeros(2)}, {"loss": 1.0})
+    ck.close()
+
+
+def _damage(step_dir: Path, how: str) -> list:
+    """Damage a written checkpoint the ways a disk or a careless copy does; returns the files touched."""
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    if how == "truncated_metadata":
+        victims = [p for p in files if p.name == "_METADATA"]
+        for p in victims:
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    else:  # zeroed data: every array data file (OCDBT's d/ folders) overwritten with zeros of the same size
+        victims = [p for p in files if p.parent.name == "d"]
+        for p in victims:
+            p.write_bytes(b"\0" * p.stat().st_size)
+    assert victims, sorted(str(p) for p in files)
+    return victims
+
+
+@pytest.mark.parametrize("damage", ["truncated_metadata", "zeroed_data", "nan_params"])
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning_and_the_previous_step_restored(tmp_path, damage):
+    ck = Checkpointer(tmp_path, every=1, keep=3, config={"a": 1}, async_save=False)
+    template = {"params": {"w": jnp.zeros((64, 32))}}
+    for step in (1, 2):
+        ck.save(step, {"params": {"w": jnp.full((64, 32), np.nan if damage == "nan_params" and step == 2
+                                                else float(step))}})
+    ck.wait()
+    if damage != "nan_params":
+        _damage(tmp_path / "latest" / "2", damage)
+    with pytest.warns(UserWarning, match=r"skipped unreadable checkpoint\(s\): .*latest/2: .*restored step 1"):
+        state, _ = ck.restore(template)
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), 1.0)
+    _damage(tmp_path / "latest" / "1", "truncated_metadata")
+    with pytest.raises(CheckpointUnreadableError, match=r"no checkpoint in .*latest reads back whole \(tried 2\)"):
+        ck.restore(template)
     ck.close()

@@ -1,5 +1,7 @@
 """Recipes for routes that reuse and exit (issue 26): a minimum exit step, Gumbel exploration, mixture
 routing, and joint training with the compute as a constraint."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +136,14 @@ def test_joint_explore_recipe_trains_with_the_multiplier_and_the_mixture_needs_f
     with pytest.raises(ValueError, match="capacity_start, capacity_end >= 4"):
         train_joint(config, corpus, 2, cfg=JointConfig(mode="radial", mixture_steps=1), train=train, progress=False,
                     radial_kwargs={"max_steps": 4})
+
+
+def test_radial_identity_routing_warns_when_its_capacity_drops_most_visits(small):
+    with pytest.warns(UserWarning, match="67% of the visits are dropped; capacity_factor=3"):
+        rm = RadialNetwork.from_sequential(small, mode="radial", routing="identity")
+    out = rm.forward(np.random.default_rng(0).integers(3, 64, (1, 12)))
+    assert int(out.metrics.dropped.sum()) > 12  # what the warning says happens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RadialNetwork.from_sequential(small, mode="radial", routing="identity", capacity_factor=L)
+        RadialNetwork.from_sequential(small, mode="ordered", routing="identity")

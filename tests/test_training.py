@@ -81,8 +81,17 @@ def test_router_losses_match_numpy():
     disp = np.zeros((s, b, t, L))
     for i in range(t):
         disp[:, :, i, i % L] = 1
-    np.testing.assert_allclose(float(losses.load_balance(jnp.asarray(probs), jnp.asarray(disp))), L / (L + 1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(losses.load_balance(jnp.asarray(probs), jnp.asarray(disp))), 1.0, rtol=1e-5)
+    # mass moved from the layers to skip / exit (same proportions among layers) changes nothing
+    moved = probs.copy(); moved[..., :L] *= 0.25; moved[..., L] = 1 - moved[..., :L].sum(-1)
+    np.testing.assert_allclose(float(losses.load_balance(jnp.asarray(moved), jnp.asarray(disp))), 1.0, rtol=1e-5)
+    # random probabilities and dispatch against a loop over decisions
+    pr = RNG.dirichlet(np.ones(L + 2), size=(s, b, t))
+    dr = RNG.integers(0, 2, (s, b, t, L))
+    among = [pr[i][:L] / pr[i][:L].sum() for i in np.ndindex(s, b, t)]
+    f = dr.reshape(-1, L).sum(0) / (s * b * t)
+    np.testing.assert_allclose(float(losses.load_balance(jnp.asarray(pr), jnp.asarray(dr))),
+                               L * np.sum(f / f.sum() * np.mean(among, 0)), rtol=1e-5)
     probs1 = np.zeros((s, b, t, L + 1)); probs1[..., 0] = 1
     disp1 = np.zeros((s, b, t, L)); disp1[..., 0] = 1
     np.testing.assert_allclose(float(losses.load_balance(jnp.asarray(probs1), jnp.asarray(disp1))), L, rtol=1e-5)

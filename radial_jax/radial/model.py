@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import jax
@@ -35,6 +36,20 @@ def _forward(module, params, inputs, attention_mask_bt=None, *, positions_bt=Non
 @functools.partial(jax.jit, static_argnames=("module",))
 def _decode_step(module, params, ids_b, slots_b, cache, live_b):
     return module.apply({"params": params}, ids_b, slots_b, cache, live_b, method="decode_step")
+
+
+def warn_identity_drops(rc: RadialConfig, num_layers: int) -> None:
+    """Warn when radial identity routing is built at a capacity that refuses most of its visits: it sends every
+    token to one layer per step, while each (step, layer) admits ``phi`` of a sequence (the MoE convention)."""
+    if rc.routing != "identity" or rc.ordered:
+        return
+    phi = rc.budget_fraction(num_layers)
+    if phi < 1:
+        full = rc.steps(num_layers)
+        warnings.warn(f"radial identity routing at capacity_factor={rc.capacity_factor:g}: each layer admits "
+                      f"{phi:.0%} of a sequence per step while every token wants one layer per step, so about "
+                      f"{1 - phi:.0%} of the visits are dropped; capacity_factor={full} (S) runs them all (the "
+                      "sequential model when S = L)", stacklevel=3)
 
 
 class RadialModel(Bundle):
@@ -74,6 +89,7 @@ class RadialModel(Bundle):
         if L != config.num_layers:
             raise ValueError(f"the stacked 'layers' hold {L} layers but the config says {config.num_layers}")
         rc = RadialConfig(**radial_kwargs)
+        warn_identity_drops(rc, L)
         router = init_router(L, rc.steps(L), rc, config.hidden_size)(jax.random.key(seed))
         return RadialModel(config, rc, {**params, "router": router}, dtype=model.dtype,
                            name=f"radial-{getattr(model, 'name', config.model_type)}",

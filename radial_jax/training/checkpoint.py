@@ -15,15 +15,20 @@ and never restored: the previous checkpoint is used.
 Restoring checks, before any array is read, that the stored tree has the
 target's structure and shapes (a checkpoint of another model is a clear
 ``CheckpointMismatchError`` naming the leaves), and that the stored run config
-equals the new one (differing fields are named).
+equals the new one (differing fields are named). A checkpoint damaged after it
+was written (truncated metadata, zeroed or missing data files, non-finite
+parameters) is skipped with a warning naming it, and the newest step that reads
+back whole is restored.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -32,6 +37,10 @@ from radial_jax.training.optim import _path_str
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not belong to this model/run (shapes, structure or config differ)."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """Every checkpoint of a run is damaged (unreadable files or non-finite parameters)."""
 
 
 def _flat(tree) -> dict:
@@ -198,15 +207,42 @@ class Checkpointer:
         if manager is None:
             raise ValueError("this Checkpointer keeps no best checkpoints (keep_best=0)")
         manager.reload()
-        if step is None:
-            step = manager.latest_step() if which == "latest" else manager.best_step()
-            if step is None:
-                return state, None
-        elif step not in manager.all_steps():
-            raise ValueError(f"no checkpoint at step {step} in {manager.directory}; have {manager.all_steps()}")
+        if step is not None:
+            if step not in manager.all_steps():
+                raise ValueError(f"no checkpoint at step {step} in {manager.directory}; have {manager.all_steps()}")
+            return self._restore_step(manager, state, step)
+        first = manager.latest_step() if which == "latest" else manager.best_step()
+        if first is None:
+            return state, None
+        # the newest (or best) first, then every older step: a checkpoint damaged after it was written (a
+        # truncated file, zeroed data) is skipped with a warning naming it, and the run resumes from the newest
+        # one that reads back whole; a checkpoint of another run or model is an error, never skipped
+        candidates = [first] + sorted((s for s in manager.all_steps() if s != first), reverse=True)
+        failures = []
+        for step in candidates:
+            try:
+                restored = self._restore_step(manager, state, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- any read error of a damaged checkpoint: try the previous one
+                failures.append(f"{manager.directory}/{step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            if failures:
+                warnings.warn("skipped unreadable checkpoint(s): " + "; ".join(failures)
+                              + f"; restored step {step} instead", stacklevel=2)
+            return restored
+        raise CheckpointUnreadableError(f"no checkpoint in {manager.directory} reads back whole (tried "
+                                        f"{len(candidates)}): " + "; ".join(failures)
+                                        + ". Remove the damaged step folders or start in a new directory.")
+
+    def _restore_step(self, manager, state, step: int):
         tree = state.as_dict() if hasattr(state, "as_dict") else state
         meta = self._check(manager, step, tree)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        bad = [k for k, v in _flat(restored).items()  # jnp: also for arrays sharded over several hosts
+               if jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"non-finite parameters {bad[:4]}{' ...' if len(bad) > 4 else ''}")
         new = state.replace_from_dict(restored) if hasattr(state, "replace_from_dict") else restored
         return new, meta

@@ -107,14 +107,19 @@ def load_balance(router_probs_sbtk, dispatched_sbtl, mask_bt=None):
     """Switch-style load balance over the layers: ``L * sum_l f_l * P_l``.
 
     ``f_l``: fraction of (step, token) decisions dispatched to layer ``l``;
-    ``P_l``: mean router probability of ``l`` (the first ``L`` of the ``k`` choices;
-    the exit choice is not balanced). Equals 1 when uniform.
+    ``P_l``: mean router probability of ``l`` *among the layers* (each token's first
+    ``L`` of the ``k`` choices renormalised to sum to 1). Equals 1 when uniform.
+    The renormalisation keeps it a balance: over the raw probabilities the loss
+    falls by moving mass from every layer to *skip* or *exit*, a compute penalty
+    in disguise (joint training collapsed to zero visits under it alone).
     """
     n_layers = dispatched_sbtl.shape[-1]
     m = _mask(mask_bt, router_probs_sbtk.shape[1:3])[None, :, :, None]
     denom = jnp.maximum(jnp.sum(m) * router_probs_sbtk.shape[0], 1.0)
     f_l = jnp.sum(dispatched_sbtl.astype(jnp.float32) * m, (0, 1, 2)) / denom
-    p_l = jnp.sum(router_probs_sbtk[..., :n_layers].astype(jnp.float32) * m, (0, 1, 2)) / denom
+    layers = router_probs_sbtk[..., :n_layers].astype(jnp.float32)
+    among = layers / jnp.maximum(jnp.sum(layers, -1, keepdims=True), 1e-9)
+    p_l = jnp.sum(among * m, (0, 1, 2)) / denom
     total = jnp.maximum(jnp.sum(f_l), 1e-9)
     return n_layers * jnp.sum((f_l / total) * p_l)
 
