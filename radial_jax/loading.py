@@ -34,7 +34,7 @@ SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.json"]
+HUB_METADATA = ["*.json", "*.txt", "*.model", "merges.txt", "vocab.json"]  # config, tokenizer, shard index
 
 
 class CheckpointError(ValueError):
@@ -213,9 +213,22 @@ def resolve_checkpoint(name_or_path: str) -> Path:
         raise CheckpointError(f"no checkpoint directory at {name_or_path}")
     from huggingface_hub import snapshot_download
     try:
-        local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+        # the metadata first; then only the weights it names: the shards of the index (a repository may also
+        # hold a consolidated copy of the same weights, or other formats' files), else model.safetensors
+        local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_METADATA))
+        index = local / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map' object")
+            weights = sorted(set(weight_map.values()))
+        else:
+            weights = ["model.safetensors"]
+        local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_METADATA + weights))
         if not any(local.glob("*.safetensors")):  # older repos: PyTorch weights only
-            local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin*"]))
+            local = Path(snapshot_download(str(name_or_path), allow_patterns=HUB_METADATA + ["pytorch_model*.bin*"]))
+    except CheckpointError:
+        raise
     except Exception as e:  # network, auth, offline cache miss: say which and how
         raise CheckpointError(
             f"could not get {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "

@@ -175,3 +175,31 @@ def test_hub_id_resolves_from_cache_offline(tiny_opt_dir, tmp_path):
     got = float(out.stdout.split("LOGITS ")[1].split()[0])
     assert got == pytest.approx(direct, rel=1e-6)
     assert "ERROR True" in out.stdout
+
+
+def test_hub_download_fetches_the_shards_the_index_names_and_not_a_consolidated_copy(tmp_path, monkeypatch):
+    """A repository holding both shards and a consolidated ``model.safetensors`` of the same weights: only the
+    metadata and the index's shards are fetched (``snapshot_download`` stands in for the hub, copying the
+    repository's files that match the requested patterns)."""
+    import fnmatch
+    import huggingface_hub
+    repo = tmp_path / "repo"
+    make_opt(tmp_path / "full", seed=3).save_pretrained(repo, max_shard_size="20KB")
+    shutil.copy(tmp_path / "full" / "model.safetensors", repo / "model.safetensors")  # the duplicate
+    (repo / "pytorch_model.bin").write_bytes(b"not wanted")
+    cache, requests = tmp_path / "cache", []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        requests.append(list(allow_patterns))
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                cache.mkdir(exist_ok=True)
+                shutil.copy(f, cache / f.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = rj.load("someone/sharded-opt")
+    shards = sorted(json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == sorted(set(shards))  # no model.safetensors
+    assert not (cache / "pytorch_model.bin").exists() and len(requests) == 2
+    np.testing.assert_allclose(np.asarray(model(IDS)), reference_logits(tmp_path / "full"), atol=1e-4, rtol=0)
