@@ -21,7 +21,11 @@ reused when ``--depth-pays`` holds them). Arms (one config each, ``ARMS``):
 * ``joint_mixture``: ``joint_explore`` whose first three quarters of the learned updates mix the layers of
   each step (every token through every layer, updates weighted by the router's probabilities and
   survival; twice the layer compute of an update there), so that the gradient compares the layers,
-  skipping and exiting before the hard routes take over.
+  skipping and exiting before the hard routes take over;
+* ``joint_grow``: no looped warm-up: the router starts near the sequential ``L/2``-layer model's routes
+  (each layer once, then skip; ``start_routes="once"``, a softer push of 3) and mixes from the first
+  update for three quarters of training, then hard routes with exploration and the visit target: reuse
+  has to earn each visit beyond the ``L/2`` model's.
 
 Per arm and seed: held-out perplexity, executed layer visits per token (their FLOPs, over the
 ``L``-layer model's: the layers have one shape), reuse and early-exit shares. Paired bootstrap
@@ -62,6 +66,12 @@ def arms(visit_target: float, route_start: int, steps: int) -> dict:
                            "mixture_steps": 3 * learned // 4, "explore_start": 0.5, "explore_end": 0.0,
                            "capacity_steps": max(learned, 1)},
                           {"router_last_layer": True, "min_exit_step": 1}),
+        "joint_grow": ({"mode": "radial", "route_start": 0, "start_routes": "once", "router_align": 3.0,
+                        "router_bias_init": 0.0,
+                        "gate": "straight_through", "capacity_start": None, "capacity_end": None,
+                        "visit_target": visit_target, "mixture_steps": 3 * steps // 4, "explore_start": 0.5,
+                        "explore_end": 0.0, "capacity_steps": steps},
+                       {"router_last_layer": True, "min_exit_step": 1}),
     }
 
 
@@ -73,7 +83,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/joint_recipes", help="stage files (one per trained model)")
     p.add_argument("--depth-pays", default="runs/depth_pays", help="depth_pays' stage files (the sequential models)")
-    p.add_argument("--arms", default=f"looped,{TIED_LOOP},joint_default,joint_explore,joint_mixture")
+    p.add_argument("--arms", default=f"looped,{TIED_LOOP},joint_default,joint_explore,joint_mixture,joint_grow")
     p.add_argument("--data", default=D.DATA)
     p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES))
     p.add_argument("--steps", type=int, default=2000, help="training updates (depth_pays: 4 / 2 layers 0.976 here)")

@@ -120,3 +120,15 @@ def aligned_step_bias(num_layers: int, max_steps: int, push: float):
     steps = jnp.arange(max_steps)
     bias = bias.at[steps, steps % num_layers].set(0.0)
     return bias.at[:, skip_index(num_layers)].set(0.0)
+
+
+def once_step_bias(num_layers: int, max_steps: int, push: float):
+    """``[S, L + 2]``: 0 for layer ``s`` at steps ``s < L`` and for skip at steps ``s >= L``, ``-push`` elsewhere.
+
+    The routes it favours visit each layer once, in order, then skip: the sequential model, with
+    ``S - L`` steps to spare that a router can learn to fill (reuse) where a visit pays.
+    """
+    bias = jnp.full((max_steps, num_layers + 2), -push, jnp.float32)
+    first = jnp.arange(min(num_layers, max_steps))
+    bias = bias.at[first, first].set(0.0)
+    return bias.at[num_layers:, skip_index(num_layers)].set(0.0)

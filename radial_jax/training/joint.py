@@ -44,6 +44,12 @@ Options for routes that can reuse and exit (docs/design.md §5, *joint training*
   ``S``), so that the gradient compares layers, skipping and exiting, before the
   hard routes take over; the multiplier then follows the expected visits.
 
+* ``start_routes="once"`` (radial, ``S > L``): learned routing starts near the
+  sequential model's routes (layer ``s`` at step ``s < L``, then skip) rather
+  than near the looped pool's; with ``route_start=0`` there is no looped
+  warm-up at all, and reuse has to earn each extra visit from the model that
+  does not loop.
+
 With ``gate="straight_through"`` a visit's value is 1 before and after routing
 starts (``"prob"`` scales every update by ``p`` and the network jumps when learned
 routing begins); with a capacity factor ``S`` nothing is dropped while training.
@@ -61,7 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from radial_jax.api import init_params
 from radial_jax.radial import RadialModel, RadialConfig
-from radial_jax.radial.router import aligned_step_bias, with_keep_offset
+from radial_jax.radial.router import aligned_step_bias, once_step_bias, with_keep_offset
 from radial_jax.radial.routing import Explore
 from radial_jax.radial.stats import route_rates
 from radial_jax.defaults import ROUTER_HIDDEN
@@ -96,6 +102,7 @@ class JointConfig:
     explore_start: float = 0.0
     explore_end: float = 0.0
     mixture_steps: int = 0
+    start_routes: str = "loop"  # radial: the routes learned routing starts near ("loop" or "once")
 
     def __post_init__(self):
         if not (self.capacity_end > 0 and self.capacity_start > 0):
@@ -109,6 +116,9 @@ class JointConfig:
         for name in ("compute_weight", "balance_weight", "z_weight", "dual_lr", "explore_start", "explore_end"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.start_routes not in ("loop", "once"):
+            raise ValueError(f"start_routes must be 'loop' (the pool in order, S / L times: the warm-up's routes) "
+                             f"or 'once' (each layer once, then skip: the sequential model), got {self.start_routes!r}")
         if self.visit_target is not None and not self.visit_target > 0:
             raise ValueError(f"visit_target (mean layer visits per token) must be > 0, got {self.visit_target}")
 
@@ -201,7 +211,8 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     network = RadialModel(config, rc, {}).replace(params=base, seed=train.seed)
     router = with_keep_offset(network.params["router"], cfg.router_bias_init)
     if not rc.ordered:
-        router = {**router, "step_bias": router["step_bias"] + aligned_step_bias(L, S, cfg.router_align)}
+        start_bias = aligned_step_bias if cfg.start_routes == "loop" else once_step_bias
+        router = {**router, "step_bias": router["step_bias"] + start_bias(L, S, cfg.router_align)}
     params = {**network.params, "router": router}
     tx = make_optimizer(train.optim)
     state = TrainState.create(params, tx, seed=train.seed)
