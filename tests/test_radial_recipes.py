@@ -147,3 +147,24 @@ def test_radial_identity_routing_warns_when_its_capacity_drops_most_visits(small
         warnings.simplefilter("error")
         RadialNetwork.from_sequential(small, mode="radial", routing="identity", capacity_factor=L)
         RadialNetwork.from_sequential(small, mode="ordered", routing="identity")
+
+
+def test_once_routes_are_the_sequential_model_with_steps_to_spare(small):
+    from radial_jax.radial.router import once_step_bias, skip_index
+    S = 2 * L
+    bias = np.asarray(once_step_bias(L, S, 3.0))
+    want = np.full((S, L + 2), -3.0)
+    for s in range(S):
+        want[s, s if s < L else skip_index(L)] = 0.0
+    np.testing.assert_array_equal(bias, want)
+    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=S, capacity_factor=S)
+    router = dict(rm.params["router"])
+    router["step_bias"] = router["step_bias"] + once_step_bias(L, S, 1e4)
+    rm = rm.replace(params={**rm.params, "router": router})
+    ids = np.random.default_rng(4).integers(3, 64, (2, 10))
+    out = rm.forward(ids)
+    assert (np.asarray(out.metrics.depth) == L).all()
+    assert (np.asarray(out.router.choice)[L:] == skip_index(L)).all()
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(small.forward(ids).logits), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="start_routes"):
+        JointConfig(start_routes="twice")
