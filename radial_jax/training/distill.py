@@ -44,6 +44,7 @@ import numpy as np
 from radial_jax import defaults as D
 from radial_jax.api import Model
 from radial_jax.flops import step_cost_in_visits
+from radial_jax.radial.routing import keep_logit
 from radial_jax.radial.stats import route_rates
 from radial_jax.training import losses
 from radial_jax.training.loop import TrainConfig, fit
@@ -103,13 +104,10 @@ def make_student(teacher: Model, cfg: DistillConfig = DistillConfig(), mode: str
 
 
 def keep_logits_ordered(router_logits_sbtk):
-    """Ordered mode: ``logit[s, ..., s] - logit[s, ..., SKIP]`` (use layer s vs skip it), ``[S, b, t]``.
-
-    The router's columns are ``L`` layers, skip (``L``), exit (``L + 1``).
-    """
-    s = router_logits_sbtk.shape[0]
-    idx = jnp.broadcast_to(jnp.arange(s)[:, None, None, None], router_logits_sbtk.shape[:3] + (1,))
-    return jnp.take_along_axis(router_logits_sbtk, idx, -1)[..., 0] - router_logits_sbtk[..., -2]
+    """Ordered mode: ``logit[s, ..., s] - logit[s, ..., SKIP]`` (use layer s vs skip it), ``[S, b, t]``:
+    ``routing.keep_logit`` (the rule the network decides by) at every step."""
+    steps = jnp.arange(router_logits_sbtk.shape[0], dtype=jnp.int32)
+    return jax.vmap(keep_logit)(router_logits_sbtk, steps)
 
 
 def expected_layer_visits(router_out, ordered: bool, num_layers: int, step_cost: float = 0.0):
