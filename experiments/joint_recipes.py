@@ -249,14 +249,17 @@ def main(argv=None) -> int:
 
 def write_figures(rows, depth, args, L: int) -> None:
     half = L // 2
-    figs = [figure("joint_depth_reference", f"{L} / {half} layers perplexity, sequential, same tokens",
+    at = f"{args.steps} updates"
+    figs = [figure(f"joint_depth_reference_{args.steps}",
+                   f"{L} / {half} layers perplexity, sequential, same tokens, {at}",
                    depth["ratio"], target="< 1", met=depth["high"] < 1,
                    note=f"paired 95 % [{depth['low']:.3f}, {depth['high']:.3f}], {len(args.seeds)} seeds pooled: "
                         "the regime where depth pays that the recipes need")]
     for r in rows:
         h, f = r["vs_half"], r["vs_full"]
         figs.append(figure(
-            f"joint_{r['arm']}_vs_half", f"{r['arm']} (pool {half}, {L} steps) / {half}-layer model perplexity",
+            f"joint_{r['arm']}_vs_half_{args.steps}",
+            f"{r['arm']} (pool {half}, {L} steps) / {half}-layer model perplexity, {at}",
             h["ratio"], target="< 1", met=h["high"] < 1,
             note=f"paired 95 % [{h['low']:.3f}, {h['high']:.3f}]; {r['visits']:.2f} layer visits per token "
                  f"({r['visits'] / L:.2f} of the {L}-layer model's); / {L} layers {f['ratio']:.3f} "

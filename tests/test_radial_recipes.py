@@ -127,7 +127,8 @@ def test_joint_explore_recipe_trains_with_the_multiplier_and_the_mixture_needs_f
     net, history = train_joint(config, corpus, 16, cfg=jc, train=train, progress=False,
                                radial_kwargs={"max_steps": 4, "router_last_layer": True, "min_exit_step": 1})
     rows = [h for h in history if "lm" in h]  # after updates 4, 8, 12, 16
-    assert rows[0]["visits"] == 4.0 and rows[0]["compute_weight"] == pytest.approx(jc.compute_weight)  # warm-up: identity
+    # warm-up: identity routes, the multiplier untouched
+    assert rows[0]["visits"] == 4.0 and rows[0]["compute_weight"] == pytest.approx(jc.compute_weight)
     # visits above the target of 0.5 raise the multiplier by (visits - 0.5) / 2 per learned update
     assert rows[1]["compute_weight"] > rows[0]["compute_weight"]
     assert rows[2]["explore"] > rows[3]["explore"] >= 0.0
