@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from benchlib import figure, stage, write_result  # noqa: E402
 
 
-def parse_args(argv=None):
+def add_regime_args(p) -> None:
+    """The flags that define what a stage file holds (data, model shape, training, held-out windows) and the
+    statistics over them: shared with ``joint_recipes.py``, which reuses these stage files and must train and
+    score its own models the same way."""
     from radial_jax import defaults as D
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/depth_pays", help="stage files (one per trained model)")
     p.add_argument("--data", default=D.DATA)
     p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES))
-    p.add_argument("--steps", default="600,2000,6000", help="training lengths (updates), comma-separated")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--window", type=int, default=D.WINDOW)
     p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
@@ -44,6 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=1024, help="held-out windows scored (paired)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--results", default=None, help="write the README figures to this JSON")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/depth_pays", help="stage files (one per trained model)")
+    p.add_argument("--steps", default="600,2000,6000", help="training lengths (updates), comma-separated")
+    add_regime_args(p)
     p.add_argument("--png", default=None, help="plot of the ratio against training tokens")
     args = p.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(",")]

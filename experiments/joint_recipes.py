@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from benchlib import figure, stage, write_result  # noqa: E402
+from depth_pays import add_regime_args, train_and_score  # noqa: E402
 
 
 def arms(visit_target: float, route_start: int, steps: int) -> dict:
@@ -79,23 +80,14 @@ TIED_LOOP = "looped_fresh_kv"  # not a JointConfig recipe: a sequential model wi
 
 
 def parse_args(argv=None):
-    from radial_jax import defaults as D
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/joint_recipes", help="stage files (one per trained model)")
     p.add_argument("--depth-pays", default="runs/depth_pays", help="depth_pays' stage files (the sequential models)")
     p.add_argument("--arms", default=f"looped,{TIED_LOOP},joint_default,joint_explore,joint_mixture,joint_grow")
-    p.add_argument("--data", default=D.DATA)
-    p.add_argument("--size", default=D.SIZE, choices=tuple(D.SIZES))
     p.add_argument("--steps", type=int, default=2000, help="training updates (depth_pays: 4 / 2 layers 0.976 here)")
     p.add_argument("--route-start", type=int, default=1000, help="identity warm-up updates before learned routing")
     p.add_argument("--visit-target", type=float, default=3.0, help="joint_explore: hard layer visits per token")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--window", type=int, default=D.WINDOW)
-    p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=D.LEARNING_RATE)
-    p.add_argument("--eval-windows", type=int, default=1024, help="held-out windows scored (paired)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--results", default=None, help="write the README figures to this JSON")
+    add_regime_args(p)  # depth_pays' own: its stage files are reused
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.arms = args.arms.split(",")
@@ -198,7 +190,6 @@ def main(argv=None) -> int:
     from radial_jax.data.packed import text_data
     from radial_jax.training.losses import perplexity
     from radial_jax.training.paired import paired_bootstrap
-    from depth_pays import train_and_score
     args = parse_args(argv)
     data = text_data(args.data)
     held = data.windows(args.window, args.eval_windows)[0]

@@ -607,12 +607,18 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
     return model
 
 
+def non_finite_leaves(tree) -> list:
+    """The paths (``jax.tree_util.keystr``) of the floating leaves of ``tree`` that hold NaN or inf (jnp: arrays
+    sharded over several hosts too)."""
+    return [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
+
+
 def warn_non_finite(params, source: str) -> None:
     """A warning naming the tensors of ``params`` that hold NaN or inf: such weights load, and every output is
     NaN without a word (a checkpoint saved after a divergence)."""
     import warnings
-    bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-           if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all())]
+    bad = non_finite_leaves(params)
     if bad:
         warnings.warn(f"{source}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:5])}"
                       f"{', ...' if len(bad) > 5 else ''}); the model's outputs will not be finite", stacklevel=3)

@@ -74,18 +74,16 @@ def decide(rc: RadialConfig, logits_gnc, step, num_layers: int, eligible_gn, pro
     key = None if explore is None else jax.random.fold_in(explore.key, step)
     if rc.ordered:
         keep_gn = keep_logit(logits_gnc, step)
-        if explore is not None:
-            want_logit_gn = keep_gn + explore.scale * jax.random.logistic(key, keep_gn.shape)
-        else:
-            want_logit_gn = keep_gn
         if rc.routing == "identity":
             want_gn = jnp.ones_like(eligible_gn)
         elif rc.routing == "oracle":
             if probe_ratio_gn is None or threshold is None:
                 raise ValueError("routing='oracle' needs a threshold")
             want_gn = probe_ratio_gn >= threshold
+        elif explore is not None:
+            want_gn = keep_gn + explore.scale * jax.random.logistic(key, keep_gn.shape) > 0
         else:
-            want_gn = want_logit_gn > 0
+            want_gn = keep_gn > 0
         want_gn = want_gn & eligible_gn
         choice = jnp.where(eligible_gn, jnp.where(want_gn, step, skip_index(L)), -1).astype(jnp.int32)
         return Decision(want_kgn=want_gn[None], choice_gn=choice, exiting_gn=jnp.zeros_like(eligible_gn),

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from radial_jax.loading import non_finite_leaves
 from radial_jax.training.optim import _path_str
 
 
@@ -240,9 +240,8 @@ class Checkpointer:
         meta = self._check(manager, step, tree)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        bad = [k for k, v in _flat(restored).items()  # jnp: also for arrays sharded over several hosts
-               if jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all())]
+        bad = non_finite_leaves(restored)
         if bad:
-            raise FloatingPointError(f"non-finite parameters {bad[:4]}{' ...' if len(bad) > 4 else ''}")
+            raise FloatingPointError(f"non-finite values in {bad[:4]}{' ...' if len(bad) > 4 else ''}")
         new = state.replace_from_dict(restored) if hasattr(state, "replace_from_dict") else restored
         return new, meta

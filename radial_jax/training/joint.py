@@ -63,7 +63,6 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from radial_jax.api import init_params
 from radial_jax.radial import RadialModel, RadialConfig
@@ -78,6 +77,9 @@ from radial_jax.training.optim import make_optimizer
 from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_train_step, to_host
+
+
+CONTROLS = ("compute_weight", "explore")  # an update's scalars, the train step's ``frozen`` input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +219,8 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     tx = make_optimizer(train.optim)
     state = TrainState.create(params, tx, seed=train.seed)
     from radial_jax.training.scale import joint_placement  # mesh / memory: radial_jax.training.scale
-    state, step_kwargs = joint_placement(network, state, tx, mesh, memory, rules)
+    state, step_kwargs = joint_placement(network, state, tx, mesh, memory, rules, controls=CONTROLS)
 
-    if mesh is not None:  # the controls are scalars every device reads
-        replicated = NamedSharding(mesh, PartitionSpec())
-        step_kwargs["frozen_shardings"] = {"compute_weight": replicated, "explore": replicated}
     compiled = {}
     multiplier = [float(cfg.compute_weight)]  # the Lagrange multiplier (fixed without a visit_target)
 
@@ -235,7 +234,7 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
         key = (net.radial.routing, net.radial.capacity_factor)
         if key not in compiled:
             compiled[key] = make_train_step(joint_loss_fn(net, cfg), tx, **step_kwargs)
-        controls = {"compute_weight": np.float32(multiplier[0]),
+        controls = {"compute_weight": np.float32(multiplier[0]),  # the names of CONTROLS
                     "explore": np.float32(cfg.explore_scale(step, train.steps))}
         new, metrics = compiled[key](state, batch, controls)
         if net.radial.routing in ("learned", "mixture") and bool(metrics["finite"]):

@@ -111,7 +111,7 @@ def load_balance(router_probs_sbtk, dispatched_sbtl, mask_bt=None):
     ``L`` of the ``k`` choices renormalised to sum to 1). Equals 1 when uniform.
     The renormalisation keeps it a balance: over the raw probabilities the loss
     falls by moving mass from every layer to *skip* or *exit*, a compute penalty
-    in disguise (joint training collapsed to zero visits under it alone).
+    in disguise (a joint recipe fell to zero visits under it).
     """
     n_layers = dispatched_sbtl.shape[-1]
     m = _mask(mask_bt, router_probs_sbtk.shape[1:3])[None, :, :, None]

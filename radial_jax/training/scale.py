@@ -104,10 +104,11 @@ def distill_step(student, teacher, cfg, tx, params, *, mesh: Optional[Mesh] = No
 
 
 def joint_placement(network, state, tx, mesh: Optional[Mesh] = None, memory: Optional[MemoryConfig] = None,
-                    rules=None):
+                    rules=None, controls=()):
     """``(state, make_train_step kwargs)`` of joint training (``train_joint``): on ``mesh`` the network's
     parameters are placed like distillation's student (its base module's logical axes, the router
-    replicated), optimiser moments like their parameters, the batch over data x fsdp."""
+    replicated), optimiser moments like their parameters, the batch over data x fsdp, and the scalars named
+    in ``controls`` (the step's ``frozen`` input) replicated."""
     from radial_jax.models.family import module_for
     from radial_jax.sharding import batch_sharding
     from radial_jax.training.steps import place, state_shardings
@@ -117,4 +118,6 @@ def joint_placement(network, state, tx, mesh: Optional[Mesh] = None, memory: Opt
     p_sh = radial_param_shardings(module_for(network.config), network.config, state.params, mesh, rules)
     shardings = state_shardings(state, p_sh, mesh)
     state = jax.tree_util.tree_map(place, state, shardings)
-    return state, {"memory": memory, "state_shardings": shardings, "batch_shardings": batch_sharding(mesh, 2)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return state, {"memory": memory, "state_shardings": shardings, "batch_shardings": batch_sharding(mesh, 2),
+                   "frozen_shardings": {name: replicated for name in controls}}
