@@ -49,8 +49,8 @@ class Router(nn.Module):
     def __call__(self, x_bte, step, last_bt=None):
         e = x_bte.shape[-1]
         h = nn.LayerNorm(name="norm")(x_bte.astype(jnp.float32))
-        step_bt = jnp.broadcast_to(jnp.asarray(step, jnp.int32), x_bte.shape[:-1])  # (nn.Embed of 1 row: no scalar)
-        h = h + nn.Embed(self.max_steps, e, name="step_embed", embedding_init=nn.initializers.normal(0.02))(step_bt)
+        step_1 = jnp.reshape(jnp.asarray(step, jnp.int32), (1,))  # one row looked up (nn.Embed of one row: no scalar)
+        h = h + nn.Embed(self.max_steps, e, name="step_embed", embedding_init=nn.initializers.normal(0.02))(step_1)[0]
         if self.use_last_layer:
             last = jnp.full(x_bte.shape[:-1], self.num_layers, jnp.int32) if last_bt is None else last_bt
             h = h + nn.Embed(self.num_layers + 1, e, name="last_embed",
