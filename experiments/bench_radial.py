@@ -49,8 +49,8 @@ from tqdm import tqdm  # noqa: E402
 
 import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
-from radial_jax.kv_cache import split_layers  # noqa: E402
-from radial_jax.radial import RadialNetwork  # noqa: E402
+from radial_jax.models.kv_cache import split_layers  # noqa: E402
+from radial_jax.radial import RadialModel  # noqa: E402
 from radial_jax.radial.router import with_keep_offset  # noqa: E402
 
 
@@ -132,7 +132,7 @@ def decode_loops(model, rm, ids_bt, prompt_len: int):
 def bench_decode(model, b, depth, args, figures, details):
     ids = jnp.asarray(np.random.default_rng(b).integers(3, model.config.vocab_size,
                                                         (b, args.decode_prompt + args.decode_steps)), jnp.int32)
-    rm = RadialNetwork.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
+    rm = RadialModel.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
     rm, offset = calibrate(rm, ids, depth, start=args.decode_prompt)  # on the decoded tokens themselves
     make, dense_cache, routed_cache, feed = decode_loops(model, rm, ids, args.decode_prompt)
     dense_params, routed_params = serving_params(model, rm)
@@ -226,9 +226,9 @@ FITTED_OFFSET_RANGE = 150.0
 def bench_prefill(model, ids, dense_fwd, mode, cf, args, figures, details):
     """A capacity that binds: routes that want a little more than ``cf`` admits."""
     if mode == "ordered":
-        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
+        rm = RadialModel.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=1.0, seed=3)
     else:  # random routes over every layer and exit: a balanced load
-        rm = RadialNetwork.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
+        rm = RadialModel.from_sequential(model, mode=mode, capacity_factor=cf, router_init_scale=50.0, seed=3)
     rm, offset = calibrate(rm, ids[:2], min(1.0, cf * 1.1))  # ends at its bound: the budget binds (docstring)
     row = {**time_prefill(model, rm, ids, dense_fwd, args), "keep_offset": offset}
     prefill_figures(row, f"prefill_{mode}_c{int(cf * 100)}", f"{mode} mode, capacity {cf}", PREFILL_TARGETS[cf],
@@ -240,7 +240,7 @@ def bench_prefill_fitted(model, ids, dense_fwd, depth, args, figures, details):
     """Routes that fit: random radial routes that want ``depth`` (calibrated where no budget binds), served
     at the capacity fitted to them on other text (``fit_capacity``: nothing refused there)."""
     L = model.config.num_layers
-    rm = RadialNetwork.from_sequential(model, mode="radial", capacity_factor=float(L), router_init_scale=50.0, seed=3)
+    rm = RadialModel.from_sequential(model, mode="radial", capacity_factor=float(L), router_init_scale=50.0, seed=3)
     rm, offset = calibrate(rm, ids, depth, lo=-FITTED_OFFSET_RANGE, hi=FITTED_OFFSET_RANGE)
     calibration = np.random.default_rng(1).integers(3, model.config.vocab_size, ids.shape)
     fitted = rm.fit_capacity(calibration, batch_size=ids.shape[0])
@@ -255,10 +255,10 @@ def bench_prefill_fitted(model, ids, dense_fwd, depth, args, figures, details):
 def bench_overhead(model, ids, dense_fwd, mode, args, figures, details):
     L = model.config.num_layers
     if mode == "ordered":  # learned router pushed to keep everything, nothing to drop at capacity 1
-        rm = RadialNetwork.from_sequential(model, mode="ordered", capacity_factor=1.0)
+        rm = RadialModel.from_sequential(model, mode="ordered", capacity_factor=1.0)
         rm = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], 30.0)})
     else:  # identity routes (layer s at step s) with a budget that drops nothing
-        rm = RadialNetwork.from_sequential(model, mode="radial", routing="identity", capacity_factor=float(L))
+        rm = RadialModel.from_sequential(model, mode="radial", routing="identity", capacity_factor=float(L))
     f = routed_forward(rm)
     dense_params, routed_params = serving_params(model, rm)
     _, m = f(routed_params, ids)
@@ -283,7 +283,7 @@ def main(argv=None):
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.length)), jnp.int32)
     dense_fwd = jax.jit(lambda p, x: model.module.apply({"params": p}, x, compute_logits=False).hidden)
     figures, details = [], {}
-    from radial_jax.flops import dense_flops
+    from radial_jax.models.flops import dense_flops
     one_layer = rj.build(dataclasses.replace(cfg, num_hidden_layers=1), seed=0)
     xla_layer = benchlib.xla_flops(lambda p, x: one_layer.module.apply({"params": p}, x, compute_logits=False).hidden,
                                    one_layer.params, ids)

@@ -25,8 +25,8 @@ import json
 import time
 from pathlib import Path
 
-from radial_jax.results import figure, machine, write_result
-from radial_jax.timing import block, interleave, rate, ratio, summary
+from radial_jax.reporting.results import figure, machine, write_result
+from radial_jax.reporting.timing import block, interleave, rate, ratio, summary
 
 __all__ = ["RESULTS", "block", "figure", "interleave", "machine", "rate", "ratio", "stage", "summary",
            "write_result", "xla_flops"]
@@ -47,7 +47,7 @@ def xla_flops(fn, *args, **kwargs) -> float:
 def stage(out: Path, name: str, compute):
     """``compute()``'s dict, saved as ``out/name.json`` (arrays as lists); reused when the file exists, so a
     long study stopped anywhere resumes at its first missing stage."""
-    from radial_jax.io import atomic_write_json
+    from radial_jax.reporting.files import atomic_write_json
     path = Path(out) / f"{name}.json"
     if path.exists():
         print(f"[{name}] reusing {path}")

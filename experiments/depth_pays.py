@@ -85,7 +85,7 @@ def train_and_score(args, data, layers: int, steps: int, seed: int, held) -> dic
 def main(argv=None) -> int:
     from radial_jax import defaults as D
     from radial_jax.data.packed import text_data
-    from radial_jax.training.losses import perplexity
+    from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap
     args = parse_args(argv)
     out = Path(args.out)
@@ -142,7 +142,7 @@ def write_figures(rows, args) -> None:
 
 
 def plot(rows, png) -> None:
-    from radial_jax.io import figure as new_figure, save_figure
+    from radial_jax.reporting.files import figure as new_figure, save_figure
     plt, fig, (ax,) = new_figure(1, width=5.5, height=3.8)
     for i, seed in enumerate(s["seed"] for s in rows[0]["seeds"]):
         pts = [(r["tokens"], s) for r in rows for s in r["seeds"] if s["seed"] == seed]

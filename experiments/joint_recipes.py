@@ -142,8 +142,8 @@ def train_tied_loop(args, data, seed: int, held) -> dict:
     import jax.numpy as jnp
     import radial_jax as rj
     from radial_jax import defaults as D
-    from radial_jax.api import Model
-    from radial_jax.training.losses import lm_cross_entropy
+    from radial_jax.models.bundle import Model
+    from radial_jax.models.perplexity import lm_cross_entropy
     from radial_jax.training.loop import TrainConfig, fit
     from radial_jax.training.optim import OptimConfig, make_optimizer
     from radial_jax.training.paired import window_nll
@@ -188,7 +188,7 @@ def train_arm(args, data, arm: str, seed: int, held) -> dict:
 def main(argv=None) -> int:
     from radial_jax import defaults as D
     from radial_jax.data.packed import text_data
-    from radial_jax.training.losses import perplexity
+    from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap
     args = parse_args(argv)
     data = text_data(args.data)

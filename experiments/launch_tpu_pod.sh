@@ -3,7 +3,7 @@
 #
 # Each host runs the same command with `--distributed` (jax.distributed.initialize(): on Cloud TPU it
 # finds the coordinator and process ids itself) and `--mesh data,fsdp,tensor`; every placement comes from
-# the one axis-rules table (radial_jax.sharding). Checkpoints and outputs go to a path all hosts share
+# the one axis-rules table (radial_jax.scale.sharding). Checkpoints and outputs go to a path all hosts share
 # (GCS bucket or NFS) so any host can resume. Check the memory first, on your laptop:
 #   radial-jax plan --model facebook/opt-6.7b --mesh 1,16,1 --batch 64 --grad-accum 4 --seq-len 256 \
 #       --remat full --compute-dtype bfloat16 --accelerator tpu-v4

@@ -2,12 +2,12 @@
 
     python experiments/plan_pod.py                  # writes results/plan_pod.json (a few minutes on 2 CPU cores)
 
-Each plan is ``radial_jax.plan.make_plan`` (what ``radial-jax plan`` prints): the real distillation step
+Each plan is ``radial_jax.training.plan.make_plan`` (what ``radial-jax plan`` prints): the real distillation step
 (teacher frozen and sharded in bf16, the student's pool fsdp-sharded with fp32 master weights and AdamW
 moments, the router replicated, remat per layer, bf16 compute, gradient accumulation, donated state)
 compiled for the model's shapes on 16 simulated CPU devices with abstract inputs. A v4-32 slice has 16
 chips of 32 GiB (one JAX device each). The published config.json values come from
-``radial_jax/plan_configs.py`` (no network). The same figures for one model::
+``radial_jax/training/plan_configs.py`` (no network). The same figures for one model::
 
     radial-jax plan --model facebook/opt-6.7b --mesh 1,16,1 --batch 64 --grad-accum 4 --seq-len 256 \\
         --remat full --compute-dtype bfloat16 --accelerator tpu-v4
@@ -29,14 +29,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "plan_pod.json"))
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     args = ap.parse_args(argv)
-    from radial_jax.plan import simulated_devices
+    from radial_jax.training.plan import simulated_devices
     simulated_devices(int(__import__("math").prod(MESH)))
     from benchlib import figure, write_result
-    from radial_jax.plan import RECOMMENDED, load_plan_config, make_plan
-    from radial_jax.pod import ACCELERATORS, USABLE_FRACTION
-    from radial_jax.training.distill import DistillConfig
+    from radial_jax.training.plan import RECOMMENDED, load_plan_config, make_plan
+    from radial_jax.scale.pod import ACCELERATORS, USABLE_FRACTION
+    from radial_jax.training.distill_loss import DistillConfig
     from radial_jax.training.memory import MemoryConfig
-    s = RECOMMENDED  # the README's settings (one source: radial_jax.plan)
+    s = RECOMMENDED  # the README's settings (one source: radial_jax.training.plan)
     memory = MemoryConfig(remat=s["remat"], compute_dtype=s["compute_dtype"], grad_accum=s["grad_accum"], donate=True)
     figures, details = [], {}
     v4 = ACCELERATORS["tpu-v4"][0]

@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
 from radial_jax import defaults as D  # noqa: E402
-from radial_jax.io import figure, save_figure  # noqa: E402
-from radial_jax.training.artifacts import load_model, save_model  # noqa: E402
-from radial_jax.training.distill import DistillConfig, distill  # noqa: E402
+from radial_jax.reporting.files import figure, save_figure  # noqa: E402
+from radial_jax.checkpoints.artifacts import load_model, save_model  # noqa: E402
+from radial_jax.training.distill_loss import DistillConfig  # noqa: E402
+from radial_jax.training.distill import distill
 from radial_jax.training.evaluate import evaluate, interpolate_at, radial_stats  # noqa: E402
 from radial_jax.training.joint import JointConfig, train_joint  # noqa: E402
 from radial_jax.training.lm import make_lm_eval, train_lm  # noqa: E402

@@ -122,7 +122,7 @@ def default_model() -> str:
 
 def flops_per_token(config, window: int) -> dict:
     """Per-token FLOPs of one attention block, one MLP block and the head at the window's mean context."""
-    from radial_jax.flops import head_flops
+    from radial_jax.models.flops import head_flops
     blocks = config.layer_config().block_flops_per_token((window + 1) / 2)
     return {"attn": blocks["attn"], "mlp": blocks["mlp"], "head": head_flops(config, 1)}
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from radial_jax.data import window_batches
     from radial_jax.data.packed import model_text_data
     from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential
-    from radial_jax.training.losses import perplexity
+    from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap, window_nll
 
     out = Path(args.out)
@@ -280,8 +280,9 @@ def train_router_student(model, data, args, seed: int, out: Path):
     distill``, ``train="router"``) with the layer oracle's keep labels; resumable (``out/student_<seed>_run``),
     saved to ``out/student_<seed>``. Every token admitted (capacity 1), skipping tokens' K/V written
     (*propagate*, as both oracles)."""
-    from radial_jax.training.artifacts import load_student, save_student
-    from radial_jax.training.distill import DistillConfig, distill
+    from radial_jax.radial.artifacts import load_student, save_student
+    from radial_jax.training.distill_loss import DistillConfig
+    from radial_jax.training.distill import distill
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
     where = out / f"student_{seed}"
@@ -408,10 +409,10 @@ def relabelled(model, targets, threshold: float):
 
 def serve(model, student, held, new_tokens: int, repeats: int = 3) -> dict:
     """Greedy generation of ``new_tokens`` after 64-token held-out prompts, the student against the model at
-    batch 1 and 8: tokens/s (sides interleaved, medians and spread, compile excluded, ``radial_jax.timing``),
+    batch 1 and 8: tokens/s (sides interleaved, medians and spread, compile excluded, ``radial_jax.reporting.timing``),
     decode FLOPs per token (the student's as it executed them: its routes, router and K/V writes included),
     and how many new tokens equal the model's."""
-    from radial_jax import timing
+    from radial_jax.reporting import timing
     results = {}
     for batch in (1, 8):
         prompts = held[:batch, :64]
@@ -444,7 +445,7 @@ def print_table(summary: dict) -> None:
 
 
 def write_figures(summary: dict, settings: dict, path, adapted_only: bool = False) -> None:
-    from radial_jax.results import figure, write_result
+    from radial_jax.reporting.results import figure, write_result
     figs = [figure("real_full_ppl", "Gemma 3 270M (Q4_K_M): held-out stdlib perplexity, full model",
                    summary["full_perplexity"],
                    note=f"{summary['eval_windows']} windows of {summary['window']}; median ratio_out "

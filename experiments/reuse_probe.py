@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from radial_jax.data import window_batches
     from radial_jax.data.packed import model_text_data
     from radial_jax.profiling.layer_drop import block_influence, least_influential, route_layers
-    from radial_jax.training.losses import perplexity
+    from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap, window_nll
     from real_model_study import default_model
     args = parse_args(argv)

@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None, help="default: runs/scaling_<family>")
     ap.add_argument("--tiny", action="store_true", help="offline smoke run on random tiny checkpoints")
-    from radial_jax.pod import add_mesh_args, mesh_from_args
+    from radial_jax.scale.pod import add_mesh_args, mesh_from_args
     add_mesh_args(ap, pool=False)  # --mesh data,fsdp,tensor / --distributed: weights read sharded
     args = ap.parse_args()
     mesh = mesh_from_args(args)

@@ -3,8 +3,8 @@
 Every model family's config is exported here under its own name (``rj.OPTConfig``,
 ``rj.LlamaConfig``, ...), found in ``radial_jax/models/families/``.
 """
-from radial_jax.api import Bundle, Model, build, init_params
-from radial_jax.kv_cache import KVCache
+from radial_jax.models.bundle import Bundle, Model, build, init_params
+from radial_jax.models.kv_cache import KVCache
 from radial_jax.models.decoder import CausalLM
 from radial_jax.models.family import families
 
@@ -17,7 +17,11 @@ for _family in families().values():  # rj.OPTConfig, rj.ViTConfig, rj.LlamaConfi
     __all__.append(_family.config_cls.__name__)
 del _family
 
-from radial_jax.loading import CheckpointError, CheckpointReader, load  # noqa: E402
+from radial_jax.checkpoints.errors import CheckpointError  # noqa: E402
+
+from radial_jax.checkpoints.reader import CheckpointReader
+
+from radial_jax.checkpoints.load import load
 
 __all__ += ["CheckpointError", "CheckpointReader", "load"]
 

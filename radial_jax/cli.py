@@ -17,9 +17,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 COMMAND_MODULES = (
     "radial_jax.pipeline",
-    "radial_jax.plan",
+    "radial_jax.training.plan",
     "radial_jax.profiling.cli",
-    "radial_jax.generation_cli",
+    "radial_jax.serving.cli",
     "radial_jax.training.cli",
 )
 # CheckpointError is a ValueError; an ImportError is a missing optional dependency (its message names the

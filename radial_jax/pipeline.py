@@ -20,7 +20,7 @@ Stages (each writes its results atomically and is skipped when a rerun finds the
 5. ``evaluate``: perplexity, depth and *executed* FLOPs of the students against
    the teacher and the oracles; the quality-against-compute PNG; route plots.
 6. ``serve``: measured wall-clock speed-ups of prefill and of decoding at batch
-   1 and 8 against the teacher (``radial_jax.serving``), the sides interleaved.
+   1 and 8 against the teacher (``radial_jax.serving.speed``), the sides interleaved.
 
 Everything lands in ``--out`` (default ``runs/pipeline``), with ``summary.json``
 naming the model and data actually used; ``--results FILE`` also writes the
@@ -42,17 +42,17 @@ def _train_offline(args, data, where: Path, num_layers: int, role: str):
     """``(model, name)``: an OPT-shaped LM of the ``--size`` preset with ``num_layers`` layers, trained on
     ``data`` for ``--teacher-steps`` (reused when ``where`` has it). The teacher and its half-depth baseline
     are both made here, from the same tokens in the same order (same seed), so they differ only in depth."""
-    import radial_jax as rj
+    from radial_jax.models.families.opt import OPTConfig
     from radial_jax import defaults as D
-    from radial_jax.training.artifacts import load_model, save_model
+    from radial_jax.checkpoints.artifacts import load_model, save_model
     from radial_jax.training.lm import train_lm
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
     if _done(where / "config.json"):
         print(f"[{role}] reusing {where}")
         return load_model(where), f"offline-opt, {num_layers} layers (trained by this pipeline, reused)"
-    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
-                          **{**D.SIZES[args.size], "num_hidden_layers": num_layers})
+    config = OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.window),
+                       **{**D.SIZES[args.size], "num_hidden_layers": num_layers})
     train = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, seq_len=args.window,
                         optim=OptimConfig(learning_rate=args.lr), checkpoint_every=max(1, args.teacher_steps // 4))
     model, _ = train_lm(config, data, train=train, run_dir=where.parent / f"{where.name}_run")
@@ -69,9 +69,9 @@ def half_depth_comparison(teacher, half, students: dict, evaluation, windows_nt,
     student's executed layer FLOPs (``compute``) against the half model's; ``ppl_at_half_flops`` is the
     student's router sweep (``evaluate``'s curve) read at exactly the half model's FLOPs (no interval).
     """
-    from radial_jax.flops import dense_flops
+    from radial_jax.models.flops import dense_flops
     from radial_jax.training.evaluate import interpolate_at
-    from radial_jax.training.losses import perplexity
+    from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap, window_nll
 
     t = windows_nt.shape[1]
@@ -90,11 +90,13 @@ def half_depth_comparison(teacher, half, students: dict, evaluation, windows_nt,
 
 def run_pipeline(args) -> int:
     import jax
-    import radial_jax as rj
+    from radial_jax.checkpoints.load import load
+    from radial_jax.profiling.residual import profile
+    from radial_jax.profiling.skipping import simulate_skipping
     from radial_jax.data import window_batches
-    from radial_jax.io import atomic_write_json
+    from radial_jax.reporting.files import atomic_write_json
     from radial_jax.profiling.skipping import parse_thresholds
-    from radial_jax.training.artifacts import load_student, save_student
+    from radial_jax.radial.artifacts import load_student, save_student
     from radial_jax import defaults as D
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
@@ -112,7 +114,7 @@ def run_pipeline(args) -> int:
     t0 = time.perf_counter()
     teacher_dir = out / "teacher"
     if args.model:
-        teacher, teacher_name = rj.load(args.model), str(args.model)
+        teacher, teacher_name = load(args.model), str(args.model)
         data = model_text_data(args.data, teacher)  # its own tokenizer; windows open with its BOS
     else:
         data = text_data(args.data)
@@ -141,7 +143,7 @@ def run_pipeline(args) -> int:
     # 2. profile
     t0 = time.perf_counter()
     if not _done(out / "profile" / "profile.json"):
-        result = rj.profile(teacher, [b[:2] for b in batches], data_name=data_name)
+        result = profile(teacher, [b[:2] for b in batches], data_name=data_name)
         result.save(out / "profile")
         print(result.table())
     profile = json.loads((out / "profile" / "profile.json").read_text())
@@ -150,7 +152,7 @@ def run_pipeline(args) -> int:
     # 3. oracle simulation
     t0 = time.perf_counter()
     if not _done(out / "simulate" / "simulation.json"):
-        sim = rj.simulate_skipping(teacher, batches, thresholds, data_name=data_name)
+        sim = simulate_skipping(teacher, batches, thresholds, data_name=data_name)
         sim.save(out / "simulate")
         print(sim.table())
     simulation = json.loads((out / "simulate" / "simulation.json").read_text())
@@ -161,7 +163,8 @@ def run_pipeline(args) -> int:
     students = {}
     full = ids  # whole windows: evaluation scores every token of a window but its first, as simulate does
     if args.distill_steps > 0:
-        from radial_jax.training.distill import DistillConfig, distill
+        from radial_jax.training.distill_loss import DistillConfig
+        from radial_jax.training.distill import distill
         cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
                             train=args.distill_train)
         teacher_ref = str(teacher_dir.resolve()) if not args.model else str(args.model)
@@ -203,7 +206,7 @@ def run_pipeline(args) -> int:
         t0 = time.perf_counter()
         if args.serve_repeats > 0:
             if not _done(out / "serve" / "speed.json"):
-                from radial_jax.serving import serving_speed
+                from radial_jax.serving.speed import serving_speed
                 speed = serving_speed(teacher, students, full, prompt_len=args.window - args.serve_tokens,
                                       new_tokens=args.serve_tokens, repeats=args.serve_repeats)
                 atomic_write_json(out / "serve" / "speed.json", speed)
@@ -255,7 +258,7 @@ def run_pipeline(args) -> int:
 
 def write_figures(summary: dict, path) -> None:
     """The pipeline's result as README figures (``experiments/readme_tables.py``), next to the benchmarks'."""
-    from radial_jax.results import figure, write_result
+    from radial_jax.reporting.results import figure, write_result
     figs = [figure("pipeline_teacher", "pipeline: teacher perplexity (held-out)",
                             summary["teacher_perplexity"])]
     half = summary.get("half_depth")

@@ -2,7 +2,7 @@
 
 The models are tiny random transformers (PyTorch) models, perturbed away from
 their init so that every tensor's mapping matters. The writer is independent of
-``radial_jax.gguf``: Hugging Face names go to GGUF names through gguf-py's own
+``radial_jax.checkpoints.gguf``: Hugging Face names go to GGUF names through gguf-py's own
 ``TensorNameMap`` (as llama.cpp's converter does), with llama.cpp's transforms
 (q/k rows permuted for ``llama``, Gemma norms stored as ``1 + w``, GPT-2's Conv1D
 weights transposed and its output matrix duplicated, Llama 3 rope scaling as a

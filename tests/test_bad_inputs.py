@@ -208,19 +208,20 @@ def image_folder_without_images(env):
 
 
 def run_dir_of_another_kind(env):
-    from radial_jax.training.artifacts import load_student, save_model
+    from radial_jax.radial.artifacts import load_student
+    from radial_jax.checkpoints.artifacts import save_model
     save_model(rj.build(rj.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                      num_attention_heads=2, max_position_embeddings=16)), env.dir / "lm")
     return lambda: load_student(env.dir / "lm")
 
 
 def not_an_artifact(env):
-    from radial_jax.training.artifacts import load_student
+    from radial_jax.radial.artifacts import load_student
     return lambda: load_student(env.ckpt)
 
 
 def artifact_with_unserialisable_extra(env):
-    from radial_jax.training.artifacts import save_model
+    from radial_jax.checkpoints.artifacts import save_model
     m = rj.build(rj.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                               num_attention_heads=2, max_position_embeddings=16))
     return lambda: save_model(m, env.dir / "out", data=object())
@@ -305,7 +306,7 @@ def simulate_with_text_thresholds(env):
 
 
 def distill_threshold_above_one(env):
-    from radial_jax.training.distill import DistillConfig
+    from radial_jax.training.distill_loss import DistillConfig
     return lambda: DistillConfig(oracle_threshold=5.0)
 
 
@@ -325,7 +326,7 @@ def radial_zero_router_hidden(env):
 
 
 def distill_unknown_train(env):
-    from radial_jax.training.distill import DistillConfig
+    from radial_jax.training.distill_loss import DistillConfig
     return lambda: DistillConfig(train="layers")
 
 
@@ -523,8 +524,8 @@ def test_weights_holding_nan_load_with_a_warning_naming_the_tensor(tmp_path, goo
     with pytest.warns(UserWarning, match=r"1 tensors hold NaN or inf \(.*'layers'.*fc1.*\)"):
         rj.load(str(tmp_path / "nan"))
     import jax
-    from radial_jax.api import Model
-    from radial_jax.training.artifacts import save_model
+    from radial_jax.models.bundle import Model
+    from radial_jax.checkpoints.artifacts import save_model
     good = rj.load(str(good_ckpt))
     params = jax.tree_util.tree_map(np.array, good.params)
     params["final_norm"]["scale"][0] = np.inf  # a model trained here and saved after a divergence: the same warning

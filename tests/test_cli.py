@@ -22,8 +22,8 @@ def test_version_flag_prints_the_package_version(capsys):
 def checkpoint_with_tokenizer(tmp_path_factory):
     """A tiny random OPT saved by transformers with the offline tokenizer beside it, and a routed student."""
     from conftest import make_opt
-    from radial_jax.training.artifacts import save_student
-    from radial_jax.training.distill import make_student
+    from radial_jax.radial.artifacts import save_student
+    from radial_jax.training.distill_loss import make_student
     d = tmp_path_factory.mktemp("gen")
     tok = offline_tokenizer()
     make_opt(d / "ckpt", seed=3, vocab_size=len(tok), max_position_embeddings=64)
@@ -49,7 +49,7 @@ def test_generate_prints_text_and_routed_depth_and_flops(checkpoint_with_tokeniz
 def test_routed_summary_of_a_dense_route_is_the_sequential_cost(checkpoint_with_tokenizer):
     """Identity routing runs every layer: depth 1 and executed FLOPs a little above 1 (the router)."""
     import numpy as np
-    from radial_jax.generation_cli import routed_summary
+    from radial_jax.serving.cli import routed_summary
     from radial_jax.radial import RadialModel
     model = rj.load(str(checkpoint_with_tokenizer / "ckpt"))
     student = RadialModel.from_sequential(model, routing="identity")

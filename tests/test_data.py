@@ -145,7 +145,7 @@ def test_stdlib_split_refuses_a_fraction_outside_0_1():
 
 def test_a_model_trained_here_records_the_offline_tokenizer_and_gets_it_back(tmp_path):
     import radial_jax as rj
-    from radial_jax.training.artifacts import load_model, save_model
+    from radial_jax.checkpoints.artifacts import load_model, save_model
     model = rj.build(rj.OPTConfig(vocab_size=2048, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                   num_attention_heads=2, max_position_embeddings=32))
     model.tokenizer_path = offline_tokenizer(2048).name_or_path
@@ -158,7 +158,7 @@ def test_a_model_trained_here_records_the_offline_tokenizer_and_gets_it_back(tmp
 def test_a_model_without_a_tokenizer_is_refused_not_given_another(tmp_path):
     import radial_jax as rj
     from conftest import make_opt
-    from radial_jax.loading import load_tokenizer
+    from radial_jax.checkpoints.tokenizer import load_tokenizer
     make_opt(tmp_path / "ckpt", seed=0, vocab_size=2048, max_position_embeddings=32)
     with pytest.raises(ValueError, match="holds no tokenizer.*tokenizer.json"):
         rj.load(str(tmp_path / "ckpt")).tokenizer()

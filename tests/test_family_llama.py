@@ -348,7 +348,7 @@ def test_real_hub_configs_read_as_transformers_reads_them(name):
      "rope_type 'dynamic' is not supported"),
     (dict(rope_parameters=None, rope_theta=1e4, rope_scaling=dict(rope_type="longrope", factor=2.0)),
      "rope_type 'longrope' is not supported"),
-    (dict(hidden_act="relu2"), r"hidden_act 'relu2' is not supported; allowed: \[.*'silu'"),
+    (dict(hidden_act="relu2"), r"hidden_act 'relu2' is not supported; supported: \[.*'silu'"),
     (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
      "partial_rotary_factor 0.5 is not supported"),
     (dict(model_type="qwen2", layer_types=["full_attention"] * 2 + ["chunked_attention"]),

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import radial_jax as rj
-from radial_jax.generation import _generate_core
-from radial_jax.kv_cache import KVCache, split_layers, stack_layers
+from radial_jax.serving.generation import _generate_core
+from radial_jax.models.kv_cache import KVCache, split_layers, stack_layers
 from radial_jax.models import attention as attention_mod
 from radial_jax.models.attention import IMPLEMENTATIONS, attend, choose_implementation
 from radial_jax.models.stack import pool_layer, stack_pool, unstack_pool
@@ -201,7 +201,7 @@ def test_attention_choice_per_backend():
 # --------------------------------------------------------------------------- streaming reads
 
 def test_aligned_reads_are_used_by_xla_in_place(tmp_path):
-    from radial_jax.loading import ALIGN, read_aligned
+    from radial_jax.checkpoints.tensor_files import ALIGN, read_aligned
     from radial_jax.profiling.streaming import host_to_device
     data = np.arange(1000, dtype=np.float32)
     path = tmp_path / "blob"

@@ -1,4 +1,4 @@
-"""FLOPs by construction (``radial_jax.flops``, ``RadialMetrics.executed_flops``) against XLA's cost analysis.
+"""FLOPs by construction (``radial_jax.models.flops``, ``RadialMetrics.executed_flops``) against XLA's cost analysis.
 
 XLA counts every operation (norms, softmax, masks, gathers) where ours counts the
 matrix multiplies, so layers are wide enough here (256 / 1024) for the
@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 
 import radial_jax as rj
-from radial_jax.flops import layer_flops, router_flops
-from radial_jax.kv_cache import KVCache, visible_mask
+from radial_jax.models.flops import layer_flops, router_flops
+from radial_jax.models.kv_cache import KVCache, visible_mask
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
-from radial_jax.radial import RadialNetwork
+from radial_jax.radial import RadialModel
 from radial_jax.radial.router import Router
-from radial_jax.radial.steps import Plan, Tokens, run_layer
+from radial_jax.radial.step_state import Plan, Tokens
+from radial_jax.radial.visit import run_layer
 
 REL = 0.05  # matmuls vs everything XLA counts, at these widths
 WIDE = dict(vocab_size=64, hidden_size=256, num_hidden_layers=3, ffn_dim=1024, num_attention_heads=4,
@@ -115,7 +116,7 @@ def _propagate_flops(rm, metrics, groups, tokens):
 def test_executed_flops_equal_xla_for_the_branches_that_ran(mode, policy):
     model = rj.build(rj.OPTConfig(**WIDE), seed=0)
     kw = dict(mode="ordered", capacity_factor=0.5) if mode == "ordered" else dict(mode="radial", capacity_factor=1.0)
-    rm = RadialNetwork.from_sequential(model, router_init_scale=1.5, seed=3, prefill_buckets=4, cache_policy=policy,
+    rm = RadialModel.from_sequential(model, router_init_scale=1.5, seed=3, prefill_buckets=4, cache_policy=policy,
                                        **kw)
     B, T = 2, 24
     ids = np.random.default_rng(0).integers(3, 64, (B, T))

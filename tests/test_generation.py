@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import radial_jax as rj
 from conftest import OPT_BASE, OPT_VARIANTS, perturb_
-from radial_jax.generation import sample_logits, warp_logits
+from radial_jax.serving.generation import sample_logits, warp_logits
 
 PAD = OPT_BASE["pad_token_id"]
 LENGTHS = [7, 3, 1, 5]  # prompts of different lengths in one batch

@@ -1,4 +1,4 @@
-"""radial_jax.gguf against transformers' own GGUF loader, on GGUF files written like llama.cpp writes them.
+"""radial_jax.checkpoints.gguf against transformers' own GGUF loader, on GGUF files written like llama.cpp writes them.
 
 The files come from tiny random transformers models (``tests/gguf_fixtures.py``).
 The references are transformers: ``load_gguf_checkpoint`` (config and dequantized,
@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import gguf_fixtures as fx  # noqa: E402
-from radial_jax.gguf import SUPPORTED_ARCHITECTURES, SUPPORTED_QUANT_TYPES, GGUFCheckpoint  # noqa: E402
-from radial_jax.loading import CheckpointError  # noqa: E402
+from radial_jax.checkpoints.gguf import SUPPORTED_ARCHITECTURES, SUPPORTED_QUANT_TYPES, GGUFCheckpoint  # noqa: E402
+from radial_jax.checkpoints.errors import CheckpointError  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -284,7 +284,7 @@ def test_tokenizer_is_built_from_the_file(gguf_file):
 
 def test_a_gguf_tokenizer_without_torch_is_one_line_naming_the_extra(gguf_file, tmp_path, monkeypatch, capsys):
     from radial_jax.cli import main
-    from radial_jax.loading import load_tokenizer
+    from radial_jax.checkpoints.tokenizer import load_tokenizer
     monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path)  # nothing cached: the file must be read
     original = transformers.AutoTokenizer.from_pretrained
 
@@ -304,7 +304,7 @@ def test_a_gguf_tokenizer_without_torch_is_one_line_naming_the_extra(gguf_file, 
 def test_rj_tokenizer_of_a_gguf_file_is_converted_once_then_cached(gguf_file, tmp_path, monkeypatch):
     """``load_tokenizer`` caches transformers' conversion (20 s for Gemma's vocabulary): the cached copy
     tokenises as the conversion does, and a second call never converts again."""
-    from radial_jax.loading import load_tokenizer
+    from radial_jax.checkpoints.tokenizer import load_tokenizer
     monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path)
     path = gguf_file("qwen3")
     fresh = GGUFCheckpoint(path).tokenizer()
@@ -398,7 +398,7 @@ def test_missing_file_is_a_checkpoint_error(tmp_path):
 
 
 def test_supported_lists():
-    assert SUPPORTED_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+    assert sorted(SUPPORTED_ARCHITECTURES) == sorted(("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"))
     readable = {t.name for t in SUPPORTED_QUANT_TYPES}
     # every type the tests write, llama.cpp's Q4_K_M mix (Q4_K, Q5_0, Q6_K) among them, and the I-quants
     assert set(fx.QTYPES) | {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"} <= readable

@@ -2,7 +2,7 @@
 import numpy as np
 import jax.numpy as jnp
 
-from radial_jax.kv_cache import EMPTY, KVCache, sequence_mask, visible_mask, write_first_visit
+from radial_jax.models.kv_cache import EMPTY, KVCache, sequence_mask, visible_mask, write_first_visit
 
 
 def test_first_visit_writes_only_empty_valid_in_range_entries():

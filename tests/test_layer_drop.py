@@ -10,7 +10,7 @@ import transformers
 import radial_jax as rj
 from conftest import perturb_
 from radial_jax.profiling.layer_drop import block_influence, drop_layers, least_influential, route_layers
-from radial_jax.training.losses import perplexity
+from radial_jax.models.perplexity import perplexity
 from radial_jax.training.paired import paired_bootstrap, window_nll
 
 transformers.logging.set_verbosity_error()

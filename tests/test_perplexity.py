@@ -8,14 +8,14 @@ import pytest
 
 import radial_jax as rj
 from radial_jax.data import eval_windows, window_batches
-from radial_jax.training import losses
+from radial_jax.models.perplexity import perplexity
 
 
 def test_perplexity_is_exp_mean_nll_and_overflows_to_inf():
-    assert losses.perplexity(2.0, 2) == pytest.approx(math.e)
-    assert losses.perplexity(1e6, 1) == math.inf  # no overflow warning, no exception
+    assert perplexity(2.0, 2) == pytest.approx(math.e)
+    assert perplexity(1e6, 1) == math.inf  # no overflow warning, no exception
     with pytest.raises(ValueError, match="at least one scored token"):
-        losses.perplexity(0.0, 0)
+        perplexity(0.0, 0)
 
 
 def test_simulated_and_evaluated_teacher_perplexity_agree():

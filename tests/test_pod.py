@@ -16,8 +16,9 @@ import optax
 import pytest
 
 import radial_jax as rj
-from radial_jax.loading import READ_STATS, SafetensorsTensor
-from radial_jax.pod import parse_mesh
+from radial_jax.models.family import module_for
+from radial_jax.checkpoints.tensor_files import READ_STATS, SafetensorsTensor
+from radial_jax.scale.pod import parse_mesh
 from radial_jax.training.lm import lm_loss_fn
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.state import TrainState
@@ -93,7 +94,7 @@ def _batches(n, rows=8, length=16):
 def _loss_and_grads(policy, params, ids):
     """Loss and gradients of the LM loss, the remat policy set while tracing (as the train step does)."""
     from radial_jax.models.remat import remat
-    module = rj.api.module_for(CFG)
+    module = module_for(CFG)
     with remat(policy):
         return jax.jit(jax.value_and_grad(lambda p: lm_loss_fn(module)(p, ids, None)[0]))(params)
 
@@ -101,7 +102,7 @@ def _loss_and_grads(policy, params, ids):
 def _grad_program(name, params, ids):
     """The lowered text of the LM loss's gradient under remat policy ``name``."""
     from radial_jax.models.remat import remat
-    module = rj.api.module_for(CFG)
+    module = module_for(CFG)
     with remat(name):
         return jax.jit(jax.grad(lambda p: lm_loss_fn(module)(p, ids, None)[0])).lower(params).as_text()
 
@@ -130,7 +131,7 @@ def test_remat_gives_the_same_loss_and_gradients(policy, remat_reference):
 def _train(memory, steps, lr=0.05, repeat=False, tx=None):
     model = rj.build(CFG, seed=0)
     tx = tx or optax.sgd(lr)
-    step = make_train_step(lm_loss_fn(rj.api.module_for(CFG, memory.dtype)), tx, memory=memory)
+    step = make_train_step(lm_loss_fn(module_for(CFG, memory.dtype)), tx, memory=memory)
     state = TrainState.create(model.params, tx)
     losses = []
     for ids in (_batches(1) * steps if repeat else _batches(steps)):
@@ -177,8 +178,8 @@ def test_bf16_mixed_precision_tracks_float32_over_20_steps():
 
 def test_remat_gives_the_same_distillation_step():
     """The Radial Network's scan over steps (the student) under remat: the same loss and update."""
-    from radial_jax.training.distill import DistillConfig, make_student
-    from radial_jax.training.scale import distill_step
+    from radial_jax.training.distill_loss import DistillConfig, make_student
+    from radial_jax.training.pod_steps import distill_step
     teacher = rj.build(rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                     num_attention_heads=4, max_position_embeddings=32), seed=1)
     cfg = DistillConfig(train="all")

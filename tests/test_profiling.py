@@ -178,7 +178,7 @@ def test_bad_inputs(tiny_opt_dir):
         rj.simulate_skipping(model, [(ids, None)], [0.1, 1.5], progress=False)
     with pytest.raises(ValueError, match="no data"):
         rj.profile(model, [], progress=False)
-    with pytest.raises(ValueError, match="num_hidden_layers must be >= 1"):  # a model without blocks
+    with pytest.raises(ValueError, match="num_hidden_layers must be an integer >= 1"):  # a model without blocks
         rj.OPTConfig(vocab_size=16, hidden_size=8, num_hidden_layers=0, ffn_dim=8, num_attention_heads=2,
                      max_position_embeddings=8)
 
@@ -213,7 +213,7 @@ def test_profile_on_8_devices_equals_1(tiny_opt_dir):
     import textwrap
     script = textwrap.dedent(f"""
         import numpy as np, jax, radial_jax as rj
-        from radial_jax import sharding as S
+        from radial_jax.scale import sharding as S
         assert jax.device_count() == 8
         model = rj.load({str(tiny_opt_dir)!r})
         ids = np.random.default_rng(10).integers(3, 96, (8, 12))
@@ -252,7 +252,7 @@ def test_layer_axes_have_integer_ticks(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from radial_jax.io import integer_ticks
+    from radial_jax.reporting.files import integer_ticks
     fig, ax = plt.subplots()
     ax.plot([0, 1, 2], [1.0, 2.0, 3.0])
     integer_ticks(ax.xaxis)

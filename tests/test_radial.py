@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, ViTForImageClassification
 
 import radial_jax as rj
 from radial_jax.models.layer import TransformerLayer
-from radial_jax.radial import RadialConfig, RadialNetwork, decode_tokens
+from radial_jax.radial import RadialConfig, RadialModel, decode_tokens
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.router import with_keep_offset
 
@@ -39,7 +39,7 @@ def left_padded(vocab, lengths, seed=0):
 def test_identity_routing_reproduces_opt(tiny_opt_variants, variant):
     path = tiny_opt_variants[variant]
     model = rj.load(path)
-    rm = RadialNetwork.from_sequential(model, mode="ordered", routing="identity", capacity_factor=1.0)
+    rm = RadialModel.from_sequential(model, mode="ordered", routing="identity", capacity_factor=1.0)
     ids, mask = left_padded(model.config.vocab_size, [9, 5, 2])
     with torch.no_grad():
         hf = AutoModelForCausalLM.from_pretrained(path).eval()(
@@ -55,7 +55,7 @@ def test_identity_routing_reproduces_opt(tiny_opt_variants, variant):
 
 def test_identity_routing_reproduces_vit(tiny_vit_cls_dir):
     model = rj.load(tiny_vit_cls_dir)
-    rm = RadialNetwork.from_sequential(model, mode="ordered", routing="identity")
+    rm = RadialModel.from_sequential(model, mode="ordered", routing="identity")
     pixels = np.random.default_rng(2).normal(size=(2, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         hf = ViTForImageClassification.from_pretrained(tiny_vit_cls_dir).eval()(
@@ -81,7 +81,7 @@ def test_tokens_over_budget_pass_unchanged(small):
     sequential model that sees only them (a cached call whose mask holds just them); the others are
     never processed nor written (mask policy) and equal the head of their embeddings."""
     ids = np.random.default_rng(1).integers(3, 64, (2, 8))
-    rm = RadialNetwork.from_sequential(small, mode="ordered", routing="identity", capacity_factor=0.5)
+    rm = RadialModel.from_sequential(small, mode="ordered", routing="identity", capacity_factor=0.5)
     out = rm.forward(ids)
     admitted, count = [], 0
     for p in range(8):
@@ -126,7 +126,7 @@ def _reference_oracle(model, ids, threshold):
 
 def test_oracle_router_matches_threshold_rule(small):
     ids = np.random.default_rng(4).integers(3, 64, (2, 10))
-    rm = RadialNetwork.from_sequential(small, mode="ordered", routing="oracle", cache_policy="propagate")
+    rm = RadialModel.from_sequential(small, mode="ordered", routing="oracle", cache_policy="propagate")
     ratios = np.asarray(rm.forward(ids, threshold=0.0).router.ratio)
     threshold = float(np.median(ratios))  # about half of the visits are dropped
     out = rm.forward(ids, threshold=threshold)
@@ -153,7 +153,7 @@ ROUTED_IDS = [f"{kw['mode']}-{kw['cache_policy']}" for kw in ROUTED]
 
 @pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
 def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
-    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
     ids = np.random.default_rng(5).integers(3, 64, (3, 12))
     par = rm.forward(ids)
     logits, choice, gate, _ = decode_tokens(rm, ids, prompt_len=3)
@@ -173,7 +173,7 @@ def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
 def test_the_inference_layout_computes_what_the_stacked_layout_does_when_the_budget_binds(small, kw):
     """Per-layer weights and caches (``with_layout("per_layer")``: each layer read in place at its own
     size, exits in chunks) == the stacked layout (grouped steps or a loop over the stack)."""
-    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **{**kw, "prefill_buckets": 4})
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **{**kw, "prefill_buckets": 4})
     exits_many = kw["mode"] == "radial" and kw["cache_policy"] == "propagate"
     if exits_many:  # more exits than one chunk of 3 (12 tokens / 4 buckets) at some step
         rm = rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], -2.0)})
@@ -205,7 +205,7 @@ def _causal_pair():
 
 @pytest.mark.parametrize("kw", [ROUTED[0], ROUTED[3]], ids=[ROUTED_IDS[0], ROUTED_IDS[3]])  # the gradient test: 1, 2
 def test_causality_by_value_in_forward_and_decoding_when_the_budget_binds(small, kw):
-    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
     ids, ids2 = _causal_pair()
     a, b = _early(rm, ids, 6), _early(rm, ids2, 6)
     for u, v in zip(a, b):
@@ -215,7 +215,7 @@ def test_causality_by_value_in_forward_and_decoding_when_the_budget_binds(small,
 
 @pytest.mark.parametrize("kw", [ROUTED[1], ROUTED[2]], ids=[ROUTED_IDS[1], ROUTED_IDS[2]])
 def test_causality_by_gradient_when_the_budget_binds(small, kw):
-    rm = RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
     ids, ids2 = _causal_pair()
 
     def early_loss(params, tokens):
@@ -233,7 +233,7 @@ def test_causality_by_gradient_when_the_budget_binds(small, kw):
 
 
 def test_grad_reaches_router_and_pool(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=3, capacity_factor=1.0, prefill_buckets=1)
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=3, capacity_factor=1.0, prefill_buckets=1)
     ids = jnp.asarray(np.random.default_rng(8).integers(3, 64, (2, 6)))
 
     def loss(params):
@@ -247,7 +247,7 @@ def test_grad_reaches_router_and_pool(small):
 
 def test_loads_respect_the_budget_and_metrics_recount_the_routes(small):
     ids = np.random.default_rng(9).integers(3, 64, (2, 12))
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=4, capacity_factor=1.0, router_init_scale=1.5)
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=4, capacity_factor=1.0, router_init_scale=1.5)
     out = rm.forward(ids)
     assign = np.asarray(out.router.assign)  # [S, b, t, L]
     phi = rm.radial.budget_fraction(3)
@@ -267,7 +267,7 @@ def test_loads_respect_the_budget_and_metrics_recount_the_routes(small):
 
 def test_expert_choice_is_a_training_option_that_exits_and_reports_drops(small):
     ids = np.random.default_rng(10).integers(3, 64, (2, 12))
-    rm = RadialNetwork.from_sequential(small, mode="radial", capacity_factor=0.5, dispatch="expert",
+    rm = RadialModel.from_sequential(small, mode="radial", capacity_factor=0.5, dispatch="expert",
                                        router_init_scale=1.5, seed=4)
     out = rm.forward(ids)
     cap = int(out.metrics.capacity)
@@ -280,15 +280,15 @@ def test_expert_choice_is_a_training_option_that_exits_and_reports_drops(small):
 
 def test_bad_input(small):
     with pytest.raises(ValueError, match="capacity_factor"):
-        RadialNetwork.from_sequential(small, capacity_factor=0)
+        RadialModel.from_sequential(small, capacity_factor=0)
     with pytest.raises(ValueError, match="capacity_factor"):
         RadialConfig(capacity_factor=-1.0)
     with pytest.raises(ValueError, match="capacity_slack"):
         RadialConfig(capacity_slack=-1)
     with pytest.raises(ValueError, match="max_steps"):
-        RadialNetwork.from_sequential(small, mode="radial", max_steps=0)
+        RadialModel.from_sequential(small, mode="radial", max_steps=0)
     with pytest.raises(ValueError, match="max_steps"):
-        RadialNetwork.from_sequential(small, mode="ordered", max_steps=2)
+        RadialModel.from_sequential(small, mode="ordered", max_steps=2)
     with pytest.raises(ValueError, match="mode"):
         RadialConfig(mode="sideways")
     with pytest.raises(ValueError, match="empty"):
@@ -297,15 +297,15 @@ def test_bad_input(small):
     class Bare:
         config, params, dtype = SMALL, {"embed_tokens": {}}, jnp.float32
     with pytest.raises(ValueError, match="layers"):
-        RadialNetwork.from_sequential(Bare())
+        RadialModel.from_sequential(Bare())
     Bare.params = {"layers": {}}
     with pytest.raises(ValueError, match="empty"):
-        RadialNetwork.from_sequential(Bare())
+        RadialModel.from_sequential(Bare())
     with pytest.raises(ValueError, match="rj.Model"):
-        RadialNetwork.from_sequential(object())
+        RadialModel.from_sequential(object())
     with pytest.raises(ValueError, match="oracle"):
-        RadialNetwork.from_sequential(small, mode="radial", routing="oracle")
-    rm = RadialNetwork.from_sequential(small)
+        RadialModel.from_sequential(small, mode="radial", routing="oracle")
+    rm = RadialModel.from_sequential(small)
     with pytest.raises(ValueError, match="attention_mask"):
         rm.forward(np.ones((2, 4), np.int32), np.ones((2, 3), np.int32))
     with pytest.raises(ValueError, match="token ids"):
@@ -325,9 +325,10 @@ def test_budget_helper_equals_config_capacity():
 @pytest.mark.parametrize("policy", ["mask", "propagate"])
 def test_grouped_step_equals_the_loop_over_layers_when_the_budget_binds(small, policy):
     """``run_layers_grouped`` (balanced loads, one batched computation) == ``run_layer`` for each layer in turn."""
-    from radial_jax.kv_cache import KVCache
-    from radial_jax.radial.steps import Plan, Tokens, run_layer, run_layers_grouped
-    rm = RadialNetwork.from_sequential(small, mode="radial", cache_policy=policy, capacity_factor=0.5)
+    from radial_jax.models.kv_cache import KVCache
+    from radial_jax.radial.step_state import Plan, Tokens
+    from radial_jax.radial.visit import run_layer, run_layers_grouped
+    rm = RadialModel.from_sequential(small, mode="radial", cache_policy=policy, capacity_factor=0.5)
     config, L, G, N = rm.config, SMALL.num_hidden_layers, 2, 12
     lc = config.layer_config()
     plan = Plan(rc=rm.radial, lc=lc, dtype=jnp.float32, num_layers=L, causal=True, decoding=False,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import radial_jax as rj
-from radial_jax.radial import RadialNetwork
+from radial_jax.radial import RadialModel
 from radial_jax.radial.capacity import drop_rate, flat_loads, padding
 from radial_jax.radial.stats import RouteStats
 
@@ -16,7 +16,7 @@ SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim
 @pytest.fixture(scope="module")
 def routed():
     model = rj.build(SMALL, seed=3)
-    return RadialNetwork.from_sequential(model, mode="ordered", capacity_factor=1.0, router_init_scale=1.5, seed=1,
+    return RadialModel.from_sequential(model, mode="ordered", capacity_factor=1.0, router_init_scale=1.5, seed=1,
                                          prefill_buckets=4)
 
 

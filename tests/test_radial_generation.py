@@ -9,7 +9,7 @@ import pytest
 import jax
 
 import radial_jax as rj
-from radial_jax.radial import RadialNetwork
+from radial_jax.radial import RadialModel
 from radial_jax.radial.router import exit_index
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
@@ -29,7 +29,7 @@ def small():
 
 @pytest.fixture(scope="module", params=sorted(ROUTED))
 def routed(request, small):
-    return RadialNetwork.from_sequential(small, router_init_scale=1.5, seed=1, prefill_buckets=2,
+    return RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, prefill_buckets=2,
                                          **ROUTED[request.param])
 
 
@@ -103,7 +103,7 @@ def test_end_of_sequence_stops_rows_and_sampling_is_reproducible(routed):
 
 def test_identity_routing_generates_what_the_sequential_model_generates(small):
     ids, mask = left_padded(LENGTHS, seed=2)
-    rm = RadialNetwork.from_sequential(small, mode="ordered", routing="identity")
+    rm = RadialModel.from_sequential(small, mode="ordered", routing="identity")
     out = rm.generate(ids, mask, max_new_tokens=NEW, eos_token_id=(), return_output=True)
     ref = small.generate(ids, mask, max_new_tokens=NEW, eos_token_id=(), return_output=True)
     np.testing.assert_array_equal(out.sequences, ref.sequences)
@@ -113,7 +113,7 @@ def test_identity_routing_generates_what_the_sequential_model_generates(small):
 
 
 def test_when_every_row_exits_at_once_decoding_runs_one_step_and_less_compute(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=4, router_init_scale=1.5, seed=1)
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=4, router_init_scale=1.5, seed=1)
     router = dict(rm.params["router"])
     router["step_bias"] = router["step_bias"].at[:, exit_index(SMALL.num_layers)].set(1e4)  # everyone exits
     gone = rm.replace(params={**rm.params, "router": router})

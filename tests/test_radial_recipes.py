@@ -9,7 +9,7 @@ import pytest
 
 import radial_jax as rj
 from radial_jax.models.stack import layer_forward, meta_at, pool_layer, unstack_pool
-from radial_jax.radial import RadialNetwork, decode_tokens
+from radial_jax.radial import RadialModel, decode_tokens
 from radial_jax.radial.router import Router, exit_index
 from radial_jax.radial.routing import Explore
 from radial_jax.training.joint import JointConfig
@@ -34,7 +34,7 @@ def _exit_everywhere(rm):
 def test_no_token_exits_before_min_exit_step_and_decoding_agrees(small):
     ids = np.random.default_rng(1).integers(3, 64, (2, 9))
     for min_exit in (0, 1, 2):
-        rm = RadialNetwork.from_sequential(small, mode="radial", capacity_factor=L, min_exit_step=min_exit)
+        rm = RadialModel.from_sequential(small, mode="radial", capacity_factor=L, min_exit_step=min_exit)
         rm = rm.replace(params=_exit_everywhere(rm))
         out = rm.forward(ids)
         exited = np.asarray(out.router.exited)  # [S, b, t]
@@ -46,11 +46,11 @@ def test_no_token_exits_before_min_exit_step_and_decoding_agrees(small):
         logits, _, _, _ = decode_tokens(rm, ids, prompt_len=3)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(out.logits), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="radial"):
-        RadialNetwork.from_sequential(small, mode="ordered", min_exit_step=1)
+        RadialModel.from_sequential(small, mode="ordered", min_exit_step=1)
 
 
 def test_gumbel_exploration_samples_the_routers_softmax_and_scale_zero_is_the_argmax(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", capacity_factor=L, router_init_scale=1.0, seed=4)
+    rm = RadialModel.from_sequential(small, mode="radial", capacity_factor=L, router_init_scale=1.0, seed=4)
     ids = jnp.asarray(np.random.default_rng(2).integers(3, 64, (8, 32)))
     apply = jax.jit(lambda key, scale: rm.module.apply({"params": rm.params}, ids,
                                                        explore=Explore(key, jnp.float32(scale))))
@@ -74,7 +74,7 @@ def test_gumbel_exploration_samples_the_routers_softmax_and_scale_zero_is_the_ar
 
 def test_mixture_step_is_the_probability_weighted_sum_of_every_layers_update(small):
     """One step over a pool of three: ``x + sum_l p_l (layer_l(x) - x)``, computed here layer by layer."""
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=1, capacity_factor=1.0, routing="mixture",
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=1, capacity_factor=1.0, routing="mixture",
                                        router_init_scale=0.5, min_exit_step=1, seed=2)
     ids = jnp.asarray(np.random.default_rng(3).integers(3, 64, (2, 7)))
     out = rm.forward(ids)
@@ -95,7 +95,7 @@ def test_mixture_step_is_the_probability_weighted_sum_of_every_layers_update(sma
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(logits), atol=2e-5, rtol=0)
     assert (np.asarray(out.metrics.depth) == L).all()  # every layer ran for every token
     with pytest.raises(ValueError, match="radial"):
-        RadialNetwork.from_sequential(small, mode="ordered", routing="mixture")
+        RadialModel.from_sequential(small, mode="ordered", routing="mixture")
 
 
 def test_joint_schedule_mixture_then_hard_routes_and_the_multiplier_follows_the_visits():
@@ -141,13 +141,13 @@ def test_joint_explore_recipe_trains_with_the_multiplier_and_the_mixture_needs_f
 
 def test_radial_identity_routing_warns_when_its_capacity_drops_most_visits(small):
     with pytest.warns(UserWarning, match="67% of the visits are dropped; capacity_factor=3"):
-        rm = RadialNetwork.from_sequential(small, mode="radial", routing="identity")
+        rm = RadialModel.from_sequential(small, mode="radial", routing="identity")
     out = rm.forward(np.random.default_rng(0).integers(3, 64, (1, 12)))
     assert int(out.metrics.dropped.sum()) > 12  # what the warning says happens
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        RadialNetwork.from_sequential(small, mode="radial", routing="identity", capacity_factor=L)
-        RadialNetwork.from_sequential(small, mode="ordered", routing="identity")
+        RadialModel.from_sequential(small, mode="radial", routing="identity", capacity_factor=L)
+        RadialModel.from_sequential(small, mode="ordered", routing="identity")
 
 
 def test_once_routes_are_the_sequential_model_with_steps_to_spare(small):
@@ -158,7 +158,7 @@ def test_once_routes_are_the_sequential_model_with_steps_to_spare(small):
     for s in range(S):
         want[s, s if s < L else skip_index(L)] = 0.0
     np.testing.assert_array_equal(bias, want)
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=S, capacity_factor=S)
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=S, capacity_factor=S)
     router = dict(rm.params["router"])
     router["step_bias"] = router["step_bias"] + once_step_bias(L, S, 1e4)
     rm = rm.replace(params={**rm.params, "router": router})

@@ -5,7 +5,7 @@ import pytest
 import jax.numpy as jnp
 
 import radial_jax as rj
-from radial_jax.radial import RadialNetwork, decode_tokens
+from radial_jax.radial import RadialModel, decode_tokens
 from radial_jax.radial.router import exit_index, skip_index
 from radial_jax.radial.stats import RouteStats
 
@@ -21,7 +21,7 @@ def small():
 
 @pytest.mark.parametrize("policy", ["mask", "propagate"])
 def test_warm_start_computes_exactly_what_the_ordered_student_computes(small, policy):
-    ordered = RadialNetwork.from_sequential(small, mode="ordered", capacity_factor=0.5, router_init_scale=1.5,
+    ordered = RadialModel.from_sequential(small, mode="ordered", capacity_factor=0.5, router_init_scale=1.5,
                                             seed=1, cache_policy=policy, prefill_buckets=2)
     radial = ordered.to_radial(push=1e4)
     assert radial.radial.mode == "radial" and radial.radial.steps(L) == L
@@ -52,7 +52,7 @@ def _forced_router(rm, plan):
 @pytest.mark.parametrize("policy", ["mask", "propagate"])
 def test_forced_reuse_skip_and_exit_decode_like_the_parallel_forward(small, policy):
     plan = [0, 2, skip_index(L), 0, 2, exit_index(L)]  # layer 0 twice, layer 2 twice, a skip, then exit
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=len(plan), capacity_factor=len(plan),
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=len(plan), capacity_factor=len(plan),
                                        cache_policy=policy, prefill_buckets=2)
     rm = rm.replace(params=_forced_router(rm, plan))
     ids = np.random.default_rng(2).integers(3, 64, (2, 9))
@@ -70,7 +70,7 @@ def test_forced_reuse_skip_and_exit_decode_like_the_parallel_forward(small, poli
 
 
 def test_route_statistics_equal_a_plain_recount(small):
-    rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=5, capacity_factor=0.6, router_init_scale=1.5,
+    rm = RadialModel.from_sequential(small, mode="radial", max_steps=5, capacity_factor=0.6, router_init_scale=1.5,
                                        seed=1, prefill_buckets=2)
     ids = np.random.default_rng(3).integers(3, 64, (3, 10))
     mask = np.ones(ids.shape, bool)
@@ -116,7 +116,7 @@ def test_joint_warm_up_gives_every_token_the_full_depth(small):
     from radial_jax.training.joint import JointConfig
     cfg = JointConfig(mode="radial", route_start=5)
     for S in (3, 6):  # S > L: the pool looped twice
-        rm = RadialNetwork.from_sequential(small, mode="radial", max_steps=S)
+        rm = RadialModel.from_sequential(small, mode="radial", max_steps=S)
         full = S * rm.radial.layers_per_step(L) / L
         routing, capacity = cfg.stage(0, full)
         warm = rm.replace(routing=routing, capacity_factor=capacity)

@@ -14,8 +14,8 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
     import radial_jax as rj
-    from radial_jax.radial import RadialNetwork
-    from radial_jax.sharding import logical_specs, make_mesh, override_rules, shard_params
+    from radial_jax.radial import RadialModel
+    from radial_jax.scale.sharding import logical_specs, make_mesh, override_rules, shard_params
     assert jax.device_count() == 8, jax.devices()
     cfg = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=8, ffn_dim=64, num_attention_heads=4,
                        max_position_embeddings=32)
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     assert specs["layers"]["fc1"]["kernel"][0] == "fsdp"
     for kw in (dict(mode="ordered", capacity_factor=0.5),
                dict(mode="radial", max_steps=6, capacity_factor=1.0, router_init_scale=1.5)):
-        rm = RadialNetwork.from_sequential(model, prefill_buckets=2, **kw)
+        rm = RadialModel.from_sequential(model, prefill_buckets=2, **kw)
         f = jax.jit(lambda p, x: rm.module.apply({"params": p}, x))
         one = f(jax.device_put(rm.params, jax.devices()[0]), ids)
         sharded = dict(shard_params({k: v for k, v in rm.params.items() if k != "router"}, specs, mesh))

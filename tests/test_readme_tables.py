@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
@@ -23,3 +25,12 @@ def test_render_lists_every_figure_with_its_spread_and_source(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(doc))
     table = readme_tables.render(tmp_path)
     assert "| decode (tokens equal) | 2.5× (2.1–2.9, 7 rounds) | ≥ 2 | ✔ | `results/b.json` |" in table
+
+
+def test_headlines_keep_their_order_and_a_missing_one_is_an_error(tmp_path):
+    figs = [{"key": k, "label": k, "value": 1.0} for k in ("first", "second", "third")]
+    (tmp_path / "b.json").write_text(json.dumps({"machine": {}, "figures": figs}))
+    table = readme_tables.render(tmp_path, only=[("b.json", "third"), ("b.json", "first")])
+    assert "second" not in table and table.index("| third") < table.index("| first")
+    with pytest.raises(ValueError, match="absent"):
+        readme_tables.render(tmp_path, only=[("b.json", "absent")])

@@ -58,7 +58,7 @@ def batch(ours):
 
 
 def test_the_file_loads_without_flags_and_is_gemma3(ours, gguf_path):
-    from radial_jax.gguf import GGUFCheckpoint
+    from radial_jax.checkpoints.gguf import GGUFCheckpoint
     ckpt = GGUFCheckpoint(gguf_path)
     stored = {info.qtype.name for info in ckpt._infos.values()}
     assert {"Q5_0", "Q4_K", "Q6_K"} <= stored  # llama.cpp's Q4_K_M mix, all of it read

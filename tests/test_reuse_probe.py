@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 import radial_jax as rj
-from radial_jax.api import Model
+from radial_jax.models.bundle import Model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -25,7 +25,7 @@ def test_reuse_probe_picks_the_best_repeat_and_greedy_routes_and_a_rerun_reuses_
     import reuse_probe
     from radial_jax.data.corpus import OFFLINE_TOKENIZER_PREFIX
     from radial_jax.profiling.layer_drop import route_layers
-    from radial_jax.training.artifacts import save_model
+    from radial_jax.checkpoints.artifacts import save_model
     built = rj.build(rj.OPTConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=4, ffn_dim=64,
                                   num_attention_heads=2, max_position_embeddings=64), seed=3)
     model = Model(built.config, built.params, name="tiny", tokenizer_path=f"{OFFLINE_TOKENIZER_PREFIX}2048")

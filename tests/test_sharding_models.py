@@ -22,8 +22,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 import radial_jax as rj
-from radial_jax.api import example_inputs
-from radial_jax.sharding import batch_sharding, logical_specs, make_mesh, shard_params
+from radial_jax.models.bundle import example_inputs
+from radial_jax.scale.sharding import batch_sharding, logical_specs, make_mesh, shard_params
 
 opt_dir, vit_dir = sys.argv[1], sys.argv[2]
 assert jax.device_count() == 8, jax.devices()

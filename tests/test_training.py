@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import radial_jax as rj
+from radial_jax.models.perplexity import lm_cross_entropy
 from radial_jax.training import losses
-from radial_jax.training.distill import (DistillConfig, distill, keep_logits_ordered, make_distill_eval,
-                                         make_student, without_router)
+from radial_jax.training.distill import distill, make_distill_eval
+from radial_jax.training.distill_loss import DistillConfig, keep_logits_ordered, make_student, without_router
 from radial_jax.training.loop import TrainConfig
 from radial_jax.training.optim import OptimConfig, make_optimizer, make_schedule
 from radial_jax.data.packed import PackedDataset, text_data
@@ -37,7 +38,7 @@ def test_lm_cross_entropy_matches_numpy_loop():
             if mask[b, i] and mask[b, i + 1]:
                 tot -= np_log_softmax(logits[b, i])[ids[b, i + 1]]
                 n += 1
-    loss, count = losses.lm_cross_entropy(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    loss, count = lm_cross_entropy(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
     assert int(count) == n
     np.testing.assert_allclose(float(loss), tot / n, rtol=1e-5)
 
@@ -189,8 +190,8 @@ def test_lm_loss_falls_below_unigram_entropy(corpus, teacher):
 # -- distillation into a Radial Network, evaluation, CLI, joint training --------------------------------------
 def _median_probe_ratio(model, ids):
     """A data-driven oracle threshold: the median whole-layer ratio the oracle probe sees (threshold 0)."""
-    from radial_jax.radial import RadialNetwork
-    oracle = RadialNetwork.from_sequential(model, routing="oracle", cache_policy="propagate")
+    from radial_jax.radial import RadialModel
+    oracle = RadialModel.from_sequential(model, routing="oracle", cache_policy="propagate")
     return float(np.median(np.asarray(oracle.forward(ids, threshold=0.0).router.ratio)))
 
 
@@ -291,7 +292,7 @@ def test_evaluate_curves_meet_the_teacher_and_the_empty_network(tmp_path, teache
 
 
 def test_cli_train_distill_eval(tmp_path, capsys):
-    from radial_jax.training.cli import main
+    from radial_jax.cli import main
     tokens = tmp_path / "corpus.txt"
     tokens.write_text(("the quick brown fox jumps over the lazy dog. " * 200))
     assert main(["train", "--size", "tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "16",
@@ -306,7 +307,7 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     assert res["student"]["radial_config"]["mode"] == "radial"
     # the warm start keeps each step's layer budget: capacity factor 1 over L = 2 layers becomes 2 in radial mode;
     # eval serves the student at the capacity its routes need (at most that)
-    from radial_jax.training.artifacts import load_student
+    from radial_jax.radial.artifacts import load_student
     student, meta = load_student(tmp_path / "s" / "student")
     assert student.radial.capacity_factor == 2.0
     # the saved config is the radial phase's, the one the student was last trained with
@@ -323,7 +324,7 @@ def test_cli_train_distill_eval(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a 'lm' artifact" in err and "Traceback" not in err
     # what `train` wrote is a model every command loads by path, with the tokenizer it was trained with
-    from radial_jax.training.artifacts import load_model
+    from radial_jax.checkpoints.artifacts import load_model
     saved, loaded = load_model(lm), rj.load(lm)
     ids = np.arange(12).reshape(2, 6)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(saved(ids)))
@@ -378,7 +379,8 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     honoured (router-only ordered phase: the ordered student's layers are bitwise the teacher's; the radial
     phase training everything moves them), and a rerun that reuses every stage."""
     from radial_jax.cli import main
-    from radial_jax.training.artifacts import load_model, load_student
+    from radial_jax.checkpoints.artifacts import load_model
+    from radial_jax.radial.artifacts import load_student
     out = tmp_path / "p"
     argv = ["pipeline", "--out", str(out), "--size", "tiny", "--teacher-steps", "4", "--distill-steps", "2",
             "--radial-steps", "2", "--window", "8", "--batch-size", "4", "--max-windows", "8", "--thresholds",

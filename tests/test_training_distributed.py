@@ -37,13 +37,13 @@ COMMON = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 import radial_jax as rj
-from radial_jax.api import example_inputs
+from radial_jax.models.bundle import example_inputs
 from radial_jax.radial.router import with_keep_offset
-from radial_jax.sharding import logical_specs, make_mesh, override_rules
-from radial_jax.training.distill import DistillConfig, make_student
+from radial_jax.scale.sharding import logical_specs, make_mesh, override_rules
+from radial_jax.training.distill_loss import DistillConfig, make_student
 from radial_jax.training.lm import lm_loss_fn
 from radial_jax.data.packed import PackedDataset
-from radial_jax.training.scale import distill_step
+from radial_jax.training.pod_steps import distill_step
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import global_batch, make_sharded_train_step, make_train_step, to_host
 
@@ -84,7 +84,7 @@ def distill_run(mesh, data, teacher=None, rules=None):
 """
 
 EIGHT = COMMON + r"""
-from radial_jax.loading import READ_STATS
+from radial_jax.checkpoints.tensor_files import READ_STATS
 assert jax.device_count() == 8
 report = {"load": {}}
 # sharded loading == unsharded loading, every family's conversions
@@ -123,11 +123,11 @@ for name, shape, rules in (("d2f2t2", (2, 2, 2), None), ("expert_fsdp8", (1, 8, 
     report["distill"][name] = dict(max_abs=max_diff(got, dref), loss_diff=abs(loss - dref_loss))
 
 # the plan's bytes == what the real sharded state and inputs occupy on device 0
-from radial_jax.plan import make_plan
+from radial_jax.training.plan import make_plan
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer, OptimConfig
 from radial_jax.training.steps import init_sharded_state, param_shardings
-from radial_jax.sharding import batch_sharding
+from radial_jax.scale.sharding import batch_sharding
 mesh = make_mesh(2, 2, 2)
 plan = make_plan(cfg, (2, 2, 2), task="train", batch=8, seq_len=8, memory=MemoryConfig())
 adamw = make_optimizer(OptimConfig())
@@ -214,7 +214,7 @@ if mode == "multi":
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                local_device_ids=[0])
 """ + COMMON + r"""
-from radial_jax.loading import READ_STATS
+from radial_jax.checkpoints.tensor_files import READ_STATS
 n = jax.process_count()
 mesh = make_mesh(data=1, fsdp=-1, devices=jax.devices())  # fsdp over the processes: batch and parameters split
 READ_STATS.update(bytes=0, reads=0)

@@ -177,7 +177,17 @@ def eval_windows(tokens: np.ndarray, window: int, max_windows: Optional[int] = N
     return ids[whole][:n], mask[whole][:n], score[whole][:n]
 
 
-def window_batches(arrays, batch_size: int) -> list:
-    """``[(a[i:i + batch_size], b[i:i + batch_size], ...)]`` over aligned arrays (the last batch may be smaller)."""
-    n = len(arrays[0])
-    return [tuple(a[i:i + batch_size] for a in arrays) for i in range(0, n, batch_size)]
+def window_batches(arrays, batch_size: int, whole_only: bool = False) -> list:
+    """``[(a[i:i + batch_size], b[i:i + batch_size], ...)]`` over a tuple of aligned arrays, or the batches of
+    one array. The last batch may be smaller (one more compile, every window scored), or with ``whole_only``
+    is left out (one shape, one compile). A batch size below 1, or no batch at all, is a ``ValueError``."""
+    single = not isinstance(arrays, (tuple, list))
+    n = len(arrays) if single else len(arrays[0])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    end = n - n % batch_size if whole_only else n
+    if end < 1:
+        raise ValueError(f"{n} windows make no {'whole ' if whole_only else ''}batch of {batch_size}")
+    if single:
+        return [arrays[i:i + batch_size] for i in range(0, end, batch_size)]
+    return [tuple(a[i:i + batch_size] for a in arrays) for i in range(0, end, batch_size)]

@@ -3,7 +3,7 @@
 Keys live in *slots* (positions of the sequence, the third axis of the KV
 cache's ``[.., B, G, T, D]`` arrays). Which slots a query may see (padding,
 causality, a sliding window, the Radial Network's ``written_at`` rule) is
-decided by the caller through a boolean mask (``radial_jax.kv_cache.visible_mask``);
+decided by the caller through a boolean mask (``radial_jax.models.kv_cache.visible_mask``);
 this module only does the arithmetic, with the softmax always in float32.
 
 ``attend`` picks one of several implementations of the same function
@@ -72,7 +72,7 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
       softcap: Gemma 2's ``tanh(score / cap) * cap`` on the scaled scores, before masking.
       self_kv: optional ``(k_bqgd, v_bqgd)``: each query's own fresh key/value, attended
         in addition to the memory (a Radial Network token revisiting a layer must not
-        read its own cached entry; see ``radial_jax.kv_cache``).
+        read its own cached entry; see ``radial_jax.models.kv_cache``).
       implementation: one of ``IMPLEMENTATIONS``; default ``choose_implementation(...)``.
 
     Returns:

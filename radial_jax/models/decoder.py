@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.kv_cache import KVCache
+from radial_jax.models.kv_cache import KVCache
 from radial_jax.models.layer import make_norm
 from radial_jax.models.outputs import ModelOutput
 from radial_jax.models.stack import pool_param, run_pool

@@ -20,9 +20,10 @@ A family is one file in ``radial_jax/models/families/`` that defines ``FAMILY``:
   and ``example_inputs(config)``; ``__call__`` runs embed -> pool -> head and
   returns a ``ModelOutput``. Decoder families use ``radial_jax.models.decoder.CausalLM``;
 
-* its **one Hugging Face name table** (``radial_jax.models.names.FamilyNames``).
+* its **one Hugging Face name table** (``radial_jax.models.names.FamilyNames``) and, when llama.cpp
+  writes it, its GGUF names (``radial_jax.models.names.GGUFNames``, one per GGUF architecture).
 
-``Model``, generation, profiling, the oracle, ``RadialNetwork.from_sequential``,
+``Model``, generation, profiling, the oracle, ``RadialModel.from_sequential``,
 distillation and the CLI call this protocol only.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Dict, Tuple
 
 import jax.numpy as jnp
 
-from radial_jax.models.names import FamilyNames
+from radial_jax.models.names import FamilyNames, GGUFNames
 
 KINDS = ("causal_lm", "image_encoder")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,6 +50,7 @@ class Family:
     module_cls: type
     names: FamilyNames
     kind: str = "causal_lm"
+    gguf: Tuple[GGUFNames, ...] = ()  # the GGUF architectures llama.cpp writes this family as
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -12,13 +12,17 @@ and, with ``part=(i, n)``, keeps the ``i``-th of ``n`` equal slices of the last
 axis after converting (GPT-2's fused ``c_attn`` holds q, k and v). Rules for
 parameters a given config does not have are simply not used: which of our
 parameters exist is decided by the module itself.
+
+A family that llama.cpp writes also holds its ``GGUFNames``: llama.cpp's tensor names mapped to the
+same Hugging Face names, and what llama.cpp did to the values on the way in
+(``radial_jax.checkpoints.gguf`` reads any file through them).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import re
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +65,33 @@ class FamilyNames:
             if rule.ours == ours:
                 return rule
         return None
+
+
+# llama.cpp's names shared by its Llama-like decoders: GGUF name -> Hugging Face name ("{i}": the block)
+GGUF_DECODER_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_DECODER_BLOCK = {  # a block's tensor, without "blk.{i}." and ".weight" / ".bias"
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGUFNames:
+    """The tensors of one GGUF ``general.architecture``, as llama.cpp names and stores them."""
+
+    architecture: str
+    hf_classes: Mapping[str, str]  # model_type -> the transformers class whose names these are
+    block_names: Mapping[str, str]  # a block's GGUF tensor ("attn_q") -> its HF name after ``block_prefix``
+    global_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(GGUF_DECODER_GLOBAL))
+    block_prefix: str = "model.layers.{i}."
+    unpermute_qk: bool = False  # llama.cpp permuted the rows of q and k (Llama files): undone on reading
+    norm_offset: float = 0.0  # stored norm weights are ``w + norm_offset`` (Gemma's 1 + w): subtracted
+    transposed: Tuple[str, ...] = ()  # GGUF tensors stored transposed (GPT-2's Conv1D weights)
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ from typing import Optional
 import flax.struct
 import jax
 
-from radial_jax.kv_cache import KVCache
+from radial_jax.models.kv_cache import KVCache
 from radial_jax.models.layer import LayerStats
 
 

@@ -20,7 +20,7 @@ equal with and without it (tested).
 
 ``shard_batch(tree, axis)`` pins the activations carried from layer to layer (and a
 Radial Network's KV cache) to the batch sharding (the ``batch`` rule of
-``radial_jax.sharding.AXIS_RULES``) inside a ``batch_sharded(mesh)`` context (the
+``radial_jax.scale.sharding.AXIS_RULES``) inside a ``batch_sharded(mesh)`` context (the
 sharded train step enters it). Without it XLA may split activations along
 ``embed`` like the fsdp-sharded weights and keep the whole batch on every
 device; with it each device keeps its own rows and gathers each layer's weights
@@ -32,6 +32,8 @@ import contextlib
 import contextvars
 
 import jax
+
+from radial_jax.scale.sharding import AXIS_RULES
 
 POLICIES = {
     "none": None,
@@ -92,7 +94,6 @@ def shard_batch(tree, axis: int = 0):
     if mesh is None:
         return tree
     from jax.sharding import NamedSharding, PartitionSpec
-    from radial_jax.sharding import AXIS_RULES
     names = dict(AXIS_RULES)["batch"]
     names = names if isinstance(names, tuple) else (names,)
     size = 1

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.kv_cache import sequence_mask, visible_mask, write_first_visit
+from radial_jax.models.kv_cache import sequence_mask, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 from radial_jax.models.remat import remat_layer, shard_batch
 

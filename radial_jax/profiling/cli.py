@@ -19,7 +19,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=D.PROFILE_BATCH_SIZE)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--out", default=None, help="output directory (default: runs/<command>/<model>)")
-    from radial_jax.pod import add_mesh_args
+    from radial_jax.scale.pod import add_mesh_args
     add_mesh_args(p)
 
 
@@ -29,13 +29,14 @@ def load_model_and_data(args, with_scores: bool = False, load_weights: bool = Tr
     ``load_weights=False`` (streaming) builds the bundle from the embeddings and heads only.
     ``mesh``: the weights are read sharded (each process its devices' slices; ``rj.load(mesh=...)``).
     """
-    import radial_jax as rj
+    from radial_jax.checkpoints.load import load
+    from radial_jax.checkpoints.reader import CheckpointReader
     from radial_jax.data import coco_validation, image_folder, load_text_source, perplexity_windows, tokenize
-    from radial_jax.pod import rules_for
+    from radial_jax.scale.pod import rules_for
     if load_weights:
-        model = rj.load(args.model, dtype=args.dtype, mesh=mesh, rules=rules_for(getattr(args, "pool", "fsdp")))
+        model = load(args.model, dtype=args.dtype, mesh=mesh, rules=rules_for(getattr(args, "pool", "fsdp")))
     else:
-        model = rj.CheckpointReader(args.model).shell(args.dtype, name=str(args.model))
+        model = CheckpointReader(args.model).shell(args.dtype, name=str(args.model))
     if model.is_decoder:
         tokenizer = model.tokenizer()  # the model's own; a model without one is refused, never given another's
         source = args.data or "wikitext2"
@@ -61,7 +62,7 @@ def _out_dir(args, command: str) -> Path:
 
 def check_args(args, command: str) -> None:
     """The sizes and the output directory, checked before the model is loaded."""
-    from radial_jax.io import check_output_dir
+    from radial_jax.reporting.files import check_output_dir
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--window", args.window, 2),
                              ("--max-images", args.max_images, 1), ("--stride", args.stride, 1),
                              ("--max-tokens", args.max_tokens, 2)):
@@ -71,8 +72,8 @@ def check_args(args, command: str) -> None:
 
 
 def run_profile(args) -> int:
-    import radial_jax as rj
-    from radial_jax.pod import is_main_process, mesh_from_args
+    from radial_jax.profiling.residual import profile
+    from radial_jax.scale.pod import is_main_process, mesh_from_args
     check_args(args, "profile")
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, load_weights=not args.streaming, mesh=mesh)
@@ -82,8 +83,8 @@ def run_profile(args) -> int:
         result = profile_streaming(args.model, batches, dtype=args.dtype, data_name=data_name,
                                    keep_raw=args.save_raw, exact_limit=args.exact_limit, **kw)
     else:
-        result = rj.profile(model, batches, data_name=data_name, keep_raw=args.save_raw,
-                            exact_limit=args.exact_limit)
+        result = profile(model, batches, data_name=data_name, keep_raw=args.save_raw,
+                         exact_limit=args.exact_limit)
     if not is_main_process():  # every process computed the same (replicated) statistics
         return 0
     out = result.save(_out_dir(args, "profile"))
@@ -93,14 +94,14 @@ def run_profile(args) -> int:
 
 
 def run_simulate(args) -> int:
-    import radial_jax as rj
+    from radial_jax.profiling.skipping import simulate_skipping
     from radial_jax.profiling.skipping import parse_thresholds
-    from radial_jax.pod import is_main_process, mesh_from_args
+    from radial_jax.scale.pod import is_main_process, mesh_from_args
     thresholds = parse_thresholds(args.thresholds)  # before loading anything
     check_args(args, "simulate")
     mesh = mesh_from_args(args)
     model, batches, data_name = load_model_and_data(args, with_scores=True, mesh=mesh)
-    sim = rj.simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)
+    sim = simulate_skipping(model, batches, thresholds, ratio_kind=args.ratio, data_name=data_name)
     if not is_main_process():
         return 0
     out = sim.save(_out_dir(args, "simulate"))

@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from radial_jax.api import Model
+from radial_jax.models.bundle import Model
 
 #: config fields that count the layers, and config fields that hold one value per layer (by family)
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer")

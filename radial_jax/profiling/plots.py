@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from radial_jax.io import figure, integer_ticks, save_figure
+from radial_jax.reporting.files import figure, integer_ticks, save_figure
 
 
 def plot_profile(result, path) -> None:

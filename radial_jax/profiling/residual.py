@@ -31,9 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from radial_jax.defaults import RATIO
-from radial_jax.io import atomic_write_text
 from radial_jax.models.layer import RATIO_KINDS
+from radial_jax.profiling.plots import plot_profile
 from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator
+from radial_jax.reporting.files import atomic_write_text
 
 BLOCKS = ("attn", "mlp", "layer")
 GROUPS = BLOCKS + ("blocks",)  # "blocks": attention and MLP blocks pooled
@@ -148,7 +149,6 @@ class ProfileResult:
             with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as f:
                 np.savez_compressed(f, **self.raw)
             os.replace(f.name, out / "raw.npz")
-        from radial_jax.profiling.plots import plot_profile
         plot_profile(self, out / "per_layer.png")
         return out
 

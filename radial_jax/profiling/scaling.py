@@ -18,7 +18,12 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from radial_jax.io import atomic_write_text
+from radial_jax.checkpoints.load import load
+from radial_jax.checkpoints.reader import CheckpointReader
+from radial_jax.profiling.residual import profile
+from radial_jax.profiling.skipping import check_thresholds, simulate_skipping
+from radial_jax.profiling.streaming import profile_streaming
+from radial_jax.reporting.files import atomic_write_text, figure, save_figure
 
 EXTRAPOLATE_TO = (1.75e11, 1e12)
 
@@ -35,9 +40,6 @@ def run_scaling(models: Sequence[str], make_batches: Callable, out, *, threshold
     ``mesh``: weights read sharded onto it (``rj.load(mesh=...)``; streamed layers too), so no host holds a
     whole model; with several processes only process 0 writes.
     """
-    import radial_jax as rj
-    from radial_jax.profiling.skipping import check_thresholds
-    from radial_jax.profiling.streaming import profile_streaming
     import jax
     thresholds = check_thresholds(thresholds)
     main = jax.process_index() == 0
@@ -50,7 +52,7 @@ def run_scaling(models: Sequence[str], make_batches: Callable, out, *, threshold
             done.append(name)
             continue
         d.mkdir(parents=True, exist_ok=True)
-        reader = rj.CheckpointReader(name)
+        reader = CheckpointReader(name)
         size = reader.num_params
         shell = reader.shell(dtype, name=str(name))
         prof_batches, sim_batches = make_batches(shell)
@@ -61,9 +63,9 @@ def run_scaling(models: Sequence[str], make_batches: Callable, out, *, threshold
                 result.save(d)
                 atomic_write_text(d / "simulation.json", json.dumps({"skipped": "model streamed", "thresholds": []}))
         else:
-            model = rj.load(name, dtype=dtype, mesh=mesh)
-            result = rj.profile(model, prof_batches, data_name=data_name)
-            simulation = rj.simulate_skipping(model, sim_batches, thresholds, data_name=data_name)
+            model = load(name, dtype=dtype, mesh=mesh)
+            result = profile(model, prof_batches, data_name=data_name)
+            simulation = simulate_skipping(model, sim_batches, thresholds, data_name=data_name)
             if main:
                 result.save(d)
                 simulation.save(d)
@@ -114,7 +116,6 @@ def collect(out, slugs: Optional[Sequence[str]] = None) -> List[dict]:
 
 
 def plot_scaling(summary: dict, path) -> None:
-    from radial_jax.io import figure, save_figure
     rows = summary["models"]
     plt, fig, axes = figure(4, width=4.2)
     params = np.array([r["num_params"] for r in rows], float)

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from radial_jax.io import atomic_write_text
 from radial_jax.models.layer import RATIO_KINDS
+from radial_jax.models.perplexity import TokenWeighted, token_nll
+from radial_jax.profiling.plots import plot_simulation
 from radial_jax.profiling.residual import as_batches, check_has_blocks
-from radial_jax.training import losses
+from radial_jax.reporting.files import atomic_write_text
 
 
 def parse_thresholds(text: str, flag: str = "--thresholds") -> List[float]:
@@ -57,7 +58,7 @@ def check_thresholds(thresholds) -> List[float]:
     return ts
 
 
-_token_nll = jax.jit(losses.token_nll)
+_token_nll = jax.jit(token_nll)
 
 
 @dataclasses.dataclass
@@ -101,7 +102,6 @@ class SimulationResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "simulation.json", json.dumps(self.to_dict(), indent=1))
-        from radial_jax.profiling.plots import plot_simulation
         plot_simulation(self, out / "simulation.png")
         return out
 
@@ -138,7 +138,8 @@ def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, sco
     for t in thresholds:
         depth_counts = np.zeros(2 * L + 1, np.int64)
         kept = {"attn": np.zeros(L), "mlp": np.zeros(L)}
-        n_tok = nll_sum = n_scored = agree = cos_sum = 0.0
+        n_tok = agree = cos_sum = 0.0
+        scored = TokenWeighted()  # the windows' scored tokens
         for bi, ((x, mask), score) in enumerate(zip(batches, scores)):
             out = model.forward(x, mask, threshold=jnp.float32(t), ratio_kind=ratio_kind)
             valid = np.ones(np.asarray(out.stats.attn.keep).shape[1:], bool) if mask is None else mask
@@ -154,8 +155,7 @@ def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, sco
                     score = valid.copy()
                     score[:, 0] = False
                 nll = np.asarray(_token_nll(out.logits, jnp.asarray(x)))
-                nll_sum += float(nll[score].sum())
-                n_scored += float(score.sum())
+                scored.add(score.sum(), sums={"nll": nll[score].sum()})
             else:
                 ref = reference[bi]
                 if out.logits is not None:
@@ -174,7 +174,7 @@ def simulate_skipping(model, data: Iterable, thresholds: Sequence[float], *, sco
             depth_histogram=depth_counts.tolist(),
             per_layer_kept={k: (v / n_tok).tolist() for k, v in kept.items()},
             flops_kept=float(kept_flops / (n_tok * L * (flops["attn"] + flops["mlp"]))),
-            perplexity=losses.perplexity(nll_sum, n_scored) if decoder else None,
+            perplexity=scored.perplexity("nll") if decoder else None,
             top1_agreement=(agree / n_images if not decoder and reference[0].logits is not None else None),
             embedding_cosine=(cos_sum / n_images if not decoder else None)))
     bar.close()

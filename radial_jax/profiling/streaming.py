@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from radial_jax.loading import CheckpointReader
+from radial_jax.checkpoints.reader import CheckpointReader
 from radial_jax.models.decoder import hf_positions
 from radial_jax.models.stack import layer_forward, meta_at
 from radial_jax.profiling.residual import (BLOCKS, RATIO_KINDS, ProfileResult, accumulate, as_batches,

@@ -5,7 +5,7 @@ from radial_jax.radial.metrics import RadialMetrics, compute_metrics, summary
 from radial_jax.radial.model import RadialModel
 from radial_jax.radial.network import RadialNetwork, RadialOutput
 from radial_jax.radial.router import Router, RouterOutput
-from radial_jax.radial.steps import RadialCache
+from radial_jax.radial.step_state import RadialCache
 
 __all__ = ["RadialNetwork", "RadialModel", "RadialConfig", "RadialOutput", "RadialCache", "RouterOutput",
            "RadialMetrics", "Router", "compute_metrics", "summary", "decode_tokens", "MODES", "CACHE_POLICIES",

@@ -31,12 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax import defaults as D
+from radial_jax.data.corpus import window_batches
 from radial_jax.radial.dispatch import prefill_sizes
-
-
-def _batches(windows, batch_size):
-    for i in range(0, len(windows), batch_size):
-        yield jnp.asarray(windows[i:i + batch_size], jnp.int32)
 
 
 def _slack_candidates(own: int, length: int):
@@ -64,7 +60,7 @@ def _route_facts(model, windows, batch_size: int, slacks=None):
 
     wanted = refused = 0
     need_k = np.zeros(slack_k.shape, np.float64)
-    for ids in _batches(windows, batch_size):
+    for ids in window_batches(windows, batch_size):
         w, d, n = facts(model.params, ids)
         wanted, refused, need_k = wanted + int(w), refused + int(d), np.maximum(need_k, np.asarray(n, np.float64))
     return wanted, refused, need_k
@@ -85,7 +81,7 @@ def flat_loads(model, windows, batch_size: int):
         return m.total_dropped, m.step_layer_load
 
     refused, per_batch = 0, []
-    for ids in _batches(windows, batch_size):
+    for ids in window_batches(windows, batch_size):
         d, load_sl = loads(model.params, ids)
         refused += int(d)
         per_batch.append((ids.shape[0], np.asarray(load_sl)))

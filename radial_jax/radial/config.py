@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from radial_jax.defaults import RATIO, ROUTER_HIDDEN
-from radial_jax.models.config_checks import check_field_types
+from radial_jax.models.config_base import check_field_types
 from radial_jax.models.layer import RATIO_KINDS
 
 MODES = ("ordered", "radial")

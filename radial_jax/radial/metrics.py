@@ -1,7 +1,7 @@
 """What a Radial Network forward (or decode step) reports: depth, load, drops, exits, executed FLOPs.
 
 Executed FLOPs are counted by construction from the shapes that ran
-(``radial_jax.flops``): for every step that ran, the router on every token, each
+(``radial_jax.models.flops``): for every step that ran, the router on every token, each
 layer's matmuls on the tokens that ran (its load rounded up to a static size) and its
 attention on the query slots that ran (whole sequences: per sequence, the busiest
 one's load rounded up to a static size) against the whole cache (radial mode: plus
@@ -18,7 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from radial_jax.flops import kv_flops, layer_flops, router_flops
+from radial_jax.models.flops import kv_flops, layer_flops, router_flops
 
 
 @flax.struct.dataclass
@@ -69,7 +69,7 @@ def executed_flops(plan, records, num_groups: int, num_tokens: int, cache_len: i
     matmuls = layer_flops(lc, 1, 0)
     per_key = layer_flops(lc, 1, 1) - matmuls
     if rc.ordered and rc.cache_policy == "propagate":  # a visit projects its queries only: its K/V are the
-        matmuls -= kv_flops(lc, 1)                     # step's propagate write, counted below (steps._project)
+        matmuls -= kv_flops(lc, 1)                     # step's propagate write, counted below (the projection in radial.visit)
     keys = cache_len + (0 if rc.ordered else 1)
     total = (jnp.sum(records["layer_sizes"].astype(jnp.float32)) * matmuls
              + jnp.sum(records["attn_queries"].astype(jnp.float32)) * keys * per_key)

@@ -2,8 +2,8 @@
 
 ``RadialModel.from_sequential(model, **radial_settings)`` takes any family's
 ``rj.Model``: the pool, embedder and head are the model's, the router is fresh.
-It shares ``radial_jax.api.Bundle`` with ``Model`` (input checks, ``generate``,
-the tokenizer), so ``rm.generate(...)`` is ``radial_jax.generation.generate``,
+It shares ``radial_jax.models.bundle.Bundle`` with ``Model`` (input checks, ``generate``,
+the tokenizer), so ``rm.generate(...)`` is ``radial_jax.serving.generation.generate``,
 the same code path as the sequential model's, with per-token depth and executed
 FLOPs in its ``GenerationOutput``.
 """
@@ -18,12 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.api import Bundle
-from radial_jax.models.stack import num_pool_layers
+from radial_jax.models.bundle import Bundle
+from radial_jax.models.flops import head_flops
+from radial_jax.models.kv_cache import split_layers
+from radial_jax.models.stack import num_pool_layers, unstack_pool
+from radial_jax.radial.capacity import fit_capacity
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.network import RadialNetwork, RadialOutput, init_router
 from radial_jax.radial.router import aligned_step_bias
-from radial_jax.radial.steps import RadialCache
+from radial_jax.radial.step_state import RadialCache
+from radial_jax.serving.generation import Decoding
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_len", "compute_logits"))
@@ -131,7 +135,6 @@ class RadialModel(Bundle):
 
     def fit_capacity(self, windows, **kwargs) -> "RadialModel":
         """This network at the smallest capacity its routes need on ``windows`` (``radial.capacity``)."""
-        from radial_jax.radial.capacity import fit_capacity
         return fit_capacity(self, windows, **kwargs)
 
     def forward(self, inputs, attention_mask=None, **kwargs) -> RadialOutput:
@@ -151,15 +154,11 @@ class RadialModel(Bundle):
         return _decode_step(self.module, self.params, jnp.asarray(ids_b), jnp.asarray(slots_b), cache, live_b)
 
     def decoding(self):
-        """``radial_jax.generation.Decoding`` of this network (prefill = the parallel forward)."""
+        """``radial_jax.serving.generation.Decoding`` of this network (prefill = the parallel forward)."""
         return self._decoding
 
     @functools.cached_property
     def _decoding(self):  # one object per bundle: generation's compiled loop is keyed on it
-        from radial_jax.flops import head_flops
-        from radial_jax.generation import Decoding
-        from radial_jax.kv_cache import split_layers
-        from radial_jax.models.stack import unstack_pool
         module, config = self.module, self.config
 
         def prefill(params, ids_bt, valid_bt, cache):

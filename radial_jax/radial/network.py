@@ -30,7 +30,8 @@ from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.metrics import RadialMetrics, compute_metrics
 from radial_jax.radial.router import ROUTER_FIELDS, Router, RouterOutput
-from radial_jax.radial.steps import Plan, RadialCache, Tokens, run_steps
+from radial_jax.radial.step_state import Plan, RadialCache, Tokens
+from radial_jax.radial.steps import run_steps
 
 
 @flax.struct.dataclass
@@ -66,7 +67,7 @@ class RadialNetwork(nn.Module):
     """A Radial Network over any family's model (``base_config``); see the module docstring.
 
     Parameters: the base model's (same names) plus ``"router"``. Use
-    ``RadialNetwork.from_sequential(model, ...)`` for a ready bundle (``RadialModel``).
+    ``RadialModel.from_sequential(model, ...)`` for a ready bundle.
     """
 
     base_config: Any
@@ -180,9 +181,3 @@ class RadialNetwork(nn.Module):
         metrics = compute_metrics(plan, per_token, live[:, None], 1, b, cache.max_len, b)
         return RadialOutput(logits=head.logits, hidden=head.hidden, cache=cache, metrics=metrics,
                             router=RouterOutput(**{k: per_token[k] for k in ROUTER_FIELDS}))
-
-    @staticmethod
-    def from_sequential(model, *, seed: int = 0, **radial_kwargs):
-        """``RadialModel.from_sequential`` (the bundle to use)."""
-        from radial_jax.radial.model import RadialModel
-        return RadialModel.from_sequential(model, seed=seed, **radial_kwargs)

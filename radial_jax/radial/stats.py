@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.io import figure, save_figure
+from radial_jax.reporting.files import figure, save_figure
 
 
 def route_rates(router, num_layers: int) -> dict:

@@ -7,7 +7,8 @@ Public API::
 """
 from radial_jax.training.adapt import AdaptConfig, adapt, load_adapted, save_adapted
 from radial_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
-from radial_jax.training.distill import DistillConfig, distill
+from radial_jax.training.distill_loss import DistillConfig
+from radial_jax.training.distill import distill
 from radial_jax.training.lm import train_lm
 from radial_jax.training.lora import LoraConfig
 from radial_jax.training.loop import TrainConfig, fit

@@ -31,12 +31,15 @@ import jax.numpy as jnp
 import optax
 
 from radial_jax import defaults as D
-from radial_jax.api import Model
+from radial_jax.checkpoints.artifacts import read_artifact, write_artifact
+from radial_jax.checkpoints.load import load
+from radial_jax.models.bundle import Model
+from radial_jax.profiling.layer_drop import drop_layers
+from radial_jax.radial import RadialModel
 from radial_jax.training import losses
-from radial_jax.training.artifacts import read_artifact, write_artifact
-from radial_jax.training.distill import expected_layer_visits, keep_logits_ordered, without_router
-from radial_jax.training.lora import LoraConfig, init_adapters, merge, num_adapter_params
+from radial_jax.training.distill_loss import expected_layer_visits, keep_logits_ordered, without_router
 from radial_jax.training.loop import TrainConfig, fit
+from radial_jax.training.lora import LoraConfig, init_adapters, merge, num_adapter_params
 from radial_jax.training.optim import make_optimizer
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_train_step, to_host
@@ -167,11 +170,8 @@ def read_adapted(directory):
 def load_adapted(directory, base: Optional[Model] = None):
     """``(student, meta)``: the student saved by ``save_adapted``, rebuilt on ``base`` (default: the
     base model recorded in the artifact, loaded with ``rj.load``)."""
-    from radial_jax.profiling.layer_drop import drop_layers
-    from radial_jax.radial import RadialModel
     trained, meta = read_adapted(directory)
     if base is None:
-        from radial_jax.loading import load
         base = load(meta["base"])
     if meta.get("dropped_layers"):
         student = drop_layers(base, meta["dropped_layers"])

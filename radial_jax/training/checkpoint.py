@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from radial_jax.loading import non_finite_leaves
-from radial_jax.training.optim import _path_str
+from radial_jax.checkpoints.load import non_finite_leaves
+from radial_jax.training.optim import param_path_str
 
 
 class CheckpointMismatchError(ValueError):
@@ -45,7 +45,7 @@ class CheckpointUnreadableError(RuntimeError):
 
 def _flat(tree) -> dict:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {_path_str(p): v for p, v in leaves}
+    return {param_path_str(p): v for p, v in leaves}
 
 
 def _shape(x):

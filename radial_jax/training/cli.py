@@ -14,7 +14,7 @@ from pathlib import Path
 
 from radial_jax import defaults as D
 from radial_jax.defaults import SIZES
-from radial_jax.pod import add_mesh_args, is_main_process, mesh_from_args, rules_for
+from radial_jax.scale.pod import add_mesh_args, is_main_process, mesh_from_args, rules_for
 
 
 def _common(p, steps, lr):
@@ -103,17 +103,17 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     import jax
-    from radial_jax.io import check_output_dir
+    from radial_jax.reporting.files import check_output_dir
     check_output_dir(args.run_dir, "--run-dir")
     mesh = mesh_from_args(args)  # --distributed first, then the mesh: before any other jax work
-    import radial_jax as rj
-    from radial_jax.training.artifacts import save_model
+    from radial_jax.models.families.opt import OPTConfig
+    from radial_jax.checkpoints.artifacts import save_model
     from radial_jax.training.lm import train_lm
     from radial_jax.data.packed import text_data
     data = text_data(args.data)
     train = _train_config(args)
-    config = rj.OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.seq_len),
-                          **SIZES[args.size])
+    config = OPTConfig(vocab_size=data.vocab_size, max_position_embeddings=max(D.MIN_POSITIONS, args.seq_len),
+                       **SIZES[args.size])
     model, history = train_lm(config, data, train=train, run_dir=args.run_dir, mesh=mesh,
                               progress=not args.no_progress, memory=memory_config(args), rules=rules_for(args.pool))
     if jax.process_index() == 0:
@@ -123,10 +123,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from radial_jax.training.artifacts import save_student
-    from radial_jax.training.distill import DistillConfig, distill
+    from radial_jax.radial.artifacts import save_student
+    from radial_jax.training.distill_loss import DistillConfig
+    from radial_jax.training.distill import distill
     from radial_jax.data.packed import model_text_data
-    from radial_jax.io import check_output_dir
+    from radial_jax.reporting.files import check_output_dir
     check_output_dir(args.run_dir, "--run-dir")
     if args.radial_steps < 0:
         raise ValueError(f"--radial-steps must be >= 0 (0: no radial phase), got {args.radial_steps}")
@@ -168,26 +169,26 @@ def load_teacher(name: str, mesh=None, rules=None, memory=None):
     """A ``radial-jax train`` model directory, a checkpoint directory or a hub id. On a mesh a checkpoint is
     read sharded (each process reads its devices' slices) in the compute dtype: the frozen teacher of the
     step; the student's fp32 masters are made from it."""
-    from radial_jax.training.artifacts import load_model
+    from radial_jax.checkpoints.load import load
     if mesh is None or (Path(name) / "params.msgpack").is_file():
-        teacher = load_model(name)
+        teacher = load(name)
         if mesh is not None:
-            from radial_jax.sharded import ShardedModel
-            from radial_jax.sharding import logical_specs
-            from radial_jax.api import example_inputs
-            from radial_jax.training.scale import to_mesh
+            from radial_jax.models.sharded import ShardedModel
+            from radial_jax.scale.sharding import logical_specs
+            from radial_jax.models.bundle import example_inputs
+            from radial_jax.training.pod_steps import to_mesh
             from radial_jax.training.steps import param_shardings
             specs = logical_specs(teacher.module, *example_inputs(teacher.config), rules=rules)
             params = to_mesh(teacher.params, param_shardings(teacher.params, specs, mesh), dtype=memory.dtype)
             teacher = ShardedModel(teacher.config, params, mesh=mesh, dtype=memory.dtype, name=teacher.name,
                                    tokenizer_path=teacher.tokenizer_path)
         return teacher
-    import radial_jax as rj
-    return rj.load(name, mesh=mesh, rules=rules, dtype=memory.dtype)
+    return load(name, mesh=mesh, rules=rules, dtype=memory.dtype)
 
 
 def cmd_eval(args) -> int:
-    from radial_jax.training.artifacts import load_model, load_student
+    from radial_jax.radial.artifacts import load_student
+    from radial_jax.checkpoints.load import load
     from radial_jax.training.evaluate import evaluate
     from radial_jax.data.packed import model_text_data
     mesh = mesh_from_args(args)
@@ -199,10 +200,10 @@ def cmd_eval(args) -> int:
         if not Path(meta["teacher"]).exists():
             raise ValueError(f"the teacher of {args.student} ({meta['teacher']!r}) was not found; it is needed "
                              "for the comparison (teacher perplexity and the oracles)")
-        teacher = load_model(meta["teacher"])
+        teacher = load(meta["teacher"])
     else:  # parameters sharded by the axis rules (the student's pool like the teacher's, the router replicated)
         from radial_jax.training.memory import MemoryConfig
-        from radial_jax.training.scale import radial_param_shardings, to_mesh
+        from radial_jax.training.pod_steps import radial_param_shardings, to_mesh
         rules = rules_for(args.pool)
         teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(
@@ -224,13 +225,3 @@ def cmd_eval(args) -> int:
                       "reuse_share": s["route_stats"]["reuse_token_share"],
                       "exit_share": s["route_stats"]["exit_share"], "png": result.get("png")}, indent=2))
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m radial_jax.training.cli ...``: the ``radial-jax`` command itself (one-line errors)."""
-    from radial_jax.cli import main as radial_jax_main
-    return radial_jax_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,7 @@ Everything runs the real networks, and compute is what ran:
 * teacher: the sequential model (``teacher.module``), every layer;
 * students (one, or several by name: an ordered and a radial one): the Radial
   Network with its real dispatch; ``depth`` is layer visits / L per token,
-  ``compute`` the executed FLOPs / the sequential model's (``radial_jax.flops``,
+  ``compute`` the executed FLOPs / the sequential model's (``radial_jax.models.flops``,
   by construction from the shapes that ran: layers at their rounded sizes, the
   router, *propagate* writes), ``route_stats`` what the routes did
   (``radial_jax.radial.stats``);
@@ -34,40 +34,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from radial_jax import defaults as D
-from radial_jax.flops import dense_flops, head_flops
-from radial_jax.io import atomic_write_json, figure, save_figure
+from radial_jax.data.corpus import window_batches
+from radial_jax.models.flops import dense_flops, head_flops
+from radial_jax.models.perplexity import TokenWeighted, lm_cross_entropy
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.radial.stats import RouteStats
-from radial_jax.training import losses
+from radial_jax.reporting.files import atomic_write_json, figure, save_figure
 
 DEFAULT_THRESHOLDS = D.EVAL_THRESHOLDS
 DEFAULT_OFFSETS = D.EVAL_OFFSETS
 
 
-def _batches(windows, batch_size):
-    """Every window, in batches of ``batch_size`` (the last one may be smaller: one more compile, and
-    the same tokens as ``radial-jax simulate`` scores on the same windows)."""
+def _accumulate(fn, windows, batch_size, *args):
+    """Token-weighted perplexity and depth of ``fn(ids, *args) -> (nll_sum, n, depth[, extra...])`` over every
+    window (a last, smaller batch too: the same tokens as ``radial-jax simulate`` scores on the same windows)."""
     if len(windows) < 1:
         raise ValueError("need at least one eval window, got 0")
-    for i in range(0, len(windows), batch_size):
-        yield jnp.asarray(windows[i:i + batch_size])
-
-
-def _accumulate(fn, windows, batch_size, *args):
-    """Token-weighted perplexity and depth of ``fn(ids, *args) -> (nll_sum, n, depth[, extra...])``."""
-    tot = cnt = dep = 0.0
-    extra = None
-    for ids in _batches(windows, batch_size):
+    acc = TokenWeighted()
+    for ids in window_batches(windows, batch_size):
         s, n, d, *more = fn(ids, *args)
-        tot, cnt, dep = tot + float(s), cnt + float(n), dep + float(d) * float(n)
-        more = np.array([float(m) * float(n) for m in more])
-        extra = more if extra is None else extra + more
-    row = {"ppl": losses.perplexity(tot, cnt), "nll": tot / cnt, "depth": dep / cnt}
-    return row, (None if extra is None else extra / cnt)
+        acc.add(n, sums={"nll": s}, depth=d, **{f"extra{i}": m for i, m in enumerate(more)})
+    row = {"ppl": acc.perplexity("nll"), "nll": acc.mean("nll"), "depth": acc.mean("depth")}
+    extras = sorted(k for k in acc.sums if k.startswith("extra"))
+    return row, (np.array([acc.mean(k) for k in extras]) if extras else None)
 
 
 def _nll(logits, ids):
-    nll, n = losses.lm_cross_entropy(logits, ids)
+    nll, n = lm_cross_entropy(logits, ids)
     return nll * n, n
 
 

@@ -64,17 +64,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.api import init_params
-from radial_jax.radial import RadialModel, RadialConfig
+from radial_jax.data.packed import TextData
+from radial_jax.defaults import ROUTER_HIDDEN
+from radial_jax.models.bundle import init_params
+from radial_jax.models.perplexity import lm_cross_entropy
+from radial_jax.radial import RadialConfig, RadialModel
 from radial_jax.radial.router import aligned_step_bias, once_step_bias, with_keep_offset
 from radial_jax.radial.routing import Explore
 from radial_jax.radial.stats import route_rates
-from radial_jax.defaults import ROUTER_HIDDEN
 from radial_jax.training import losses
-from radial_jax.training.distill import expected_layer_visits, step_cost
+from radial_jax.training.distill_loss import expected_layer_visits, step_cost
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.optim import make_optimizer
-from radial_jax.data.packed import TextData
+from radial_jax.training.pod_steps import joint_placement
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_train_step, to_host
 
@@ -167,7 +169,7 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
         controls = frozen or {"compute_weight": cfg.compute_weight, "explore": 0.0}
         explore = Explore(key, jnp.float32(controls["explore"])) if cfg.explores else None
         out = module.apply({"params": params}, ids_bt, explore=explore)
-        lm, _ = losses.lm_cross_entropy(out.logits, ids_bt)
+        lm, _ = lm_cross_entropy(out.logits, ids_bt)
         r = out.router
         depth = losses.compute_penalty(expected_layer_visits(r, ordered, L, step_cost(network, ids_bt.shape[1])), L)
         z = losses.router_z_loss(r.logits)
@@ -193,7 +195,7 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     """Train a Radial Network over ``config`` (any decoder family's config) from scratch; returns
     ``(network, history)`` with ``network.params`` trained and ``network.radial`` the final stage's settings.
     ``radial_kwargs``: further ``RadialConfig`` fields (``max_steps`` for ``S > L``, ``cache_policy``, ...);
-    ``mesh``, ``memory``, ``rules``: pod placement and memory settings (``radial_jax.training.scale``)."""
+    ``mesh``, ``memory``, ``rules``: pod placement and memory settings (``radial_jax.training.pod_steps``)."""
     train = train or TrainConfig()
     if steps is not None:
         train = dataclasses.replace(train, steps=int(steps))
@@ -218,7 +220,6 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
     params = {**network.params, "router": router}
     tx = make_optimizer(train.optim)
     state = TrainState.create(params, tx, seed=train.seed)
-    from radial_jax.training.scale import joint_placement  # mesh / memory: radial_jax.training.scale
     state, step_kwargs = joint_placement(network, state, tx, mesh, memory, rules, controls=CONTROLS)
 
     compiled = {}

@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.api import Model, build, example_inputs
+from radial_jax.data.corpus import window_batches
+from radial_jax.data.packed import TextData
+from radial_jax.models.bundle import Model, build, example_inputs
 from radial_jax.models.family import module_for
-from radial_jax.training.losses import lm_cross_entropy, perplexity
+from radial_jax.models.perplexity import TokenWeighted, lm_cross_entropy
+from radial_jax.scale.sharding import AXIS_RULES, logical_specs
 from radial_jax.training.loop import TrainConfig, fit
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer
-from radial_jax.data.packed import TextData
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import make_sharded_train_step, make_train_step, to_host
 
@@ -45,13 +46,14 @@ def make_lm_eval(module, windows: np.ndarray, batch_size: int = 16):
         nll, n = lm_cross_entropy(out.logits, ids_bt)
         return nll * n, n
 
+    window_batches(windows, batch_size, whole_only=True)  # too few windows: refused now, not at the first eval
+
     def evaluate(params):
-        tot = cnt = 0.0
-        for i in range(0, len(windows) - batch_size + 1, batch_size):
-            s, n = nll_sum(params, jnp.asarray(windows[i:i + batch_size]))
-            tot, cnt = tot + float(s), cnt + float(n)
-        loss = tot / max(cnt, 1.0)
-        return {"eval_loss": loss, "eval_ppl": perplexity(loss, 1)}
+        acc = TokenWeighted()
+        for ids in window_batches(windows, batch_size, whole_only=True):  # one shape: one compile
+            s, n = nll_sum(params, ids)
+            acc.add(n, sums={"nll": s})
+        return {"eval_loss": acc.mean("nll"), "eval_ppl": acc.perplexity("nll")}
 
     return evaluate
 
@@ -93,7 +95,6 @@ def train_lm(config, data: TextData, steps: Optional[int] = None, *, train: Opti
         step_fn = make_train_step(loss_fn, tx, memory=memory)
         pi, pc = 0, 1
     else:
-        from radial_jax.sharding import AXIS_RULES, logical_specs
         specs = logical_specs(model.module, *example_inputs(config), rules=AXIS_RULES if rules is None else rules)
         step_fn, state = make_sharded_train_step(loss_fn, tx, state, mesh, specs, memory=memory)
         pi, pc = jax.process_index(), jax.process_count()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
 
 
 def _mask(mask_bt, shape_bt):
@@ -18,33 +18,6 @@ def _mask(mask_bt, shape_bt):
 
 def _masked_mean(v_bt, m_bt):
     return jnp.sum(v_bt * m_bt) / jnp.maximum(jnp.sum(m_bt), 1.0)
-
-
-def token_nll(logits_btv, ids_bt):
-    """``nll[b, j]`` of token ``j`` predicted from position ``j - 1``, in float32 (``nll[:, 0] = 0``:
-    nothing in the window predicts its first token)."""
-    logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp, ids_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(nll_bt, ((0, 0), (1, 0)))
-
-
-def lm_cross_entropy(logits_btv, ids_bt, mask_bt=None):
-    """Next-token cross-entropy: ``logits[:, i]`` predicts ``ids[:, i+1]``.
-
-    A target counts when both it and its input are valid. Returns ``(loss, n_targets)``.
-    """
-    m = _mask(mask_bt, ids_bt.shape)
-    m = m[:, 1:] * m[:, :-1]
-    return _masked_mean(token_nll(logits_btv, ids_bt)[:, 1:], m), jnp.sum(m)
-
-
-def perplexity(nll_sum, n_tokens) -> float:
-    """``exp(nll_sum / n_tokens)`` in float64, the one perplexity of simulation, evaluation and the
-    pipeline; ``inf`` (not an overflow warning) when a model with no layers left overflows it."""
-    if not n_tokens > 0:
-        raise ValueError(f"perplexity needs at least one scored token, got {n_tokens}")
-    with np.errstate(over="ignore"):
-        return float(np.exp(np.float64(nll_sum) / np.float64(n_tokens)))
 
 
 def distill_kl(student_logits_btv, teacher_logits_btv, mask_bt=None, temperature: float = 1.0):

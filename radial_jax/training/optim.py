@@ -49,13 +49,14 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         decay_steps=max(cfg.decay_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
 
 
-def _path_str(path) -> str:
+def param_path_str(path) -> str:
+    """A pytree key path as "a/b/c" (the names optax masks and checkpoints are keyed by)."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def label_tree(params, trainable: Callable[[str], bool]):
     """``"train"`` / ``"frozen"`` per leaf from ``trainable("a/b/kernel")``."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: "train" if trainable(_path_str(p)) else "frozen", params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: "train" if trainable(param_path_str(p)) else "frozen", params)
 
 
 def make_optimizer(cfg: OptimConfig, trainable: Optional[Callable[[str], bool]] = None,

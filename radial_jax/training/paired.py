@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from radial_jax.training.losses import token_nll
+from radial_jax.models.perplexity import token_nll
 
 
 def window_nll(model, windows_nt: np.ndarray, batch_size: int = 4, *, forward_kwargs=None,

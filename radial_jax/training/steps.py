@@ -7,7 +7,7 @@ last good one) and sets ``metrics["finite"] = False``; the training loop then
 stops with ``NonFiniteLossError`` naming the step and batch.
 
 Sharding (docs/design.md §6): ``shard_train_state`` places parameters by their
-logical axis names through the one rules table (``radial_jax.sharding``), the
+logical axis names through the one rules table (``radial_jax.scale.sharding``), the
 optimiser moments inherit the parameters' shardings, the batch is split over
 ``data`` x ``fsdp``; ``jit`` keeps the state's shardings on output. On a
 multi-host pod every process passes its own rows (``global_batch``) and the
@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from radial_jax.models.remat import batch_sharded, remat
-from radial_jax.sharding import _fit, batch_sharding
+from radial_jax.scale.sharding import fit_spec, batch_sharding
 from radial_jax.training.memory import MemoryConfig, cast_floating, split_micro
 from radial_jax.training.state import TrainState
 
@@ -139,7 +139,7 @@ def param_shardings(params, specs, mesh: Mesh):
     """NamedShardings for ``params`` from logical ``specs`` (None specs: replicated)."""
     if specs is None:
         return jax.tree_util.tree_map(lambda p: NamedSharding(mesh, PartitionSpec()), params)
-    return jax.tree_util.tree_map(lambda p, s: NamedSharding(mesh, _fit(s, np.shape(p), mesh)), params, specs,
+    return jax.tree_util.tree_map(lambda p, s: NamedSharding(mesh, fit_spec(s, np.shape(p), mesh)), params, specs,
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

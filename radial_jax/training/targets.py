@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from radial_jax.io import atomic_write_bytes
+from radial_jax.radial import RadialModel
+from radial_jax.reporting.files import atomic_write_bytes
 
 FIELDS = ("ids", "positions", "top_ids", "top_logp", "keep")
 
@@ -98,7 +99,6 @@ def compute_targets(teacher, windows_nt, *, top_k: int = 64, positions: int = 64
                     keep_first: bool = True, batch_size: int = 4, seed: int = 0, progress: bool = True
                     ) -> TeacherTargets:
     """The targets of ``teacher`` (an ``rj.Model``) on ``windows_nt`` (see the module docstring)."""
-    from radial_jax.radial import RadialModel
     windows_nt = np.asarray(windows_nt, np.int32)
     if windows_nt.ndim != 2:
         raise ValueError(f"windows must be [n, t] token ids, got shape {windows_nt.shape}")

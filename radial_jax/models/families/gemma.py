@@ -37,10 +37,10 @@ import dataclasses
 from typing import Optional, Union
 
 from radial_jax.models.decoder import CausalLM, DecoderSpec
-from radial_jax.models.config_checks import check_field_types
+from radial_jax.models.config_base import DecoderConfig
 from radial_jax.models.family import Family
-from radial_jax.models.layer import ACTIVATIONS, LayerConfig
-from radial_jax.models.names import FamilyNames, Rule, linear, norm
+from radial_jax.models.layer import LayerConfig
+from radial_jax.models.names import GGUF_DECODER_BLOCK, FamilyNames, GGUFNames, Rule, linear, norm
 from radial_jax.models.rope import RoPE
 from radial_jax.models.stack import layer_meta
 
@@ -106,7 +106,7 @@ def _rope(value, what: str) -> RoPE:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(DecoderConfig):
     """A Gemma 2 / Gemma 3 text model (Hugging Face field names).
 
     The defaults are transformers' ``Gemma3TextConfig`` defaults; ``from_hf`` uses
@@ -139,30 +139,23 @@ class GemmaConfig:
     bos_token_id: Optional[int] = 2
     eos_token_id: Union[None, int, tuple] = 1
 
+    MODEL_TYPES = MODEL_TYPES
+    POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings")
+    ACTIVATION_FIELD = "hidden_activation"
+
     def __post_init__(self):
-        check_field_types(self)
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"GemmaConfig.model_type {self.model_type!r} is not supported; supported: {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GemmaConfig.{name} must be an integer >= 1, got {value!r}")
+        self.check()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"GemmaConfig.num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention)")
-        if self.hidden_activation not in ACTIVATIONS:
-            raise ValueError(f"GemmaConfig.hidden_activation {self.hidden_activation!r} is not supported; "
-                             f"supported: {sorted(ACTIVATIONS)}")
-        for name in ("rms_norm_eps", "query_pre_attn_scalar"):
-            if not _positive(getattr(self, name)):
-                raise ValueError(f"GemmaConfig.{name} must be a number > 0, got {getattr(self, name)!r}")
+        if not _positive(self.query_pre_attn_scalar):  # rms_norm_eps: check() (a norm's epsilon)
+            raise ValueError(f"GemmaConfig.query_pre_attn_scalar must be a number > 0, got "
+                             f"{self.query_pre_attn_scalar!r}")
         for name in ("final_logit_softcapping", "attn_logit_softcapping"):
             value = getattr(self, name)
             if value is not None and not _positive(value):
                 raise ValueError(f"GemmaConfig.{name} must be None (no soft-capping) or a number > 0, got {value!r}")
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
         types = self.layer_types
         if types is None:
@@ -264,14 +257,6 @@ class GemmaConfig:
 
     # -- the family protocol ----------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def max_length(self) -> int:
-        return self.max_position_embeddings
-
-    @property
     def is_gemma3(self) -> bool:
         return _kind(self.model_type) == "gemma3_text"
 
@@ -326,4 +311,12 @@ NAMES = FamilyNames(
     ignorable_prefixes=("vision_tower.", "multi_modal_projector."),
 )
 
-FAMILY = Family(name="gemma", model_types=MODEL_TYPES, config_cls=GemmaConfig, module_cls=CausalLM, names=NAMES)
+GGUF_GEMMA2_BLOCK = {**GGUF_DECODER_BLOCK, "post_attention_norm": "post_attention_layernorm",
+                     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+GGUF = (GGUFNames("gemma2", {"gemma2": "Gemma2ForCausalLM"}, GGUF_GEMMA2_BLOCK, norm_offset=1.0),
+        GGUFNames("gemma3", {"gemma3_text": "Gemma3ForCausalLM"},
+                  {**GGUF_GEMMA2_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+                  norm_offset=1.0))
+
+FAMILY = Family(name="gemma", model_types=MODEL_TYPES, config_cls=GemmaConfig, module_cls=CausalLM, names=NAMES,
+                gguf=GGUF)

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+from radial_jax.models.config_base import DecoderConfig
 from radial_jax.models.decoder import CausalLM, DecoderSpec
-from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
-from radial_jax.models.layer import ACTIVATIONS, LayerConfig
-from radial_jax.models.names import FamilyNames, Rule, linear, norm
-from radial_jax.models.stack import layer_meta
+from radial_jax.models.layer import LayerConfig
+from radial_jax.models.names import FamilyNames, GGUFNames, Rule, linear, norm
 
 # transformers' GPT2Config.attribute_map: generic names a config.json may use instead of GPT-2's own.
 ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -37,7 +36,7 @@ UNSUPPORTED = {  # HF setting -> the only value we implement
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(DecoderConfig):
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
@@ -56,27 +55,20 @@ class GPT2Config:
 
     model_type = "gpt2"
 
+    LAYERS_FIELD = "n_layer"
+    POSITIONS_FIELD = "n_positions"
+    POSITIVE_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    ACTIVATION_FIELD = "activation_function"
+
     def __post_init__(self):
-        check_field_types(self)
         if self.n_inner is None:
-            object.__setattr__(self, "n_inner", 4 * self.n_embd)
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPT2Config.{name} must be an integer >= 1, got {value!r}")
+            self.set_field("n_inner", 4 * self.n_embd)
+        self.check()  # layer_norm_epsilon > 0 too (a norm's epsilon)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"GPT2Config.activation_function {self.activation_function!r} is not supported; "
-                             f"supported: {sorted(ACTIVATIONS)}")
         for name, supported in UNSUPPORTED.items():
             if bool(getattr(self, name)) != supported:
                 raise ValueError(f"GPT2Config.{name}={getattr(self, name)!r} is not supported; supported: {supported}")
-        eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         self.layer_config()
 
     @classmethod
@@ -89,25 +81,14 @@ class GPT2Config:
 
     # -- the family protocol ----------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return self.n_layer
-
-    @property
     def hidden_size(self) -> int:
         return self.n_embd
-
-    @property
-    def max_length(self) -> int:
-        return self.n_positions
 
     def layer_config(self) -> LayerConfig:
         return LayerConfig(
             hidden_size=self.n_embd, num_heads=self.n_head, ffn_dim=self.n_inner, activation=self.activation_function,
             norm="layernorm", norm_eps=self.layer_norm_epsilon, pre_norm=True, qkv_bias=True, out_bias=True,
             mlp_bias=True, attn_scale=None if self.scale_attn_weights else 1.0)
-
-    def layer_meta(self) -> dict:
-        return layer_meta([0] * self.num_layers, [0] * self.num_layers)
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(embed_dim=self.n_embd, position_table=self.n_positions, final_norm=True,
@@ -147,4 +128,16 @@ NAMES = FamilyNames(
     ignorable=("lm_head.weight", "h.{i}.attn.bias", "h.{i}.attn.masked_bias"),
 )
 
-FAMILY = Family(name="gpt2", model_types=("gpt2",), config_cls=GPT2Config, module_cls=CausalLM, names=NAMES)
+GGUF = GGUFNames(
+    "gpt2", {"gpt2": "GPT2LMHeadModel"},
+    global_names={"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                  "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                  "output.weight": "lm_head.weight"},
+    block_names={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                 "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    block_prefix="transformer.h.{i}.",
+    transposed=("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"),  # Conv1D, as llama.cpp
+)
+
+FAMILY = Family(name="gpt2", model_types=("gpt2",), config_cls=GPT2Config, module_cls=CausalLM, names=NAMES,
+                gguf=(GGUF,))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from radial_jax.models.decoder import CausalLM, DecoderSpec
-from radial_jax.models.config_checks import check_field_types
+from radial_jax.models.config_base import DecoderConfig
+from radial_jax.models.decoder import CausalLM
 from radial_jax.models.family import Family
-from radial_jax.models.layer import ACTIVATIONS, LayerConfig
-from radial_jax.models.names import FamilyNames, Rule, linear, norm
+from radial_jax.models.layer import LayerConfig
+from radial_jax.models.names import GGUF_DECODER_BLOCK, FamilyNames, GGUFNames, Rule, linear, norm
 from radial_jax.models.rope import RoPE
 from radial_jax.models.stack import layer_meta
 
@@ -29,7 +29,7 @@ MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(DecoderConfig):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -50,28 +50,12 @@ class LlamaConfig:
     eos_token_id: Union[int, tuple, None] = 2
     model_type: str = "llama"  # the checkpoint's own: "llama" or "mistral"
 
+    MODEL_TYPES = MODEL_TYPES
+
     def __post_init__(self):
-        check_field_types(self)
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"LlamaConfig.model_type {self.model_type!r} is not supported; allowed: {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.num_key_value_heads is None:
-            set_("num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                                 f"{self.num_attention_heads}; give head_dim explicitly")
-            set_("head_dim", self.hidden_size // self.num_attention_heads)
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
-        set_("rope_parameters", RoPE.coerce(self.rope_parameters, self.max_position_embeddings))
-        if isinstance(self.eos_token_id, list):
-            set_("eos_token_id", tuple(self.eos_token_id))
+        self.check()
+        self.derive_heads()
+        self.set_field("rope_parameters", RoPE.coerce(self.rope_parameters, self.max_position_embeddings))
         if self.sliding_window is not None:
             if self.model_type != "mistral":
                 raise ValueError(f"sliding_window is a Mistral setting; model_type {self.model_type!r} has "
@@ -86,25 +70,13 @@ class LlamaConfig:
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """From a Hugging Face ``config.json`` dict (either RoPE format; see the module docstring)."""
         model_type = hf.get("model_type", "llama")
-        skip = {"rope_parameters", "model_type", "sliding_window", "attention_bias", "mlp_bias"}
-        names = {f.name for f in dataclasses.fields(cls)} - skip
-        kwargs = {k: hf[k] for k in names if k in hf}
-        for name in ("head_dim", "num_key_value_heads"):  # null: derived
-            if kwargs.get(name) is None:
-                kwargs.pop(name, None)
+        kwargs = cls.hf_kwargs(hf, skip={"rope_parameters", "model_type", "sliding_window", "attention_bias", "mlp_bias"},
+                               null_means_default=("head_dim", "num_key_value_heads"))  # null: derived
         if model_type == "mistral":
             kwargs["sliding_window"] = hf.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
         else:
             kwargs.update({k: hf[k] for k in ("attention_bias", "mlp_bias") if hf.get(k) is not None})
         return cls(model_type=model_type, rope_parameters=RoPE.from_hf_config(hf), **kwargs)
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def max_length(self) -> int:
-        return self.max_position_embeddings
 
     def layer_config(self) -> LayerConfig:
         return LayerConfig(
@@ -115,9 +87,6 @@ class LlamaConfig:
 
     def layer_meta(self) -> dict:
         return layer_meta([self.sliding_window or 0] * self.num_layers, [0] * self.num_layers)
-
-    def decoder_spec(self) -> DecoderSpec:
-        return DecoderSpec(embed_dim=self.hidden_size, final_norm=True, tie_embeddings=self.tie_word_embeddings)
 
 
 NAMES = FamilyNames(
@@ -141,4 +110,10 @@ NAMES = FamilyNames(
     ignorable=("lm_head.weight",),  # a copy of embed_tokens when the head is tied
 )
 
-FAMILY = Family(name="llama", model_types=MODEL_TYPES, config_cls=LlamaConfig, module_cls=CausalLM, names=NAMES)
+GGUF_BLOCK = {**GGUF_DECODER_BLOCK, "ffn_norm": "post_attention_layernorm"}
+# llama.cpp writes Mistral as "llama" too (transformers tells them apart by general.name)
+GGUF = GGUFNames("llama", {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}, GGUF_BLOCK,
+                 unpermute_qk=True)
+
+FAMILY = Family(name="llama", model_types=MODEL_TYPES, config_cls=LlamaConfig, module_cls=CausalLM, names=NAMES,
+                gguf=(GGUF,))

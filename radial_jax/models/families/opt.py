@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from radial_jax.models.config_base import DecoderConfig
 from radial_jax.models.decoder import CausalLM, DecoderSpec
-from radial_jax.models.config_checks import check_field_types
 from radial_jax.models.family import Family
 from radial_jax.models.layer import LayerConfig
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
-from radial_jax.models.stack import layer_meta
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(DecoderConfig):
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -42,33 +41,23 @@ class OPTConfig:
     model_type = "opt"
     POSITION_OFFSET = 2  # OPT's learned positions are shifted by 2 (fairseq legacy)
 
+    POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads",
+                     "max_position_embeddings", "word_embed_proj_dim")
+    ACTIVATION_FIELD = "activation_function"
+
     def __post_init__(self):
-        check_field_types(self)
         if self.word_embed_proj_dim is None:
-            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "num_attention_heads",
-                     "max_position_embeddings", "word_embed_proj_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"OPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+            self.set_field("word_embed_proj_dim", self.hidden_size)
+        self.check()
         self.layer_config()  # validates heads / activation early
 
     @classmethod
     def from_hf(cls, hf: dict) -> "OPTConfig":
         """From a Hugging Face ``config.json`` dict (or ``PretrainedConfig.to_dict()``)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        kwargs = cls.hf_kwargs(hf)
         if "_remove_final_layer_norm" in hf:
             kwargs["remove_final_layer_norm"] = bool(hf["_remove_final_layer_norm"])
         return cls(**kwargs)
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def max_length(self) -> int:
-        """The longest sequence the position table allows."""
-        return self.max_position_embeddings
 
     def layer_config(self) -> LayerConfig:
         return LayerConfig(
@@ -76,9 +65,6 @@ class OPTConfig:
             activation=self.activation_function, pre_norm=self.do_layer_norm_before,
             qkv_bias=self.enable_bias, out_bias=self.enable_bias, mlp_bias=self.enable_bias, norm_eps=1e-5,
             norm_scale=self.layer_norm_elementwise_affine, norm_bias=self.layer_norm_elementwise_affine)
-
-    def layer_meta(self) -> dict:
-        return layer_meta([0] * self.num_layers, [0] * self.num_layers)
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(

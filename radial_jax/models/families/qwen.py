@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from radial_jax.models.decoder import CausalLM, DecoderSpec
-from radial_jax.models.config_checks import check_field_types
+from radial_jax.models.config_base import DecoderConfig
+from radial_jax.models.decoder import CausalLM
 from radial_jax.models.family import Family
-from radial_jax.models.layer import ACTIVATIONS, LayerConfig
+from radial_jax.models.layer import LayerConfig
+from radial_jax.models.families.llama import GGUF_BLOCK as LLAMA_GGUF_BLOCK
 from radial_jax.models.families.llama import NAMES as LLAMA_NAMES
-from radial_jax.models.names import norm
+from radial_jax.models.names import GGUFNames, norm
 from radial_jax.models.rope import RoPE
 from radial_jax.models.stack import layer_meta
 
@@ -37,7 +38,7 @@ QWEN3_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenConfig:
+class QwenConfig(DecoderConfig):
     vocab_size: int = 151936
     hidden_size: int = 4096
     intermediate_size: int = 22016
@@ -60,31 +61,13 @@ class QwenConfig:
     eos_token_id: Union[int, tuple, None] = None
     model_type: str = "qwen2"  # the checkpoint's own: "qwen2" or "qwen3"
 
+    MODEL_TYPES = MODEL_TYPES
+
     def __post_init__(self):
-        check_field_types(self)
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"QwenConfig.model_type {self.model_type!r} is not supported; allowed: {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"QwenConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.num_key_value_heads is None:
-            set_("num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None:
-            if self.model_type == "qwen3":
-                set_("head_dim", QWEN3_DEFAULT_HEAD_DIM)
-            elif self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                                 f"{self.num_attention_heads}; give head_dim explicitly")
-            else:
-                set_("head_dim", self.hidden_size // self.num_attention_heads)
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
+        self.check()
+        self.derive_heads(QWEN3_DEFAULT_HEAD_DIM if self.model_type == "qwen3" else None)
+        set_ = self.set_field
         set_("rope_parameters", RoPE.coerce(self.rope_parameters, self.max_position_embeddings))
-        if isinstance(self.eos_token_id, list):
-            set_("eos_token_id", tuple(self.eos_token_id))
         if self.model_type == "qwen2" and self.attention_bias:
             raise ValueError("attention_bias is a Qwen3 setting; Qwen2 always has q, k, v biases and no o bias")
         self._check_windows(set_)
@@ -113,27 +96,13 @@ class QwenConfig:
     def from_hf(cls, hf: dict) -> "QwenConfig":
         """From a Hugging Face ``config.json`` dict (either format; see the module docstring)."""
         model_type = hf.get("model_type", "qwen2")
-        skip = {"rope_parameters", "model_type", "sliding_window", "attention_bias"}
-        names = {f.name for f in dataclasses.fields(cls)} - skip
-        kwargs = {k: hf[k] for k in names if k in hf}
-        for name in ("head_dim", "num_key_value_heads", "layer_types"):  # null: derived
-            if kwargs.get(name) is None:
-                kwargs.pop(name, None)
-        for name in ("use_sliding_window", "max_window_layers", "tie_word_embeddings"):  # null: default
-            if kwargs.get(name, 0) is None:
-                kwargs.pop(name)
+        kwargs = cls.hf_kwargs(hf, skip={"rope_parameters", "model_type", "sliding_window", "attention_bias"},
+                               null_means_default=("head_dim", "num_key_value_heads", "layer_types", "use_sliding_window",
+                                                   "max_window_layers", "tie_word_embeddings"))
         kwargs["sliding_window"] = hf.get("sliding_window", HF_DEFAULT_WINDOW)
         if model_type == "qwen3" and hf.get("attention_bias") is not None:
             kwargs["attention_bias"] = hf["attention_bias"]
         return cls(model_type=model_type, rope_parameters=RoPE.from_hf_config(hf), **kwargs)
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def max_length(self) -> int:
-        return self.max_position_embeddings
 
     def layer_config(self) -> LayerConfig:
         qwen3 = self.model_type == "qwen3"
@@ -148,9 +117,6 @@ class QwenConfig:
         windows = [self.sliding_window if kind == "sliding_attention" else 0 for kind in self.layer_types]
         return layer_meta(windows, [0] * self.num_layers)
 
-    def decoder_spec(self) -> DecoderSpec:
-        return DecoderSpec(embed_dim=self.hidden_size, final_norm=True, tie_embeddings=self.tie_word_embeddings)
-
 
 # Llama's names, plus Qwen3's q/k norms (Qwen2 checkpoints simply have none)
 NAMES = dataclasses.replace(LLAMA_NAMES, layer_rules=LLAMA_NAMES.layer_rules + (
@@ -158,4 +124,9 @@ NAMES = dataclasses.replace(LLAMA_NAMES, layer_rules=LLAMA_NAMES.layer_rules + (
     *norm("layers.{i}.self_attn.k_norm", "k_norm"),
 ))
 
-FAMILY = Family(name="qwen", model_types=MODEL_TYPES, config_cls=QwenConfig, module_cls=CausalLM, names=NAMES)
+GGUF = (GGUFNames("qwen2", {"qwen2": "Qwen2ForCausalLM"}, LLAMA_GGUF_BLOCK),
+        GGUFNames("qwen3", {"qwen3": "Qwen3ForCausalLM"},
+                  {**LLAMA_GGUF_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}))
+
+FAMILY = Family(name="qwen", model_types=MODEL_TYPES, config_cls=QwenConfig, module_cls=CausalLM, names=NAMES,
+                gguf=GGUF)

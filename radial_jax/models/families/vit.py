@@ -15,16 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.models.decoder import HeadOutput
-from radial_jax.models.config_checks import check_field_types
+from radial_jax.models.config_base import FamilyConfig
 from radial_jax.models.family import Family
 from radial_jax.models.layer import LayerConfig, make_norm
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
 from radial_jax.models.outputs import ModelOutput
-from radial_jax.models.stack import layer_meta, pool_param, run_pool
+from radial_jax.models.stack import pool_param, run_pool
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(FamilyConfig):
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -42,7 +42,7 @@ class ViTConfig:
     model_type = "vit"
 
     def __post_init__(self):
-        check_field_types(self)
+        self.check()
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         self.layer_config()
@@ -54,8 +54,7 @@ class ViTConfig:
         ``with_classifier`` defaults to whether ``architectures`` names
         ``ViTForImageClassification``; the label count comes from ``id2label``.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        kwargs = cls.hf_kwargs(hf)
         for key in ("image_size", "patch_size"):
             if isinstance(kwargs.get(key), (list, tuple)):
                 kwargs[key] = int(kwargs[key][0])
@@ -63,10 +62,6 @@ class ViTConfig:
             with_classifier = "ViTForImageClassification" in (hf.get("architectures") or [])
         kwargs["num_labels"] = len(hf.get("id2label") or {}) or 2 if with_classifier else 0
         return cls(**kwargs)
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
 
     @property
     def num_patches(self) -> int:
@@ -80,9 +75,6 @@ class ViTConfig:
         return LayerConfig(
             hidden_size=self.hidden_size, num_heads=self.num_attention_heads, ffn_dim=self.intermediate_size,
             activation=self.hidden_act, pre_norm=True, qkv_bias=self.qkv_bias, norm_eps=self.layer_norm_eps)
-
-    def layer_meta(self) -> dict:
-        return layer_meta([0] * self.num_layers, [0] * self.num_layers)
 
 
 def check_pixel_values(config: ViTConfig, shape) -> None:

@@ -5,7 +5,7 @@ Every command that does heavy work (``train``, ``distill``, ``eval``, ``profile`
 ``add_mesh_args`` and turns them into a mesh with ``mesh_from_args``:
 
 * ``--mesh data,fsdp,tensor``: the sizes of the three mesh axes of
-  ``radial_jax.sharding`` (``-1`` once: the devices left over; ``--mesh=-1,8,1``, with ``=``,
+  ``radial_jax.scale.sharding`` (``-1`` once: the devices left over; ``--mesh=-1,8,1``, with ``=``,
   when the value starts with ``-1``, or argparse takes it for an option). The value is
   checked when the command line is parsed (three integers, each ``>= 1`` or one
   ``-1``) and against the device count before any weight is read or step compiled.
@@ -18,7 +18,7 @@ Every command that does heavy work (``train``, ``distill``, ``eval``, ``profile`
   and along ``mlp``/``heads`` over ``tensor``) or ``expert`` (whole layers over
   ``fsdp``, like the experts of an MoE: ``override_rules(layers="fsdp")``).
 
-Placement is always decided by the one rules table (``radial_jax.sharding``);
+Placement is always decided by the one rules table (``radial_jax.scale.sharding``);
 this module only parses and builds.
 
 ``ACCELERATORS`` is the one table of device memory sizes ``radial-jax plan``
@@ -30,7 +30,7 @@ import argparse
 import os
 from typing import Optional, Tuple
 
-from radial_jax.sharding import AXIS_RULES, MESH_AXES
+from radial_jax.scale.sharding import AXIS_RULES, MESH_AXES
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -69,7 +69,8 @@ def parse_mesh(text) -> Tuple[int, int, int]:
     return sizes
 
 
-def _mesh_type(text):
+def mesh_arg_type(text):
+    """argparse type of ``--mesh``: ``parse_mesh`` with its error as argparse's."""
     try:
         return parse_mesh(text)
     except ValueError as e:
@@ -78,7 +79,7 @@ def _mesh_type(text):
 
 def add_mesh_args(parser: argparse.ArgumentParser, pool: bool = True) -> None:
     """``--mesh``, ``--distributed`` (and ``--pool``) on a subcommand's parser."""
-    parser.add_argument("--mesh", type=_mesh_type, default=None, metavar="DATA,FSDP,TENSOR",
+    parser.add_argument("--mesh", type=mesh_arg_type, default=None, metavar="DATA,FSDP,TENSOR",
                         help="run on a (data, fsdp, tensor) device mesh, e.g. 4,8,1 (-1: the devices left over; "
                              "write --mesh=-1,8,1 when the value starts with -1); default: no sharding")
     parser.add_argument("--distributed", action="store_true",
@@ -91,7 +92,7 @@ def add_mesh_args(parser: argparse.ArgumentParser, pool: bool = True) -> None:
 
 def rules_for(pool: str = "fsdp") -> tuple:
     """The axis-rules table for a pool layout (``POOL_LAYOUTS``)."""
-    from radial_jax.sharding import override_rules
+    from radial_jax.scale.sharding import override_rules
     if pool not in POOL_LAYOUTS:
         raise ValueError(f"pool layout {pool!r} is unknown; allowed: {POOL_LAYOUTS}")
     return AXIS_RULES if pool == "fsdp" else override_rules(layers="fsdp")
@@ -117,7 +118,7 @@ def initialize_distributed() -> None:
 def build_mesh(sizes: Tuple[int, int, int], devices=None):
     """The mesh of ``sizes`` over all devices (every process's), or a ValueError naming the device count."""
     import jax
-    from radial_jax.sharding import make_mesh
+    from radial_jax.scale.sharding import make_mesh
     devices = jax.devices() if devices is None else devices
     try:
         return make_mesh(*sizes, devices=devices)

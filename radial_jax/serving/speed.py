@@ -1,7 +1,7 @@
 """Serving speed of routed networks against their teacher: prefill and decoding, measured side by side.
 
 ``serving_speed(teacher, {"ordered": s1, "radial": s2}, windows)`` times, with the
-sides interleaved (``radial_jax.timing``), on the same text:
+sides interleaved (``radial_jax.reporting.timing``), on the same text:
 
 * prefill: the parallel forward of ``[batch, prompt_len]`` prompts, logits included;
 * decoding at each batch size: ``new_tokens`` decode steps after a prefilled prompt,
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.timing import interleave, ratio
+from radial_jax.reporting.timing import interleave, ratio
 
 
 def _forward(bundle, ids):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from radial_jax.api import Model
+from radial_jax.models.bundle import Model
 
 STATIC = ("ratio_kind", "compute_logits", "embeddings_only")
 

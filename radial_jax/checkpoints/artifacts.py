@@ -1,4 +1,4 @@
-"""Final artifacts of a run (not the resumable checkpoints): a model directory with
+"""Models this library writes: final artifacts of a run (not the resumable checkpoints): a model directory with
 ``config.json`` (the family's name and config, plus extras) and ``params.msgpack`` (flax serialisation)."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import flax.serialization
 import jax
 import numpy as np
 
-from radial_jax.api import Model
+from radial_jax.models.bundle import Model
 from radial_jax.data.corpus import OFFLINE_TOKENIZER_PREFIX
-from radial_jax.io import atomic_write_bytes, atomic_write_text
+from radial_jax.reporting.files import atomic_write_bytes, atomic_write_text
 from radial_jax.models.family import families, family_of
 
 
@@ -66,27 +66,8 @@ def save_model(model: Model, directory, **extra) -> Path:
 
 
 def load_model(directory) -> Model:
-    """A model saved by ``save_model`` (``radial-jax train``) or, failing that, a hub-layout checkpoint."""
-    d = Path(directory)
-    if (d / "params.msgpack").is_file():
-        params, config, meta = load_params(d, "lm")
-        # artifacts from before the tokenizer was recorded were all trained with the offline BPE
-        tokenizer = meta["tokenizer"] if "tokenizer" in meta else f"{OFFLINE_TOKENIZER_PREFIX}{config.vocab_size}"
-        return Model(config, params, name=meta.get("name"), tokenizer_path=tokenizer)
-    from radial_jax.loading import load
-    return load(str(d))
-
-
-def save_student(student, directory, **extra) -> Path:
-    """A trained ``RadialModel`` (its base config, ``RadialConfig`` and params)."""
-    return save_params(directory, student.params, student.config, "radial_student",
-                       radial=dataclasses.asdict(student.radial), **extra)
-
-
-def load_student(directory):
-    """``(RadialModel, meta)`` saved by ``save_student`` (``radial-jax distill``)."""
-    from radial_jax.radial import RadialConfig, RadialModel
-    params, config, meta = load_params(directory, "radial_student")
-    if "radial" not in meta:
-        raise ValueError(f"{directory}/config.json has no 'radial' settings; it was not written by save_student")
-    return RadialModel(config, RadialConfig(**meta["radial"]), params), meta
+    """A model saved by ``save_model`` (``radial-jax train``); ``rj.load`` takes these and hub checkpoints."""
+    params, config, meta = load_params(directory, "lm")
+    # artifacts from before the tokenizer was recorded were all trained with the offline BPE
+    tokenizer = meta["tokenizer"] if "tokenizer" in meta else f"{OFFLINE_TOKENIZER_PREFIX}{config.vocab_size}"
+    return Model(config, params, name=meta.get("name"), tokenizer_path=tokenizer)

@@ -19,7 +19,7 @@ from radial_jax import defaults as D
 
 def find_student(path):
     """A ``save_student`` directory, or a run directory holding one (``<run>/student``)."""
-    from radial_jax.training.artifacts import load_student
+    from radial_jax.radial.artifacts import load_student
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--student {path}: no such directory")
@@ -31,7 +31,7 @@ def find_student(path):
 def routed_summary(out, student, prompt_len: int) -> dict:
     """Mean depth of the new tokens and executed FLOPs / the sequential model's on the same work."""
     import numpy as np
-    from radial_jax.flops import dense_flops, head_flops
+    from radial_jax.models.flops import dense_flops, head_flops
     config, n = student.config, int(out.num_new[0])
     cache_len = prompt_len + out.new_tokens.shape[1]  # generate's default max_len
     dense = (dense_flops(config, prompt_len, cache_len, with_head=False) + head_flops(config, 1)
@@ -44,14 +44,14 @@ def routed_summary(out, student, prompt_len: int) -> dict:
 
 def cmd_generate(args) -> int:
     import jax
-    from radial_jax.training.artifacts import load_model
+    from radial_jax.checkpoints.load import load
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
-    model = load_model(args.model)
+    model = load(args.model)
     if not model.is_decoder:
         raise ValueError(f"--model {args.model} is a {model.config.model_type} model; generate needs a language model")
     tok = model.tokenizer()

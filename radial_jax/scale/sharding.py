@@ -60,7 +60,7 @@ def logical_specs(module: nn.Module, *example_args, rules=AXIS_RULES, **example_
     return nn.logical_to_mesh(logical, rules)
 
 
-def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     """Drop mesh axes that do not divide their dimension (small vocabularies, odd sizes)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -73,7 +73,7 @@ def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
 def shard_params(params, specs, mesh: Mesh):
     """Place ``params`` on ``mesh`` by ``specs`` (from ``logical_specs``)."""
     return jax.tree_util.tree_map(
-        lambda p, s: jax.device_put(p, NamedSharding(mesh, _fit(s, p.shape, mesh))), params, specs,
+        lambda p, s: jax.device_put(p, NamedSharding(mesh, fit_spec(s, p.shape, mesh))), params, specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

@@ -4,7 +4,7 @@
 ``(step_fn, state)`` for ``radial_jax.training.loop.fit``; ``radial-jax plan``
 compiles the very same step on abstract inputs (``distill_parts``).
 
-Placement (one rules table, ``radial_jax.sharding``): the student's parameters
+Placement (one rules table, ``radial_jax.scale.sharding``): the student's parameters
 are the teacher's names plus ``router``; the pool, embeddings and head take the
 teacher's logical axes (``logical_specs`` of the teacher's module, so the pool
 is split by ``rules``: the fsdp layout by default, ``override_rules(layers="fsdp")``
@@ -28,11 +28,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from radial_jax.api import Model, example_inputs
+from radial_jax.models.bundle import Model, example_inputs
+from radial_jax.models.family import module_for
+from radial_jax.radial import RadialModel
+from radial_jax.scale.sharding import AXIS_RULES, batch_sharding, logical_specs
+from radial_jax.training.distill_loss import distill_loss_fn, without_router
 from radial_jax.training.memory import MemoryConfig, cast_floating
 from radial_jax.training.state import TrainState
-from radial_jax.training.steps import (init_sharded_state, make_sharded_train_step, make_train_step,
-                                       param_shardings)
+from radial_jax.training.steps import (init_sharded_state, make_sharded_train_step, make_train_step, param_shardings,
+                                       place, state_shardings)
 
 
 def to_mesh(tree, shardings, dtype=None, copy: bool = False):
@@ -52,7 +56,6 @@ def to_mesh(tree, shardings, dtype=None, copy: bool = False):
 def radial_param_shardings(teacher_module, config, params, mesh: Mesh, rules=None):
     """Shardings of a Radial Network's parameters: the teacher's logical axes for its names, the router
     replicated."""
-    from radial_jax.sharding import AXIS_RULES, logical_specs
     specs = logical_specs(teacher_module, *example_inputs(config), rules=AXIS_RULES if rules is None else rules)
     base = param_shardings({k: v for k, v in params.items() if k != "router"}, specs, mesh)
     rep = NamedSharding(mesh, PartitionSpec())
@@ -62,8 +65,6 @@ def radial_param_shardings(teacher_module, config, params, mesh: Mesh, rules=Non
 def distill_loss(student, teacher_config, cfg, dtype):
     """``loss(params, ids, key, frozen=None)``: ``distill_loss_fn`` with the teacher's parameters given per call
     (``frozen``) instead of captured; modules built with ``dtype`` (the compute dtype)."""
-    from radial_jax.radial import RadialModel
-    from radial_jax.training.distill import distill_loss_fn, without_router
     compute = RadialModel(student.config, student.radial, student.params, dtype=dtype, name=student.name)
 
     def loss(params, ids_bt, key, frozen=None):
@@ -85,7 +86,6 @@ def distill_parts(student, teacher, cfg, memory: MemoryConfig, mesh: Optional[Me
 def distill_step(student, teacher, cfg, tx, params, *, mesh: Optional[Mesh] = None,
                  memory: Optional[MemoryConfig] = None, rules=None, seed: int = 0):
     """``(step_fn, state)`` of distillation, on one device or sharded on ``mesh`` (see the module docstring)."""
-    from radial_jax.training.distill import without_router
     memory = memory or MemoryConfig()
     loss_fn, p_sh, frozen_dtype = distill_parts(student, teacher, cfg, memory, mesh, rules)
     if mesh is None:
@@ -109,9 +109,6 @@ def joint_placement(network, state, tx, mesh: Optional[Mesh] = None, memory: Opt
     parameters are placed like distillation's student (its base module's logical axes, the router
     replicated), optimiser moments like their parameters, the batch over data x fsdp, and the scalars named
     in ``controls`` (the step's ``frozen`` input) replicated."""
-    from radial_jax.models.family import module_for
-    from radial_jax.sharding import batch_sharding
-    from radial_jax.training.steps import place, state_shardings
     memory = memory or MemoryConfig()
     if mesh is None:
         return state, {"memory": memory}

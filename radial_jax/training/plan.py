@@ -2,7 +2,7 @@
 
 ``make_plan(config, mesh_sizes, task=..., batch=..., seq_len=...)`` builds the
 *real* train or distillation step (``make_train_step``; for distillation the
-step of ``radial_jax.training.scale``) for the model's shapes, on a mesh of
+step of ``radial_jax.training.pod_steps``) for the model's shapes, on a mesh of
 simulated CPU devices, with abstract inputs (``jax.ShapeDtypeStruct`` carrying
 their shardings: nothing is allocated), compiles it, and reports per device:
 
@@ -12,12 +12,12 @@ their shardings: nothing is allocated), compiles it, and reports per device:
   (outputs written into donated inputs), ``temp`` (everything else the step
   holds at once: activations kept for the backward pass, gradients, scratch) and
   ``peak = argument + output - alias + temp``;
-* FLOPs per step: the model's matmul FLOPs by construction (``radial_jax.flops``:
+* FLOPs per step: the model's matmul FLOPs by construction (``radial_jax.models.flops``:
   forward x 3 for forward and backward, plus a recomputed forward under
   ``remat="full"``, plus the teacher's and the oracle's forwards when distilling),
   and XLA's ``cost_analysis()`` sum over devices (which counts a rolled loop body
   once, so it is far below the real figure for a scanned stack);
-* whether the peak fits each accelerator of ``radial_jax.pod.ACCELERATORS``
+* whether the peak fits each accelerator of ``radial_jax.scale.pod.ACCELERATORS``
   (at most ``USABLE_FRACTION`` of a device's memory).
 
 The compiler is XLA's CPU backend, not the TPU's or GPU's: parameters, optimiser
@@ -61,11 +61,11 @@ def simulated_devices(n: int) -> None:
 
 
 def load_plan_config(model: str, **config_kwargs):
-    """A family config from a name in ``radial_jax.plan_configs`` (published configs, offline), a local
+    """A family config from a name in ``radial_jax.training.plan_configs`` (published configs, offline), a local
     directory with ``config.json``, a ``config.json`` file, or a hub id (its ``config.json`` only)."""
-    from radial_jax.loading import read_json
+    from radial_jax.checkpoints.hub import read_json
     from radial_jax.models.family import config_from_hf
-    from radial_jax.plan_configs import PUBLISHED_CONFIGS
+    from radial_jax.training.plan_configs import PUBLISHED_CONFIGS
     path = Path(os.path.expanduser(str(model)))
     if str(model) in PUBLISHED_CONFIGS:
         hf = PUBLISHED_CONFIGS[str(model)]
@@ -92,7 +92,7 @@ def _shard_bytes(tree) -> int:
 
 def model_flops(config, task: str, batch: int, seq_len: int, memory, distill_cfg=None, radial=None) -> float:
     """Matmul FLOPs of one step by construction (see the module docstring)."""
-    from radial_jax.flops import dense_flops
+    from radial_jax.models.flops import dense_flops
     forward = dense_flops(config, batch * seq_len, seq_len)
     backward_factor = 3 + (1 if memory.remat == "full" else 0)  # forward + backward (2x) (+ recomputed forward)
     if task == "train":
@@ -119,7 +119,7 @@ class Plan:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        from radial_jax.pod import USABLE_FRACTION
+        from radial_jax.scale.pod import USABLE_FRACTION
         b = self.bytes_per_device
         gib = lambda n: f"{n / 2 ** 30:10.3f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:10.3f} MiB"  # noqa: E731
         lines = [f"plan: {self.task} {self.model} on mesh {self.mesh} ({self.devices} devices), "
@@ -150,10 +150,10 @@ def make_plan(config, mesh_sizes, *, task: str = "distill", batch: int = 16, seq
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
-    from radial_jax.api import example_inputs
+    from radial_jax.models.bundle import example_inputs
     from radial_jax.models.family import family_of, module_for
-    from radial_jax.pod import ACCELERATORS, USABLE_FRACTION, build_mesh, rules_for
-    from radial_jax.sharding import batch_sharding, logical_specs
+    from radial_jax.scale.pod import ACCELERATORS, USABLE_FRACTION, build_mesh, rules_for
+    from radial_jax.scale.sharding import batch_sharding, logical_specs
     from radial_jax.training.memory import MemoryConfig
     from radial_jax.training.optim import OptimConfig, make_optimizer
     from radial_jax.training.steps import abstract_state, jit_train_step, make_train_step, param_shardings
@@ -189,8 +189,8 @@ def make_plan(config, mesh_sizes, *, task: str = "distill", batch: int = 16, seq
     else:
         from radial_jax.radial import RadialConfig, RadialModel
         from radial_jax.radial.network import init_router
-        from radial_jax.training.distill import DistillConfig, without_router
-        from radial_jax.training.scale import distill_parts
+        from radial_jax.training.distill_loss import DistillConfig, without_router
+        from radial_jax.training.pod_steps import distill_parts
         distill_cfg = distill_cfg or DistillConfig()
         from radial_jax.defaults import DISTILL_CACHE_POLICY
         radial = RadialConfig(**{"mode": "ordered", "cache_policy": DISTILL_CACHE_POLICY,
@@ -243,14 +243,14 @@ class _AbstractTeacher:
 
 # -- the command ----------------------------------------------------------------------------------------
 def register(sub) -> None:
-    from radial_jax.pod import ACCELERATORS, POOL_LAYOUTS, _mesh_type
+    from radial_jax.scale.pod import ACCELERATORS, POOL_LAYOUTS, mesh_arg_type
     from radial_jax.models.remat import POLICIES
     p = sub.add_parser("plan", help="compile a train/distill step for a model on simulated devices: bytes per "
                                     "device, FLOPs, whether it fits an accelerator")
     p.add_argument("--model", required=True,
                    help="hub id (its config.json; facebook/opt-6.7b and meta-llama/Llama-3.1-8B are built in, "
                         "offline), a checkpoint directory or a config.json")
-    p.add_argument("--mesh", type=_mesh_type, required=True, metavar="DATA,FSDP,TENSOR",
+    p.add_argument("--mesh", type=mesh_arg_type, required=True, metavar="DATA,FSDP,TENSOR",
                    help="mesh axis sizes; their product is the number of simulated devices")
     p.add_argument("--task", choices=TASKS, default="distill")
     r = RECOMMENDED  # defaults: the README's recommended settings
@@ -277,7 +277,7 @@ def memory_from_args(args):
 
 
 def cmd_plan(args) -> int:
-    from radial_jax.training.distill import DistillConfig
+    from radial_jax.training.distill_loss import DistillConfig
     if -1 in args.mesh:
         raise ValueError(f"--mesh {','.join(map(str, args.mesh))}: a plan needs every size (no -1), since the "
                          "sizes set the number of simulated devices")

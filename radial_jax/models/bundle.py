@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from radial_jax.checkpoints.tokenizer import load_tokenizer
 from radial_jax.models.family import family_of, module_for, resolve_dtype
+from radial_jax.models.stack import is_per_layer, stack_pool, unstack_pool
+from radial_jax.serving.generation import generate, sequential_decoding
 
 
 class Bundle:
@@ -53,23 +56,20 @@ class Bundle:
         return out.logits
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Decode new tokens; see ``radial_jax.generation.generate`` for the options."""
+        """Decode new tokens; see ``radial_jax.serving.generation.generate`` for the options."""
         if not self.is_decoder:
             raise ValueError(f"generate needs a language model; {self.name} is {self.config.model_type}")
-        from radial_jax.generation import generate
         return generate(self, input_ids, attention_mask, **kwargs)
 
     @property
     def layout(self) -> str:
         """``"stacked"`` (``params["layers"]`` leaves ``[L, ...]``) or ``"per_layer"`` (a tuple of ``L`` layers)."""
-        from radial_jax.models.stack import is_per_layer
         return "per_layer" if is_per_layer(self.params.get("layers")) else "stacked"
 
     def with_layout(self, layout: str):
         """This bundle with its layer pool in ``layout``: ``"stacked"`` (training, sharding) or
         ``"per_layer"`` (inference: every layer's weights read in place, and a Radial Network's steps
         unrolled; see ``radial_jax.models.stack``). Other parameters are shared; the pool is copied once."""
-        from radial_jax.models.stack import stack_pool, unstack_pool
         if layout not in ("stacked", "per_layer"):
             raise ValueError(f"layout {layout!r} is unknown; allowed: 'stacked', 'per_layer'")
         if layout == self.layout:
@@ -82,14 +82,13 @@ class Bundle:
         raise NotImplementedError
 
     def tokenizer(self):
-        """The model's own tokenizer (``radial_jax.loading.load_tokenizer``, local files only), never a substitute.
+        """The model's own tokenizer (``radial_jax.checkpoints.tokenizer.load_tokenizer``, local files only), never a substitute.
 
         ``tokenizer_path`` names it: the checkpoint directory, the ``.gguf`` file, or ``offline-pydoc-bpe-N``
         for a model trained here with the offline BPE (recorded in its artifact)."""
         if self.tokenizer_path is None:
             raise ValueError(f"{self.name} has no tokenizer: it was built or trained without one recorded; load a "
                              "checkpoint with its tokenizer files, a .gguf file, or a model trained by radial-jax")
-        from radial_jax.loading import load_tokenizer
         return load_tokenizer(self.tokenizer_path)
 
 
@@ -113,17 +112,16 @@ class Model(Bundle):
     def _with_params(self, params) -> "Model":
         return Model(self.config, params, dtype=self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
 
-    # -- decoding (radial_jax.generation) ---------------------------------------------------------
+    # -- decoding (radial_jax.serving.generation) ---------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):
         return self.module.init_cache(batch, max_len)
 
     def decoding(self):
-        """``radial_jax.generation.Decoding`` of the sequential model (every token through every layer)."""
+        """``radial_jax.serving.generation.Decoding`` of the sequential model (every token through every layer)."""
         return self._decoding
 
     @functools.cached_property
     def _decoding(self):  # one object per bundle: generation's compiled loop is keyed on it
-        from radial_jax.generation import sequential_decoding
         return sequential_decoding(self.module)
 
     def __repr__(self):

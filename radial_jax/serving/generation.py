@@ -5,7 +5,7 @@ tokens for a batch of prompts of different lengths:
 
 1. Prompts may be left- or right-padded (each row's ``attention_mask`` must be
    one contiguous run of ones). They are repacked to *right* padding so that a
-   token's cache slot equals its position (``radial_jax.kv_cache``): row ``b``'s
+   token's cache slot equals its position (``radial_jax.models.kv_cache``): row ``b``'s
    prompt occupies slots ``0 .. len_b - 1`` and its ``i``-th new token is fed
    back at slot ``len_b + i``. Padding is passed with ``attention_mask`` false,
    so it is never written to the cache nor attended to.
@@ -36,6 +36,10 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from radial_jax.models.flops import dense_flops, head_flops
+from radial_jax.models.kv_cache import cache_max_len, split_layers
+from radial_jax.models.stack import unstack_pool
 
 
 @dataclasses.dataclass
@@ -176,9 +180,6 @@ def sequential_decoding(module) -> Decoding:
     model already holds it) and the cache is one buffer per layer (``kv_cache.split_layers``),
     so no step copies a layer's weights or K/V out of a stacked array.
     """
-    from radial_jax.flops import dense_flops, head_flops
-    from radial_jax.kv_cache import cache_max_len, split_layers
-    from radial_jax.models.stack import unstack_pool
     config = module.config
     L = config.num_layers
 

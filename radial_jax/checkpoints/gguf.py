@@ -46,11 +46,10 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -59,14 +58,21 @@ try:
     import gguf
     from gguf import GGMLQuantizationType, GGUFValueType
 except ImportError as e:  # pragma: no cover - gguf is a dependency of this module only
-    raise ImportError("radial_jax.gguf needs the `gguf` package (llama.cpp's gguf-py): pip install gguf") from e
+    raise ImportError("radial_jax.checkpoints.gguf needs the `gguf` package (llama.cpp's gguf-py): "
+                      "pip install gguf") from e
 
-from radial_jax.loading import CheckpointError
+from radial_jax.checkpoints.errors import CheckpointError
+from radial_jax.checkpoints.gguf_config import GGUFMetadata
+from radial_jax.checkpoints.llama_cpp import llama3_parameters, unpermute_rows
+from radial_jax.models.family import families
+from radial_jax.models.names import GGUFNames
 
 __all__ = ["GGUFCheckpoint", "SUPPORTED_ARCHITECTURES", "SUPPORTED_QUANT_TYPES"]
 
-#: GGUF ``general.architecture`` values this module maps (Mistral files say ``llama``).
-SUPPORTED_ARCHITECTURES: Tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+#: llama.cpp's names of each GGUF ``general.architecture``, from the family files (Mistral files say ``llama``).
+GGUF_NAMES: Dict[str, GGUFNames] = {g.architecture: g for f in families().values() for g in f.gguf}
+#: GGUF ``general.architecture`` values this module reads.
+SUPPORTED_ARCHITECTURES: Tuple[str, ...] = tuple(sorted(GGUF_NAMES))
 
 
 def _dequantizable_types() -> Tuple[GGMLQuantizationType, ...]:
@@ -94,46 +100,6 @@ SUPPORTED_QUANT_TYPES: Tuple[GGMLQuantizationType, ...] = _dequantizable_types()
 
 _OUT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 
-_ARCHITECTURES_CLASS = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
-
-# GGUF name -> Hugging Face name, per family. "{i}" is the block index.
-_DECODER_GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_DECODER_BLOCK = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-}
-_LLAMA_BLOCK = {**_DECODER_BLOCK, "ffn_norm": "post_attention_layernorm"}
-_QWEN3_BLOCK = {**_LLAMA_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_GEMMA2_BLOCK = {**_DECODER_BLOCK, "post_attention_norm": "post_attention_layernorm",
-                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-_GEMMA3_BLOCK = {**_GEMMA2_BLOCK, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_GPT2_GLOBAL = {
-    "token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
-    "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-_GPT2_BLOCK = {
-    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
-    "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
-}
-_NAMES = {  # architecture -> (global names, block names, block prefix)
-    "llama": (_DECODER_GLOBAL, _LLAMA_BLOCK, "model.layers.{i}."),
-    "qwen2": (_DECODER_GLOBAL, _LLAMA_BLOCK, "model.layers.{i}."),
-    "qwen3": (_DECODER_GLOBAL, _QWEN3_BLOCK, "model.layers.{i}."),
-    "gemma2": (_DECODER_GLOBAL, _GEMMA2_BLOCK, "model.layers.{i}."),
-    "gemma3": (_DECODER_GLOBAL, _GEMMA3_BLOCK, "model.layers.{i}."),
-    "gpt2": (_GPT2_GLOBAL, _GPT2_BLOCK, "transformer.h.{i}."),
-}
-_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -167,7 +133,7 @@ class GGUFCheckpoint:
     file that is not GGUF, truncated or garbled; an architecture not in
     ``SUPPORTED_ARCHITECTURES``; a tensor stored in a type not in
     ``SUPPORTED_QUANT_TYPES``; missing metadata; tensors this module has no
-    Hugging Face name for. Each is a ``radial_jax.loading.CheckpointError`` (a
+    Hugging Face name for. Each is a ``radial_jax.checkpoints.errors.CheckpointError`` (a
     ``ValueError``) whose message names the file and what was expected.
 
     Attributes:
@@ -196,7 +162,8 @@ class GGUFCheckpoint:
         self.architecture = self._check_architecture()
         self._check_quant_types(infos)
         self._infos: Dict[str, _TensorInfo] = {info.gguf_name: info for info in infos}
-        self.hf_config = self._build_config()
+        self.hf_config = GGUFMetadata(meta, array_lengths, self._infos, GGUF_NAMES[self.architecture],
+                                      self._error).hf_config()
         self._names = self._map_names()
         self._check_shapes()
         if _ROPE_FREQS in self._infos:  # the only tensor read up front: tiny, and part of the config
@@ -318,144 +285,11 @@ class GGUFCheckpoint:
                 f"(gguf {_gguf_version()}) cannot read{more}; readable storage types: "
                 f"{', '.join(t.name for t in SUPPORTED_QUANT_TYPES)}")
 
-    def _key(self, name: str, required: bool = True, default=None):
-        key = f"{self.architecture}.{name}"
-        if key in self._meta:
-            value = self._meta[key]
-            if isinstance(value, list):  # per-layer values: only a constant one maps to a HF config
-                if len(set(value)) != 1:
-                    raise self._error(f"metadata {key} varies per layer ({value}); only a single value is supported")
-                value = value[0]
-            return value
-        if required:
-            raise self._error(f"missing metadata key {key!r}, which a {self.architecture} GGUF file must have")
-        return default
-
-    # ------------------------------------------------------------------ config
-
-    def _vocab_size(self) -> int:
-        vocab = self._key("vocab_size", required=False)
-        if vocab is None:
-            vocab = self._array_lengths.get("tokenizer.ggml.tokens")
-        if vocab is None and "token_embd.weight" in self._infos:
-            vocab = self._infos["token_embd.weight"].shape[0]
-        if vocab is None:
-            raise self._error("cannot tell the vocabulary size: no vocab_size metadata, no tokenizer.ggml.tokens "
-                              "and no token_embd.weight")
-        return int(vocab)
-
-    def _token_ids(self) -> dict:
-        ids = {}
-        for gguf_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                                 ("unknown_token_id", "unk_token_id"), ("padding_token_id", "pad_token_id")):
-            value = self._meta.get(f"tokenizer.ggml.{gguf_key}")
-            if value is not None:
-                ids[hf_key] = int(value)
-        return ids
-
-    def _rope_scaling_from_metadata(self) -> Optional[dict]:
-        kind = self._key("rope.scaling.type", required=False)
-        if kind is None or kind == "none":
-            return None
-        factor = self._key("rope.scaling.factor", required=False)
-        if kind == "linear":
-            if factor is None:
-                raise self._error(f"rope scaling type 'linear' without {self.architecture}.rope.scaling.factor")
-            return {"rope_type": "linear", "factor": float(factor)}
-        if kind == "yarn":
-            scaling = {"rope_type": "yarn", "factor": float(factor if factor is not None else 1.0)}
-            orig = self._key("rope.scaling.original_context_length", required=False)
-            if orig is not None:
-                scaling["original_max_position_embeddings"] = int(orig)
-            for gguf_key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"),
-                                     ("rope.scaling.yarn_beta_slow", "beta_slow"),
-                                     ("rope.scaling.yarn_attn_factor", "attention_factor")):
-                value = self._key(gguf_key, required=False)
-                if value is not None:
-                    scaling[hf_key] = float(value)
-            return scaling
-        raise self._error(f"rope scaling type {kind!r} is not supported; supported: none, linear, yarn, "
-                          f"and llama3 (as a rope_freqs.weight tensor)")
-
-    def _build_config(self) -> dict:
-        arch = self.architecture
-        if arch == "gpt2":
-            return self._gpt2_config()
-        model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
-        if arch == "llama" and self._meta.get("general.name") == "mistral":
-            model_type = "mistral"  # transformers' rule: llama.cpp writes Mistral as llama
-        n_heads = int(self._key("attention.head_count"))
-        config = {
-            "model_type": model_type,
-            "architectures": [_ARCHITECTURES_CLASS[model_type]],
-            "vocab_size": self._vocab_size(),
-            "hidden_size": int(self._key("embedding_length")),
-            "intermediate_size": int(self._key("feed_forward_length")),
-            "num_hidden_layers": int(self._key("block_count")),
-            "num_attention_heads": n_heads,
-            "num_key_value_heads": int(self._key("attention.head_count_kv", required=False, default=n_heads)),
-            "max_position_embeddings": int(self._key("context_length")),
-            "rms_norm_eps": float(self._key("attention.layer_norm_rms_epsilon")),
-        }
-        # head_dim: llama's from rope.dimension_count (as transformers), the others' from attention.key_length
-        head_dim = self._key("rope.dimension_count", required=False) if arch == "llama" else None
-        if head_dim is None:
-            head_dim = self._key("attention.key_length", required=False)
-        if head_dim is not None:
-            config["head_dim"] = int(head_dim)
-        theta = self._key("rope.freq_base", required=False)
-        if theta is not None:
-            config["rope_theta"] = float(theta)
-        scaling = self._rope_scaling_from_metadata()
-        if scaling is not None:
-            config["rope_scaling"] = scaling
-        if arch in ("gemma2", "gemma3"):
-            window = self._key("attention.sliding_window", required=False)
-            if window is not None:
-                config["sliding_window"] = int(window)
-            final = self._key("final_logit_softcapping", required=False)
-            if final is not None:
-                config["final_logit_softcapping"] = float(final)
-        if arch == "gemma2":
-            attn = self._key("attn_logit_softcapping", required=False)
-            if attn is not None:
-                config["attn_logit_softcapping"] = float(attn)
-        if arch == "gemma3":
-            # llama.cpp runs Gemma 3's sliding-window layers with this base, 10000 when the file does not say
-            config["rope_local_base_freq"] = float(self._key("rope.freq_base_swa", required=False, default=10000.0))
-        if arch == "llama" and "blk.0.attn_q.bias" in self._infos:
-            config["attention_bias"] = True
-        config["tie_word_embeddings"] = "output.weight" not in self._infos
-        config.update(self._token_ids())
-        return config
-
-    def _gpt2_config(self) -> dict:
-        n_ctx = int(self._key("context_length"))
-        n_embd = int(self._key("embedding_length"))
-        config = {
-            "model_type": "gpt2",
-            "architectures": [_ARCHITECTURES_CLASS["gpt2"]],
-            "vocab_size": self._vocab_size(),
-            "n_layer": int(self._key("block_count")),
-            "n_embd": n_embd,
-            "n_head": int(self._key("attention.head_count")),
-            "n_ctx": n_ctx,  # the key transformers' GGUF loader sets
-            "layer_norm_epsilon": float(self._key("attention.layer_norm_epsilon")),
-        }
-        # what GPT2Config builds its shapes from: the position table's and the MLP's real sizes
-        wpe = self._infos.get("position_embd.weight")
-        config["n_positions"] = int(wpe.shape[0]) if wpe is not None else n_ctx
-        up = self._infos.get("blk.0.ffn_up.weight")
-        ff = up.shape[0] if up is not None else self._key("feed_forward_length", required=False, default=4 * n_embd)
-        config["n_inner"] = int(ff)
-        config["tie_word_embeddings"] = "output.weight" not in self._infos
-        config.update(self._token_ids())
-        return config
-
     # ------------------------------------------------------------------ names and shapes
 
     def _map_names(self) -> Dict[str, str]:
-        global_names, block_names, prefix = _NAMES[self.architecture]
+        table = GGUF_NAMES[self.architecture]
+        global_names, block_names, prefix = table.global_names, table.block_names, table.block_prefix
         n_layers = self.hf_config.get("num_hidden_layers", self.hf_config.get("n_layer"))
         names, unknown = {}, []
         for gguf_name in self._infos:
@@ -482,7 +316,7 @@ class GGUFCheckpoint:
         if embd is not None and embd.shape[0] != vocab:
             raise self._error(f"token_embd.weight has {embd.shape[0]} rows, but the metadata says the vocabulary "
                               f"has {vocab} tokens")
-        if self.architecture == "llama":
+        if GGUF_NAMES[self.architecture].unpermute_qk:
             heads = {"attn_q": self.hf_config["num_attention_heads"], "attn_k": self.hf_config["num_key_value_heads"]}
             for name, info in self._infos.items():
                 match = _BLOCK_RE.match(name)
@@ -504,13 +338,13 @@ class GGUFCheckpoint:
 
     def _read(self, gguf_name: str, dtype: np.dtype) -> np.ndarray:
         x = self._read_float32(gguf_name)
-        arch, part = self.architecture, gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else None
-        if arch == "llama" and part in ("attn_q", "attn_k"):
+        table, part = GGUF_NAMES[self.architecture], gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else None
+        if table.unpermute_qk and part in ("attn_q", "attn_k"):
             heads = self.hf_config["num_attention_heads"] if part == "attn_q" else self.hf_config["num_key_value_heads"]
-            x = _unpermute_rows(x, heads)
-        elif arch in ("gemma2", "gemma3") and gguf_name.endswith("norm.weight"):
-            x = x - np.float32(1.0)
-        elif arch == "gpt2" and gguf_name.endswith(_GPT2_TRANSPOSED):
+            x = unpermute_rows(x, heads)
+        elif table.norm_offset and gguf_name.endswith("norm.weight"):
+            x = x - np.float32(table.norm_offset)
+        elif table.transposed and gguf_name.endswith(table.transposed):
             x = x.T
         return np.ascontiguousarray(x.astype(dtype, copy=False))
 
@@ -532,7 +366,7 @@ class GGUFCheckpoint:
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if factors.size != dim // 2:
             raise self._error(f"{_ROPE_FREQS} has {factors.size} factors, expected head_dim / 2 = {dim // 2}")
-        scaling = _llama3_parameters(factors, config.get("rope_theta", 10000.0), dim)
+        scaling = llama3_parameters(factors, config.get("rope_theta", 10000.0), dim)
         if scaling is None:
             raise self._error(f"{_ROPE_FREQS} holds per-frequency factors that no Llama 3 rope scaling "
                               f"(factor, low/high_freq_factor, original_max_position_embeddings) reproduces")
@@ -540,67 +374,3 @@ class GGUFCheckpoint:
             config["rope_scaling"] = scaling
 
 
-def _unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
-    """Reverse llama.cpp's ``permute`` of q/k rows: per head, [pairs interleaved] -> [first halves, second halves].
-
-    llama.cpp writes ``w.reshape(n_head, 2, d, ...).swapaxes(1, 2)``; this is its inverse.
-    """
-    half = x.shape[0] // n_head // 2
-    return x.reshape(n_head, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:
-    """Per-frequency divisors of the rotary frequencies under Llama 3 scaling (transformers' and llama.cpp's rule)."""
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (original / wavelen - low) / (high - low)
-    medium = 1.0 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
-
-
-def _llama3_parameters(factors: np.ndarray, theta: float, dim: int, rtol: float = 1e-4):
-    """Llama 3 rope scaling reproducing llama.cpp's ``rope_freqs`` factors: {} if all are 1, None if none fits.
-
-    ``factor`` is the largest factor. Only the ratios ``original / low_freq_factor``
-    and ``original / high_freq_factor`` matter, so they are solved for with
-    ``low_freq_factor`` 1 (least squares over the frequencies between the two
-    wavelengths), then both factors are scaled so that
-    ``original_max_position_embeddings`` is an integer. Meta's published
-    parameters (low 1, high 4, original 8192) are tried first. Whatever is
-    returned reproduces the file's factors to ``rtol``.
-    """
-    if np.allclose(factors, 1.0, rtol=rtol, atol=0):
-        return {}
-    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    wavelen = 2 * math.pi / inv_freq
-    factor = float(factors.max())
-    if factor <= 1.0:
-        return None
-    ones = np.isclose(factors, 1.0, rtol=rtol, atol=0)
-    full = np.isclose(factors, factor, rtol=rtol, atol=0)
-    medium = ~ones & ~full
-    candidates = [(1.0, 4.0, 8192.0)]
-    highs = sorted(np.geomspace(1.01, 1000.0, 97), key=lambda h: abs(math.log(h / 4.0)))  # 4 first
-    if medium.sum() >= 2:
-        # smooth = (L / wavelen - 1) / (high - 1), with smooth from each medium factor: linear in (L, high)
-        s = (1.0 / factors[medium] - 1.0 / factor) / (1.0 - 1.0 / factor)
-        a = np.stack([1.0 / wavelen[medium], -s], axis=1)
-        (original, high), *_ = np.linalg.lstsq(a, 1.0 - s, rcond=None)
-        candidates.append((1.0, float(high), float(original)))
-    elif medium.sum() == 1:  # one equation for two unknowns: any high that classifies the rest right
-        s = float((1.0 / factors[medium][0] - 1.0 / factor) / (1.0 - 1.0 / factor))
-        w = float(wavelen[medium][0])
-        candidates += [(1.0, float(h), (s * (h - 1.0) + 1.0) * w) for h in highs]
-    else:  # wavelengths of the unscaled ones under original / high, of the fully scaled ones over original
-        below = float(wavelen[ones].max()) if ones.any() else 1e-3
-        above = float(wavelen[full].min())
-        candidates += [(1.0, float(h), math.sqrt(below * h * above)) for h in highs if below * h < above]
-    for low, high, original in candidates:
-        if not (high > low and original >= 1.0):
-            continue
-        # an integer original_max_position_embeddings, with both ratios kept by scaling the two factors alike
-        scale = round(original) / original
-        low, high, original = low * scale, high * scale, float(round(original))
-        if np.allclose(_llama3_factors(inv_freq, factor, low, high, original), factors, rtol=rtol, atol=0):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-                    "high_freq_factor": float(high), "original_max_position_embeddings": int(original)}
-    return None

@@ -1,0 +1,2 @@
+"""Serving: autoregressive generation with the global KV cache, the ``generate`` command, and serving speed
+of routed networks against their teacher."""

@@ -1,0 +1,117 @@
+"""The package's shape: no import circles, no private names across modules, no facade imports inside it,
+modules of one concern (docs/design.md, "Map of the packages").
+
+The import graph is read from the source (``ast``), every import counted, function-local ones included: an
+import moved into a function to dodge a circle is still a circle.
+"""
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "radial_jax"
+MAX_LINES = 400  # a longer module says why in a line starting with LONG_REASON near its top
+LONG_REASON = "# Longer than 400 lines:"
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(module: str, node) -> list:
+    """``(module it resolves to, name or None)`` for each name an import statement brings in."""
+    if isinstance(node, ast.Import):
+        return [(alias.name, None) for alias in node.names]
+    base = node.module or ""
+    if node.level:  # relative: from the package of ``module``
+        package = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
+        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+    return [(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base, alias.name)
+            for alias in node.names]
+
+
+def owning_module(name: str):
+    """The module of ours that ``name`` (a dotted import target) lives in, or None when it is not ours."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_edges():
+    """``{module: {(target module, name or None, line)}}`` over every import of the package."""
+    edges = {}
+    for module, path in MODULES.items():
+        found = edges.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target, name in imported(module, node):
+                    owner = owning_module(target)
+                    if owner is not None and owner != module:
+                        found.add((owner, name, node.lineno))
+    return edges
+
+
+def cycles(graph: dict) -> list:
+    """The strongly connected components of more than one node (Tarjan), each sorted."""
+    index, low, stack, on_stack, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_planted_circle_and_passes_a_chain():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_import_graph_has_no_circle():
+    graph = {m: {target for target, _, _ in found} for m, found in import_edges().items()}
+    assert cycles(graph) == []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = sorted(f"{module}:{line} imports {name} from {target}"
+                     for module, found in import_edges().items() for target, name, line in found
+                     if name and name.startswith("_") and not name.startswith("__"))
+    assert private == []
+
+
+def test_no_module_inside_the_package_imports_the_package_facade():
+    facade = sorted(f"{module}:{line}" for module, found in import_edges().items()
+                    for target, _, line in found if target == "radial_jax" and module != "radial_jax")
+    assert facade == []
+
+
+def test_a_module_over_400_lines_says_why_at_its_top():
+    unexplained = []
+    for path in MODULES.values():
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_LINES and not any(line.startswith(LONG_REASON) for line in lines[:60]):
+            unexplained.append(f"{path.relative_to(PACKAGE.parent)}: {len(lines)} lines")
+    assert unexplained == [], f"split these by concern, or say why not in a line starting with {LONG_REASON!r}"
