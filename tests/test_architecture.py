@@ -8,6 +8,12 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "radial_jax"
+# The packages from the bottom up (docs/design.md §8): a module imports only from its own package or those below.
+LAYERS = ("version", "defaults", "reporting", "scale", "data", "models", "checkpoints", "serving", "radial",
+          "profiling", "training", "pipeline", "cli")
+# Conveniences on the user's handle reach up by design: ``Model.generate`` and ``Model.tokenizer``.
+UPWARD_ALLOWED = {("radial_jax.models.bundle", "radial_jax.serving.generation"),
+                  ("radial_jax.models.bundle", "radial_jax.checkpoints.tokenizer")}
 MAX_LINES = 400  # a longer module says why in a line starting with LONG_REASON near its top
 LONG_REASON = "# Longer than 400 lines:"
 
@@ -106,6 +112,23 @@ def test_no_module_inside_the_package_imports_the_package_facade():
     facade = sorted(f"{module}:{line}" for module, found in import_edges().items()
                     for target, _, line in found if target == "radial_jax" and module != "radial_jax")
     assert facade == []
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 else len(LAYERS)  # the facade sits on top
+
+
+def test_every_package_has_a_layer():
+    assert {m.split(".")[1] for m in MODULES if "." in m} == set(LAYERS)
+
+
+def test_a_package_imports_only_from_the_layers_below_it_and_commands_sit_on_top():
+    upward = sorted(f"{module}:{line} imports {target}" for module, found in import_edges().items()
+                    if not module.endswith(".cli")  # a command module may use anything
+                    for target, _, line in found
+                    if layer_of(target) > layer_of(module) and (module, target) not in UPWARD_ALLOWED)
+    assert upward == []
 
 
 def test_a_module_over_400_lines_says_why_at_its_top():
