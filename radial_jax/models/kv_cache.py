@@ -65,9 +65,9 @@ class KVCache:
 def split_layers(cache: KVCache) -> tuple:
     """The cache as ``L`` single-layer caches (``[1, B, T, ...]`` each), the layout of per-layer pools.
 
-    A layer then reads and writes its own buffers (index 0) in place; a layer ``l`` picked
-    out of the stacked ``[L, ...]`` buffers is a slice that XLA on CPU copies before the
-    attention matmuls, on every decoded token. Rules and contents are unchanged.
+    A layer then reads and writes its own buffers (index 0) in place, where a layer picked out of the
+    stacked ``[L, ...]`` buffers is a slice (why that matters: ``models.stack``'s docstring). Rules and
+    contents are unchanged.
     """
     return tuple(KVCache(cache.k[l:l + 1], cache.v[l:l + 1], cache.written_at[l:l + 1])
                  for l in range(cache.k.shape[0]))

@@ -89,10 +89,8 @@ def num_pool_layers(pool_params) -> int:
 def pool_layer(pool, index):
     """The parameters of layer ``index`` of a pool, in either layout: the one way to pick a layer.
 
-    Stacked pool (``[L, ...]`` leaves): ``a[index]``, ``index`` may be traced. XLA on CPU
-    materialises that slice (a copy of the layer) before the layer's matmuls.
-    Per-layer pool (a tuple): ``pool[index]``, ``index`` a Python int; the layer's own
-    arrays, no copy.
+    Stacked pool (``[L, ...]`` leaves): ``a[index]``, ``index`` may be traced (a slice: see the module
+    docstring). Per-layer pool (a tuple): ``pool[index]``, ``index`` a Python int; the layer's own arrays.
     """
     if is_per_layer(pool):
         if not isinstance(index, (int, np.integer)):
@@ -105,11 +103,8 @@ def pool_layer(pool, index):
 def unstack_pool(pool) -> tuple:
     """The per-layer (inference) layout of a pool: a tuple of ``L`` layer trees.
 
-    Why: inside a compiled loop over the stacked ``[L, ...]`` arrays (``lax.scan``), XLA
-    on CPU copies each layer's slice before its matmuls, on every call (every decoded
-    token); separate arrays per layer are read in place. Under ``jit`` this costs one
-    copy of the pool per call (``generate`` does it once, before the prefill); outside,
-    it makes new arrays once (``Model.with_layout("per_layer")``).
+    Why: see the module docstring. Under ``jit`` this costs one copy of the pool per call (``generate``
+    does it once, before the prefill); outside, it makes new arrays once (``Model.with_layout("per_layer")``).
     """
     if is_per_layer(pool):
         return tuple(pool)

@@ -80,10 +80,9 @@ def prefill_sizes(c_max: int, buckets: int, halvings: int = 3) -> Tuple[int, ...
 def decode_sizes(batch: int, exact_up_to: int = 8, parts: int = 8) -> Tuple[int, ...]:
     """Static sizes of decoding: ``0``, every size up to ``exact_up_to``, then multiples of ``batch / parts``.
 
-    A decode step's matmuls run on a handful of rows, and a padded row is not free: at
-    batch 8 and about 40 % depth, powers of two executed about half the dense FLOPs
-    (``experiments/bench_radial.py``, decode rows: ``compute_fraction``), exact sizes the
-    depth. Larger batches waste at most ``batch / parts`` rows, with at most
+    A decode step's matmuls run on a handful of rows, and a padded row is not free: powers of two
+    executed far more than the depth (``experiments/bench_radial.py``, decode rows: ``compute_fraction``),
+    exact sizes the depth. Larger batches waste at most ``batch / parts`` rows, with at most
     ``exact_up_to + parts`` branches per layer.
     """
     if batch < 1:

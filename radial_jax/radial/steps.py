@@ -113,7 +113,7 @@ def propagate_skips_traced(plan: Plan, pool, meta, x, eligible, tok: Tokens, kv,
     L = plan.num_layers
     layer = layer_module(plan)
 
-    def kv_of(l):  # the layer is picked inside the branch (a stacked slice is a copy on CPU)
+    def kv_of(l):  # the layer is picked inside the branch (a stacked slice: models.stack)
         return lambda: layer.apply({"params": pool_layer(pool, l)}, x, tok.positions, meta_at(meta, l)["rope"],
                                    method="kv")
 
@@ -223,7 +223,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
                                        s, state)
                 return state, sizes_l.at[l].set(ran)
             # a layer no token uses at this step runs nothing: not its size-0 branch (zeros, writes and
-            # scatters at the largest size), not even the slice out of a stack (a copy on CPU)
+            # scatters at the largest size), not even the slice out of a stack (models.stack)
             return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
         st = (state, jnp.zeros((L, 2), jnp.int32))  # per layer: [tokens, attention queries] that ran
         if is_per_layer(pool):  # the inference layout: each layer reads its own arrays (unrolled)

@@ -227,7 +227,7 @@ def run_layers_grouped(plan: Plan, pool, meta, x_start, admitted_kgn, gate_kgn, 
     at one static size for all of them: the smallest that holds the largest load of any
     layer. The phases are vmapped over the stacked ``[L, ...]`` weights and the
     ``[L, B, ...]`` cache, read in place: one set of matmuls per step, where a loop over
-    stacked layers pays ``L`` and, on CPU, a copy of every layer's weights. Returns the
+    stacked layers pays ``L`` and a slice of every layer's weights (``models.stack``). Returns the
     state and the size (that of every layer).
     """
     L = plan.num_layers
