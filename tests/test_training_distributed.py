@@ -37,12 +37,12 @@ COMMON = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 import radial_jax as rj
+from radial_jax.data.packed import PackedDataset
 from radial_jax.models.bundle import example_inputs
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.scale.sharding import logical_specs, make_mesh, override_rules
 from radial_jax.training.distill_loss import DistillConfig, make_student
 from radial_jax.training.lm import lm_loss_fn
-from radial_jax.data.packed import PackedDataset
 from radial_jax.training.pod_steps import distill_step
 from radial_jax.training.state import TrainState
 from radial_jax.training.steps import global_batch, make_sharded_train_step, make_train_step, to_host
@@ -126,7 +126,8 @@ for name, shape, rules in (("d2f2t2", (2, 2, 2), None), ("expert_fsdp8", (1, 8, 
 from radial_jax.training.plan import make_plan
 from radial_jax.training.memory import MemoryConfig
 from radial_jax.training.optim import make_optimizer, OptimConfig
-from radial_jax.training.steps import init_sharded_state, param_shardings
+from radial_jax.training.steps import init_sharded_state
+from radial_jax.scale.sharding import param_shardings
 from radial_jax.scale.sharding import batch_sharding
 mesh = make_mesh(2, 2, 2)
 plan = make_plan(cfg, (2, 2, 2), task="train", batch=8, seq_len=8, memory=MemoryConfig())

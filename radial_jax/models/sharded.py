@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from radial_jax.models.bundle import Model
+from radial_jax.scale.sharding import replicate
 
 STATIC = ("ratio_kind", "compute_logits", "embeddings_only")
 
@@ -24,14 +24,6 @@ def _replicated_apply(module, mesh):
     rep = NamedSharding(mesh, PartitionSpec())
     return jax.jit(lambda params, *args, **kwargs: module.apply({"params": params}, *args, **kwargs),
                    static_argnames=STATIC, out_shardings=rep)
-
-
-def replicate(x, mesh):
-    """A host value (or a replicated array) as a global array replicated on ``mesh``."""
-    if isinstance(x, jax.Array) and x.sharding.is_fully_replicated and len(x.sharding.device_set) == mesh.size:
-        return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda idx: x[idx])
 
 
 class ShardedModel(Model):

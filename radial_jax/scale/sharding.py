@@ -70,11 +70,44 @@ def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+# -- placement: the one way a value reaches a mesh ------------------------------------------------------
+def place(x, sharding: NamedSharding, dtype=None, copy: bool = False):
+    """``x`` as a global array with ``sharding``, optionally cast to ``dtype``.
+
+    A host value (every process holds it whole) is cut by each process to its own devices' slices; a jax
+    array already placed alike (or spread over several hosts) is moved as it is, and ``copy=True`` never
+    returns the caller's buffer."""
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or x.sharding.is_equivalent_to(sharding, x.ndim)):
+        y = x if dtype is None or x.dtype == dtype else x.astype(dtype)
+        if y is x and copy:
+            return jax.device_put(x, sharding, may_alias=False)
+        return jax.device_put(y, sharding)
+    value = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def to_mesh(tree, shardings, dtype=None, copy: bool = False):
+    """Every leaf of ``tree`` placed by the matching leaf of ``shardings`` (``place``)."""
+    return jax.tree_util.tree_map(lambda x, s: place(x, s, dtype, copy), tree, shardings)
+
+
+def replicate(x, mesh: Mesh):
+    """``x`` replicated on every device of ``mesh`` (``place``)."""
+    return place(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def param_shardings(params, specs, mesh: Mesh):
+    """NamedShardings for ``params`` from logical ``specs`` (None specs: replicated); a mesh axis that does not
+    divide its dimension is dropped (``fit_spec``)."""
+    if specs is None:
+        return jax.tree_util.tree_map(lambda p: NamedSharding(mesh, PartitionSpec()), params)
+    return jax.tree_util.tree_map(lambda p, s: NamedSharding(mesh, fit_spec(s, np.shape(p), mesh)), params, specs,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def shard_params(params, specs, mesh: Mesh):
     """Place ``params`` on ``mesh`` by ``specs`` (from ``logical_specs``)."""
-    return jax.tree_util.tree_map(
-        lambda p, s: jax.device_put(p, NamedSharding(mesh, fit_spec(s, p.shape, mesh))), params, specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return to_mesh(params, param_shardings(params, specs, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -176,8 +176,8 @@ def load_teacher(name: str, mesh=None, rules=None, memory=None):
             from radial_jax.models.sharded import ShardedModel
             from radial_jax.scale.sharding import logical_specs
             from radial_jax.models.bundle import example_inputs
-            from radial_jax.training.pod_steps import to_mesh
-            from radial_jax.training.steps import param_shardings
+            from radial_jax.scale.sharding import to_mesh
+            from radial_jax.scale.sharding import param_shardings
             specs = logical_specs(teacher.module, *example_inputs(teacher.config), rules=rules)
             params = to_mesh(teacher.params, param_shardings(teacher.params, specs, mesh), dtype=memory.dtype)
             teacher = ShardedModel(teacher.config, params, mesh=mesh, dtype=memory.dtype, name=teacher.name,
@@ -203,7 +203,8 @@ def cmd_eval(args) -> int:
         teacher = load(meta["teacher"])
     else:  # parameters sharded by the axis rules (the student's pool like the teacher's, the router replicated)
         from radial_jax.training.memory import MemoryConfig
-        from radial_jax.training.pod_steps import radial_param_shardings, to_mesh
+        from radial_jax.training.pod_steps import radial_param_shardings
+        from radial_jax.scale.sharding import to_mesh
         rules = rules_for(args.pool)
         teacher = load_teacher(meta["teacher"], mesh, rules, MemoryConfig())
         student = student.replace(params=to_mesh(student.params, radial_param_shardings(

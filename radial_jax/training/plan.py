@@ -156,7 +156,8 @@ def make_plan(config, mesh_sizes, *, task: str = "distill", batch: int = 16, seq
     from radial_jax.scale.sharding import batch_sharding, logical_specs
     from radial_jax.training.memory import MemoryConfig
     from radial_jax.training.optim import OptimConfig, make_optimizer
-    from radial_jax.training.steps import abstract_state, jit_train_step, make_train_step, param_shardings
+    from radial_jax.training.steps import abstract_state, jit_train_step, make_train_step
+    from radial_jax.scale.sharding import param_shardings
 
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; allowed: {TASKS}")

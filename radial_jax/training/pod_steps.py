@@ -25,32 +25,16 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from radial_jax.models.bundle import Model, example_inputs
 from radial_jax.models.family import module_for
 from radial_jax.radial import RadialModel
-from radial_jax.scale.sharding import AXIS_RULES, batch_sharding, logical_specs
+from radial_jax.scale.sharding import AXIS_RULES, batch_sharding, logical_specs, param_shardings, place, to_mesh
 from radial_jax.training.distill_loss import distill_loss_fn, without_router
 from radial_jax.training.memory import MemoryConfig, cast_floating
 from radial_jax.training.state import TrainState
-from radial_jax.training.steps import (init_sharded_state, make_sharded_train_step, make_train_step, param_shardings,
-                                       place, state_shardings)
-
-
-def to_mesh(tree, shardings, dtype=None, copy: bool = False):
-    """``tree`` placed by ``shardings`` (host values, one-device arrays or global arrays), optionally cast;
-    ``copy=True`` never returns the caller's buffers."""
-    def one(x, s):
-        if isinstance(x, jax.Array) and (not x.is_fully_addressable or x.sharding.is_equivalent_to(s, x.ndim)):
-            y = x if dtype is None or x.dtype == dtype else x.astype(dtype)
-            if y is x and copy:
-                return jax.device_put(x, s, may_alias=False)
-            return jax.device_put(y, s)
-        value = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
-        return jax.make_array_from_callback(value.shape, s, lambda idx: value[idx])
-    return jax.tree_util.tree_map(one, tree, shardings)
+from radial_jax.training.steps import init_sharded_state, make_sharded_train_step, make_train_step, state_shardings
 
 
 def radial_param_shardings(teacher_module, config, params, mesh: Mesh, rules=None):

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from radial_jax.models.remat import batch_sharded, remat
-from radial_jax.scale.sharding import fit_spec, batch_sharding
+from radial_jax.scale.sharding import batch_sharding, param_shardings, place
 from radial_jax.training.memory import MemoryConfig, cast_floating, split_micro
 from radial_jax.training.state import TrainState
 
@@ -129,20 +129,6 @@ def debug_checks(old: TrainState, new: TrainState, batch, expected_batch_shape=N
 
 
 # -- placement ------------------------------------------------------------------------------------------
-def place(x, sharding: NamedSharding):
-    """A global array with ``sharding`` from a host value every process holds in full."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def param_shardings(params, specs, mesh: Mesh):
-    """NamedShardings for ``params`` from logical ``specs`` (None specs: replicated)."""
-    if specs is None:
-        return jax.tree_util.tree_map(lambda p: NamedSharding(mesh, PartitionSpec()), params)
-    return jax.tree_util.tree_map(lambda p, s: NamedSharding(mesh, fit_spec(s, np.shape(p), mesh)), params, specs,
-                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def _key_path(path) -> tuple:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
