@@ -111,6 +111,28 @@ class RadialConfig:
     def ordered(self) -> bool:
         return self.mode == "ordered"
 
+    # What each routing mode implies, asked by name rather than by comparing strings elsewhere
+    # (``radial.routing`` is where the modes decide):
+    @property
+    def learns_routes(self) -> bool:
+        """The router's own probabilities choose (``learned``, ``mixture``): training moves the routes."""
+        return self.routing in ("learned", "mixture")
+
+    @property
+    def is_oracle(self) -> bool:
+        """Routes from the §3 threshold rule, probed per token at each step (``oracle``)."""
+        return self.routing == "oracle"
+
+    @property
+    def is_mixture(self) -> bool:
+        """Every token through every layer of a step, updates weighted by probability and survival."""
+        return self.routing == "mixture"
+
+    @property
+    def is_identity(self) -> bool:
+        """Layer ``s mod L`` at step ``s`` for every token: the sequential model, or its pool looped."""
+        return self.routing == "identity"
+
     def steps(self, num_layers: int) -> int:
         """``S`` for a pool of ``num_layers`` layers (validated)."""
         if num_layers < 1:

@@ -45,7 +45,7 @@ def _decode_step(module, params, ids_b, slots_b, cache, live_b):
 def warn_identity_drops(rc: RadialConfig, num_layers: int) -> None:
     """Warn when radial identity routing is built at a capacity that refuses most of its visits: it sends every
     token to one layer per step, while each (step, layer) admits ``phi`` of a sequence (the MoE convention)."""
-    if rc.routing != "identity" or rc.ordered:
+    if not rc.is_identity or rc.ordered:
         return
     phi = rc.budget_fraction(num_layers)
     if phi < 1:

@@ -134,7 +134,7 @@ class RadialNetwork(nn.Module):
             positions = slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cache is None:
             cache = self.init_cache(b, max_len or t)
-        elif rc.routing == "oracle":
+        elif rc.is_oracle:
             raise ValueError("routing='oracle' runs on a fresh cache only (its probe sees the current tokens)")
         # The most a sequence can admit to a layer at a step in this call: its budget at the last slot.
         c_max = rc.max_capacity(L, t if positions_bt is None else cache.max_len)
@@ -166,7 +166,7 @@ class RadialNetwork(nn.Module):
         if rc.dispatch != "token":
             raise ValueError("decoding needs causal routing: dispatch='token' (expert choice sees future tokens; "
                              "it is a training-only option)")
-        if rc.routing == "oracle":
+        if rc.is_oracle:
             raise ValueError("routing='oracle' is a parallel-forward simulation; it cannot decode")
         b = ids_b.shape[0]
         live = jnp.ones((b,), bool) if live_b is None else live_b.astype(bool)

@@ -74,9 +74,9 @@ def decide(rc: RadialConfig, logits_gnc, step, num_layers: int, eligible_gn, pro
     key = None if explore is None else jax.random.fold_in(explore.key, step)
     if rc.ordered:
         keep_gn = keep_logit(logits_gnc, step)
-        if rc.routing == "identity":
+        if rc.is_identity:
             want_gn = jnp.ones_like(eligible_gn)
-        elif rc.routing == "oracle":
+        elif rc.is_oracle:
             if probe_ratio_gn is None or threshold is None:
                 raise ValueError("routing='oracle' needs a threshold")
             want_gn = probe_ratio_gn >= threshold
@@ -88,7 +88,7 @@ def decide(rc: RadialConfig, logits_gnc, step, num_layers: int, eligible_gn, pro
         choice = jnp.where(eligible_gn, jnp.where(want_gn, step, skip_index(L)), -1).astype(jnp.int32)
         return Decision(want_kgn=want_gn[None], choice_gn=choice, exiting_gn=jnp.zeros_like(eligible_gn),
                         prob_kgn=jax.nn.sigmoid(keep_gn)[None])
-    if rc.routing == "identity":  # layer s mod L at step s: the pool in order, S / L times
+    if rc.is_identity:  # layer s mod L at step s: the pool in order, S / L times
         pref_gn = jnp.full(eligible_gn.shape, step % L, jnp.int32)
     elif explore is not None:
         noisy_gnc = logits_gnc + explore.scale * jax.random.gumbel(key, logits_gnc.shape)
@@ -97,7 +97,7 @@ def decide(rc: RadialConfig, logits_gnc, step, num_layers: int, eligible_gn, pro
         pref_gn = jnp.argmax(logits_gnc, axis=-1).astype(jnp.int32)
     want_kgn = eligible_gn[None] & (pref_gn[None] == jnp.arange(L, dtype=jnp.int32)[:, None, None])
     exiting_gn = eligible_gn & (pref_gn == exit_index(L))
-    if rc.routing == "mixture":  # every layer, no hard exit (the survival weights the updates instead)
+    if rc.is_mixture:  # every layer, no hard exit (the survival weights the updates instead)
         want_kgn = jnp.broadcast_to(eligible_gn[None], want_kgn.shape)
         exiting_gn = jnp.zeros_like(eligible_gn)
     probs_gnc = jax.nn.softmax(logits_gnc, axis=-1)
@@ -108,7 +108,7 @@ def decide(rc: RadialConfig, logits_gnc, step, num_layers: int, eligible_gn, pro
 def gate(rc: RadialConfig, prob_kgn):
     """What multiplies a processed token's update: 1 (identity / oracle routing), ``1 + p - stop_grad(p)``
     (straight-through: value 1, gradient of ``p``) or ``p``; mixture routing: ``p``."""
-    if rc.routing == "mixture":
+    if rc.is_mixture:
         return prob_kgn
     if rc.routing != "learned":
         return jnp.ones_like(prob_kgn)

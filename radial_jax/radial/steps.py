@@ -64,7 +64,7 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
         logits = logits.at[..., exit_index(L)].set(jnp.where(no_exit, -1e9, logits[..., exit_index(L)]))
     eligible = active & tok.valid
     probe = None
-    if rc.routing == "oracle":  # §3 at layer granularity: the layer on every token, kept if its ratio is high
+    if rc.is_oracle:  # §3 at layer granularity: the layer on every token, kept if its ratio is high
         params_s = pool_layer(pool, s)
         _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
                                  tok.valid, causal=plan.causal)
@@ -191,7 +191,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     admitted_kgn, counters = admit(plan, decision, carry.admitted, tok, s, layer_ids)
     gate_kgn = gate(rc, decision.prob_kgn)
     alive = carry.alive
-    if rc.routing == "mixture":
+    if rc.is_mixture:
         gate_kgn = gate_kgn * alive[None]
         alive = alive * (1.0 - jax.nn.softmax(logits, axis=-1)[..., exit_index(L)])
     kv = carry.kv
@@ -285,7 +285,7 @@ def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: 
     G, N = tok.valid.shape
     carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
                   admitted=cache.admitted, alive=jnp.ones((G, N), jnp.float32))
-    if is_per_layer(pool) and plan.rc.routing != "oracle":  # the oracle's probe picks layers by a traced step
+    if is_per_layer(pool) and not plan.rc.is_oracle:  # the oracle's probe picks layers by a traced step
         return _run_steps_per_layer(plan, pool, meta, router_params, carry, tok, threshold)
     if is_split(cache.kv):
         x, out, records = run_steps(plan, stack_pool(pool), meta, router_params, x_gne, tok,

@@ -87,7 +87,7 @@ def radial_stats(student, params, windows, batch_size: int = 16, threshold: Opti
 
 
 def _radial_fn(student):
-    oracle = student.radial.routing == "oracle"
+    oracle = student.radial.is_oracle
 
     @jax.jit
     def fn(params, ids, thr):

@@ -175,10 +175,10 @@ def joint_loss_fn(network: RadialModel, cfg: JointConfig):
         z = losses.router_z_loss(r.logits)
         total = lm + cfg.z_weight * z
         # the visits the routes make: the executed ones, or (mixture: every layer runs) the expected ones
-        visits = depth * L if network.radial.routing == "mixture" else out.metrics.mean_depth
+        visits = depth * L if network.radial.is_mixture else out.metrics.mean_depth
         metrics = {"lm": lm, "soft_depth": depth, "z": z, "hard_depth": out.metrics.depth_fraction,
                    "visits": visits, "compute": out.metrics.compute_fraction, **route_rates(r, L)}
-        if network.radial.routing in ("learned", "mixture"):
+        if network.radial.learns_routes:
             total += controls["compute_weight"] * depth
             if not ordered:
                 lb = losses.load_balance(r.probs, r.assign)
@@ -238,7 +238,7 @@ def train_joint(config, data: TextData, steps: Optional[int] = None, *, cfg: Joi
         controls = {"compute_weight": np.float32(multiplier[0]),  # the names of CONTROLS
                     "explore": np.float32(cfg.explore_scale(step, train.steps))}
         new, metrics = compiled[key](state, batch, controls)
-        if net.radial.routing in ("learned", "mixture") and bool(metrics["finite"]):
+        if net.radial.learns_routes and bool(metrics["finite"]):
             multiplier[0] = cfg.dual_update(multiplier[0], float(metrics["visits"]), L)
         return new, {**metrics, "capacity": np.float32(net.radial.capacity_factor), **controls}
 
