@@ -41,7 +41,7 @@ from radial_jax import defaults as D  # noqa: E402
 from radial_jax.reporting.files import figure, save_figure  # noqa: E402
 from radial_jax.checkpoints.artifacts import load_model, save_model  # noqa: E402
 from radial_jax.training.distill_loss import DistillConfig  # noqa: E402
-from radial_jax.training.distill import distill
+from radial_jax.training.study import distill_phases, ordered_then_radial  # noqa: E402
 from radial_jax.training.evaluate import evaluate, interpolate_at, radial_stats  # noqa: E402
 from radial_jax.training.joint import JointConfig, train_joint  # noqa: E402
 from radial_jax.training.lm import make_lm_eval, train_lm  # noqa: E402
@@ -97,12 +97,11 @@ def part_a(args, data, windows, out):
         save_model(teacher, out / "teacher", data=data.source)
     dcfg = DistillConfig(compute_weight=args.compute_weight)  # the ordered phase; the radial one: radial_phase()
     policy = {"cache_policy": args.cache_policy}
-    ordered, _ = distill(teacher, data, cfg=dcfg, train=train_config(args, args.distill_steps, 1e-3),
-                         run_dir=out / "ordered_run", radial_kwargs=policy)
-    radial, history = distill(teacher, data, cfg=dcfg.radial_phase(), mode="radial", start=ordered,
-                              train=train_config(args, args.radial_steps, 1e-3), run_dir=out / "radial_run",
-                              radial_kwargs=policy)
-    result = evaluate({"ordered": ordered, "radial": radial}, teacher, windows, png=out / "curve.png",
+    phases = ordered_then_radial(dcfg, train_config(args, args.distill_steps, 1e-3),
+                                 train_config(args, args.radial_steps, 1e-3))
+    students, history = distill_phases(teacher, data, phases, radial_kwargs=policy,
+                                       run_dirs={"ordered": out / "ordered_run", "radial": out / "radial_run"})
+    result = evaluate(students, teacher, windows, png=out / "curve.png",
                       out_json=out / "eval.json", routes_png=out)
     return result, [h for h in history if "drop_rate" in h]
 

@@ -1,9 +1,13 @@
 """The ``radial-jax`` command: one subcommand per job (``radial-jax --help`` lists them).
 
 Feature packages contribute subcommands through a ``register(subparsers)``
-function in their own ``cli`` module, listed in ``COMMAND_MODULES``. A bad input
-(``ValueError``, ``CheckpointError``, a missing file) ends the command with a one-line
-``radial-jax <command>: error: ...`` on stderr and exit status 2, as argparse does for bad flags.
+function in their own ``cli`` module, listed in ``COMMAND_MODULES``. Exit status:
+
+* 2, a bad input: a ``ValueError`` raised by radial_jax's own checks (``CheckpointError`` included), a missing
+  file or directory, a missing optional dependency, or training stopped at a NaN (the last good checkpoint
+  kept): one line, ``radial-jax <command>: error: ...``, as argparse says a bad flag;
+* 1, anything else, a ``ValueError`` raised inside jax or numpy included: a bug, printed with its traceback
+  and a line saying so, so that it can be reported.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
+from pathlib import Path
 
 # transformers' "PyTorch was not found" advice is noise for a JAX tool; read when transformers is imported
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -26,6 +32,20 @@ COMMAND_MODULES = (
 # extra to install, e.g. torch for a GGUF file's tokenizer)
 # FloatingPointError: training's NonFiniteLossError, which stops at the bad step with the last good checkpoint
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError, FloatingPointError)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_usage_error(e: BaseException) -> bool:
+    """Whether ``e`` says the input was bad (exit 2, one line) rather than that radial_jax has a bug (exit 1)."""
+    if not isinstance(e, USER_ERRORS):
+        return False
+    if type(e).__module__.startswith("radial_jax") or not isinstance(e, ValueError):
+        return True  # CheckpointError and the other errors of ours; missing files and dependencies; a NaN stop
+    frames = traceback.extract_tb(e.__traceback__)
+    raised_in = Path(frames[-1].filename).resolve() if frames else None
+    return raised_in is not None and PACKAGE_DIR in raised_in.parents  # raised by our own checks
 
 
 def _version() -> str:
@@ -53,10 +73,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        # the message names the file or flag; the traceback would only bury it
-        print(f"radial-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every error ends here, classified
+        if is_usage_error(e):  # the message names the file or flag; the traceback would only bury it
+            print(f"radial-jax {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"radial-jax {args.command}: internal error ({type(e).__name__}), a bug in radial_jax or a library it "
+              "uses: please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ README's figures (``experiments/readme_tables.py``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -96,7 +95,6 @@ def run_pipeline(args) -> int:
     from radial_jax.data import window_batches
     from radial_jax.reporting.files import atomic_write_json
     from radial_jax.profiling.skipping import parse_thresholds
-    from radial_jax.radial.artifacts import load_student, save_student
     from radial_jax import defaults as D
     from radial_jax.training.loop import TrainConfig
     from radial_jax.training.optim import OptimConfig
@@ -163,29 +161,24 @@ def run_pipeline(args) -> int:
     students = {}
     full = ids  # whole windows: evaluation scores every token of a window but its first, as simulate does
     if args.distill_steps > 0:
+        from radial_jax.radial.config import MODES
         from radial_jax.training.distill_loss import DistillConfig
-        from radial_jax.training.distill import distill
+        from radial_jax.training.study import distill_phases, ordered_then_radial
         cfg = DistillConfig(oracle_threshold=args.oracle_threshold, compute_weight=args.compute_weight,
                             train=args.distill_train)
         teacher_ref = str(teacher_dir.resolve()) if not args.model else str(args.model)
         t0 = time.perf_counter()
-        for mode, steps in (("ordered", args.distill_steps), ("radial", args.radial_steps)):
-            if steps <= 0:
-                continue
-            where = out / "distill" / mode
-            if _done(where / "config.json"):
-                students[mode], _ = load_student(where)
-                print(f"[distill] reusing {where}")
-                continue
-            train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
-                                optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
-            start = students.get("ordered") if mode == "radial" else None
-            mode_cfg = cfg if mode == "ordered" else cfg.radial_phase(
-                args.radial_compute_weight, args.radial_train, args.radial_oracle_threshold)
-            students[mode], _ = distill(teacher, data, cfg=mode_cfg, mode=mode, start=start, train=train,
-                                        run_dir=out / f"distill_{mode}_run")
-            save_student(students[mode], where, distill=dataclasses.asdict(mode_cfg), data=data.source,
-                         teacher=teacher_ref)
+
+        def phase_train(steps):
+            return TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.window,
+                               optim=OptimConfig(learning_rate=args.distill_lr), checkpoint_every=max(1, steps // 2))
+        radial_train = phase_train(args.radial_steps) if args.radial_steps > 0 else None
+        phases = ordered_then_radial(cfg, phase_train(args.distill_steps), radial_train,
+                                     cfg.radial_phase(args.radial_compute_weight, args.radial_train,
+                                                      args.radial_oracle_threshold))
+        students, _ = distill_phases(teacher, data, phases, run_dirs={m: out / f"distill_{m}_run" for m in MODES},
+                                     students_dir=out / "distill",
+                                     save_meta=dict(data=data.source, teacher=teacher_ref))
         timings["distill_s"] = time.perf_counter() - t0
         # served (evaluated, timed) at the capacity its routes need on training text (radial.capacity)
         calibration = data.windows(args.window, D.SERVE_CALIBRATION_WINDOWS, split="train")[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import radial_jax as rj
@@ -81,3 +82,22 @@ def test_the_command_prints_no_transformers_advice(tmp_path):
                         "--prompt", "x"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "PyTorch was not found" not in r.stderr
     assert r.stderr.strip().startswith("radial-jax generate: error:"), r.stderr
+
+
+@pytest.mark.parametrize("raise_it, code, says", [
+    (lambda: np.zeros(-1), 1, "internal error (ValueError)"),  # numpy's ValueError: a bug that let it through
+    (lambda: (_ for _ in ()).throw(KeyError("k")), 1, "internal error (KeyError)"),
+    (lambda: rj.OPTConfig(hidden_size=0), 2, "error: OPTConfig.hidden_size must be an integer >= 1"),  # our check
+    (lambda: open("/nonexistent/file"), 2, "error: [Errno 2] No such file or directory"),
+])
+def test_a_usage_error_exits_2_in_one_line_and_an_internal_error_exits_1_with_its_traceback(monkeypatch, capsys,
+                                                                                             raise_it, code, says):
+    import radial_jax.serving.cli as serving_cli
+    monkeypatch.setattr(serving_cli, "cmd_generate", lambda args: raise_it())
+    assert main(["generate", "--model", "m", "--prompt", "p"]) == code
+    err = capsys.readouterr().err
+    assert says in err
+    if code == 2:
+        assert err.count("\n") == 1 and "Traceback" not in err
+    else:
+        assert "Traceback" in err and "please report it" in err

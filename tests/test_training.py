@@ -428,3 +428,18 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     assert {f: (out / f).stat().st_mtime_ns for f in before} == before
     with pytest.raises(SystemExit):
         main(argv[:-1] + ["layers"])  # --distill-train allows only router / all
+
+
+def test_the_study_driver_refuses_a_sequence_of_phases_a_student_cannot_follow_before_any_work():
+    from radial_jax.training.study import Phase, distill_phases, ordered_then_radial
+    train = TrainConfig(steps=2, batch_size=2, seq_len=8)
+    assert [p.mode for p in ordered_then_radial(DistillConfig(), train)] == ["ordered"]
+    both = ordered_then_radial(DistillConfig(), train, train)
+    assert [p.mode for p in both] == ["ordered", "radial"] and both[1].cfg == DistillConfig().radial_phase()
+    for modes in (["radial", "ordered"], ["ordered", "ordered"], [], ["radial", "radial"]):
+        with pytest.raises(ValueError, match="cannot follow one another"):  # the teacher is never touched
+            distill_phases(None, None, [Phase(m, train) for m in modes], run_dirs={})
+    with pytest.raises(ValueError, match="run_dirs has no directory"):
+        distill_phases(None, None, both, run_dirs={"ordered": None})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Phase("sideways", train)

@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     from radial_jax.radial.artifacts import save_student
     from radial_jax.training.distill_loss import DistillConfig
-    from radial_jax.training.distill import distill
+    from radial_jax.training.study import Phase, distill_phases
     from radial_jax.data.packed import model_text_data
     from radial_jax.reporting.files import check_output_dir
     check_output_dir(args.run_dir, "--run-dir")
@@ -143,19 +143,16 @@ def cmd_distill(args) -> int:
     memory, rules = memory_config(args), rules_for(args.pool)
     teacher = load_teacher(args.teacher, mesh, rules, memory)
     data = model_text_data(args.data, teacher)  # the teacher's own tokenizer, never a substitute
-    pod = dict(mesh=mesh, memory=memory, rules=rules)
-    radial_kwargs = {"capacity_factor": args.capacity_factor}
-    final_cfg = cfg  # what the saved student was last trained with
-    student, history = distill(teacher, data, cfg=cfg, mode=args.mode, train=_train_config(args),
-                               run_dir=args.run_dir, progress=not args.no_progress, radial_kwargs=radial_kwargs,
-                               **pod)
+    phases = (Phase(args.mode, _train_config(args), cfg),)
     if args.radial_steps:
-        train = dataclasses.replace(_train_config(args), steps=args.radial_steps)
         # warm start: the radial network begins exactly where the ordered student is (to_radial scales the
         # capacity factor so each step's layer keeps its ordered budget: --capacity-factor is not passed again)
-        student, more = distill(teacher, data, cfg=radial_cfg, mode="radial", start=student, train=train,
-                                run_dir=Path(args.run_dir) / "radial", progress=not args.no_progress, **pod)
-        history, final_cfg = history + more, radial_cfg
+        phases += (Phase("radial", dataclasses.replace(_train_config(args), steps=args.radial_steps), radial_cfg),)
+    students, history = distill_phases(
+        teacher, data, phases, run_dirs={args.mode: args.run_dir, "radial": Path(args.run_dir) / "radial"},
+        radial_kwargs={"capacity_factor": args.capacity_factor}, progress=not args.no_progress, mesh=mesh,
+        memory=memory, rules=rules)
+    student, final_cfg = students[phases[-1].mode], phases[-1].cfg  # what the saved student was last trained with
     if not is_main_process():
         return 0
     local = Path(args.teacher)
