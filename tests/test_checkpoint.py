@@ -199,7 +199,7 @@ def test_best_by_eval_and_keep_n(tmp_path):
         ck.save_best(step, {"w": jnp.full((2,), float(step))}, {"eval_loss": loss})
     ck.wait()
     assert ck.latest.all_steps() == [2, 3]
-    assert ck.best_step() == 2
+    assert ck.best.all_steps() == [2] and ck.best_step() == 2  # the lowest loss kept, the others deleted
     best, meta = ck.restore({"w": jnp.zeros(2)}, which="best")
     np.testing.assert_array_equal(np.asarray(best["w"]), 2.0)
     assert meta["metrics"]["eval_loss"] == 1.0

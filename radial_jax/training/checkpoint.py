@@ -30,6 +30,7 @@ from typing import Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import BestN, LatestN
 
 from radial_jax.checkpoints.load import non_finite_leaves
 from radial_jax.training.optim import param_path_str
@@ -102,17 +103,24 @@ class Checkpointer:
         self.best_metric = best_metric
         self.latest = ocp.CheckpointManager(
             self.directory / "latest",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True, cleanup_tmp_directories=True),
+            options=ocp.CheckpointManagerOptions(preservation_policy=LatestN(n=keep),
+                                                 enable_async_checkpointing=async_save, create=True,
+                                                 cleanup_tmp_directories=True),
             item_handlers=_handlers())
         self.best = None
+
+        def metric(metrics) -> float:
+            return float(metrics[best_metric])
         if keep_best:
             self.best = ocp.CheckpointManager(
                 self.directory / "best",
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep_best, enable_async_checkpointing=async_save, create=True,
-                    best_fn=lambda m: float(m[best_metric]), best_mode=best_mode,
-                    keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True),
+                    # the keep_best best (BestN keeps the last n in sorted order: descending when lower is better);
+                    # best_fn and best_mode still name the best step (best_step)
+                    preservation_policy=BestN(get_metric_fn=metric, reverse=best_mode == "min", n=keep_best,
+                                              keep_checkpoints_without_metrics=False),
+                    best_fn=metric, best_mode=best_mode, keep_checkpoints_without_metrics=False,
+                    enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True),
                 item_handlers=_handlers())
 
     # -- saving ---------------------------------------------------------------------------------------
