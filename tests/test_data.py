@@ -209,3 +209,24 @@ def test_model_text_data_opens_windows_with_bos_for_pretrained_models_only(tmp_p
     assert plain.bos_token_id is None and plain.windows(8)[0][0].tolist() == plain.eval[:8].tolist()
     with pytest.raises(ValueError, match="has no tokenizer"):
         model_text_data(text, rj.build(pretrained.config))
+
+
+def test_images_are_normalised_with_the_checkpoints_own_statistics_as_transformers_does(tmp_path):
+    """A checkpoint with ImageNet statistics in its preprocessor_config.json: our pixel values equal
+    transformers' ViTImageProcessor's on the same image (resize, rescale, normalise)."""
+    import json
+    from PIL import Image
+    from transformers import ViTImageProcessor
+    from radial_jax.data.images import ImageStats, preprocess
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    cfg = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "size": {"height": 16, "width": 16},
+           "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255, "resample": 2}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    ours = preprocess([img], 16, ImageStats.of(tmp_path))
+    theirs = ViTImageProcessor.from_pretrained(str(tmp_path))(images=[img], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert ImageStats.of(tmp_path / "elsewhere") == ImageStats()  # no file: google/vit-*'s 0.5 and 0.5
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**cfg, "image_std": [0.2, 0.0, 0.2]}))
+    with pytest.raises(ValueError, match="image_std"):
+        ImageStats.of(tmp_path)

@@ -31,7 +31,9 @@ def load_model_and_data(args, with_scores: bool = False, load_weights: bool = Tr
     """
     from radial_jax.checkpoints.load import load
     from radial_jax.checkpoints.reader import CheckpointReader
-    from radial_jax.data import coco_validation, image_folder, load_text_source, perplexity_windows, tokenize
+    from radial_jax.data import (coco_validation, image_folder, load_text_source, perplexity_windows, tokenize,
+                                 window_batches)
+    from radial_jax.data.images import ImageStats
     from radial_jax.scale.pod import rules_for
     if load_weights:
         model = load(args.model, dtype=args.dtype, mesh=mesh, rules=rules_for(getattr(args, "pool", "fsdp")))
@@ -47,13 +49,14 @@ def load_model_and_data(args, with_scores: bool = False, load_weights: bool = Tr
             raise ValueError(f"{source} gives {len(tokens)} tokens, shorter than one window of {window}; "
                              "use a smaller --window or more text")
         ids, mask, score = perplexity_windows(tokens, window, args.stride)
-        batches = [tuple(a[i:i + args.batch_size] for a in ((ids, mask, score) if with_scores else (ids, mask)))
-                   for i in range(0, len(ids), args.batch_size)]
+        batches = window_batches((ids, mask, score) if with_scores else (ids, mask), args.batch_size)
         return model, batches, source
-    size = model.config.image_size
+    size, stats = model.config.image_size, ImageStats.of(model.tokenizer_path)  # the checkpoint's own statistics
     if args.data in (None, "coco"):
-        return model, list(coco_validation(size, limit=args.max_images, batch_size=args.batch_size)), "coco-2017-val"
-    return model, list(image_folder(args.data, size, limit=args.max_images, batch_size=args.batch_size)), args.data
+        return model, list(coco_validation(size, limit=args.max_images, batch_size=args.batch_size,
+                                           stats=stats)), "coco-2017-val"
+    return model, list(image_folder(args.data, size, limit=args.max_images, batch_size=args.batch_size,
+                                    stats=stats)), args.data
 
 
 def _out_dir(args, command: str) -> Path:
