@@ -8,6 +8,9 @@ function in their own ``cli`` module, listed in ``COMMAND_MODULES``. Exit status
   kept): one line, ``radial-jax <command>: error: ...``, as argparse says a bad flag;
 * 1, anything else, a ``ValueError`` raised inside jax or numpy included: a bug, printed with its traceback
   and a line saying so, so that it can be reported.
+
+Every command keeps JAX's persistent compilation cache (``use_compile_cache``): a program compiled by one run
+is read back by the next, so a rerun skips most of the compile time.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 # transformers' "PyTorch was not found" advice is noise for a JAX tool; read when transformers is imported
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -35,6 +39,25 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError, F
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+COMPILE_CACHE_ENV = "RADIAL_JAX_COMPILE_CACHE"  # the cache's folder, or "off"
+COMPILE_CACHE_MIN_SECONDS = 0.5  # programs that compile faster than this are not worth a file
+
+
+def use_compile_cache(setting: Optional[str] = None) -> Optional[Path]:
+    """Turn on JAX's persistent compilation cache; returns its folder, or None when it is off.
+
+    ``setting`` (default: the ``RADIAL_JAX_COMPILE_CACHE`` environment variable): a folder, ``"off"``, or empty
+    for ``<radial_jax cache>/xla`` (``radial_jax.data.corpus.CACHE_DIR``, itself moved by ``RADIAL_JAX_CACHE``).
+    """
+    import jax
+    from radial_jax.data import corpus
+    setting = os.environ.get(COMPILE_CACHE_ENV, "") if setting is None else setting
+    if setting.strip().lower() == "off":
+        return None
+    folder = Path(setting).expanduser() if setting.strip() else corpus.CACHE_DIR / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    return folder
 
 
 def is_usage_error(e: BaseException) -> bool:
@@ -71,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    use_compile_cache()
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - every error ends here, classified

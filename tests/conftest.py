@@ -13,6 +13,9 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the commands' persistent compilation cache stays off in tests (nothing written under the user's home), unless a
+# developer asks for one: RADIAL_JAX_COMPILE_CACHE=/some/folder python -m pytest ...
+os.environ.setdefault("RADIAL_JAX_COMPILE_CACHE", "off")
 
 
 def _has_xla_flag(flag: str) -> bool:

@@ -101,3 +101,17 @@ def test_a_usage_error_exits_2_in_one_line_and_an_internal_error_exits_1_with_it
         assert err.count("\n") == 1 and "Traceback" not in err
     else:
         assert "Traceback" in err and "please report it" in err
+
+
+def test_the_compile_cache_is_a_folder_the_user_moves_or_turns_off(tmp_path, monkeypatch):
+    import jax
+    from radial_jax.cli import use_compile_cache
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert use_compile_cache("off") is None and jax.config.jax_compilation_cache_dir == before
+        assert use_compile_cache(str(tmp_path / "xla")) == tmp_path / "xla"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        monkeypatch.setattr("radial_jax.data.corpus.CACHE_DIR", tmp_path / "home")
+        assert use_compile_cache("") == tmp_path / "home" / "xla"  # the default: under radial_jax's cache
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
