@@ -24,7 +24,7 @@ setup(
         "transformers>=4.45",
         "tokenizers",
         "huggingface_hub>=0.24",
-        "safetensors>=0.4",
+        "safetensors>=0.8",  # safe_open slices in numpy, bfloat16 included
         "tensorflow-datasets>=4.9",
         "numpy",
         "tqdm",

@@ -200,13 +200,13 @@ def test_attention_choice_per_backend():
 
 # --------------------------------------------------------------------------- streaming reads
 
-def test_aligned_reads_are_used_by_xla_in_place(tmp_path):
-    from radial_jax.checkpoints.tensor_files import ALIGN, read_aligned
+def test_tensor_reads_are_aligned_and_used_by_xla_in_place(tmp_path):
+    from safetensors.numpy import save_file
+    from radial_jax.checkpoints.tensor_files import ALIGN, safetensors_tensors
     from radial_jax.profiling.streaming import host_to_device
     data = np.arange(1000, dtype=np.float32)
-    path = tmp_path / "blob"
-    path.write_bytes(b"xyz" + data.tobytes())
-    got = read_aligned(path, 3, data.nbytes).view(np.float32)
+    save_file({"w": data}, str(tmp_path / "t.safetensors"))
+    got = safetensors_tensors(tmp_path / "t.safetensors")["w"]()
     np.testing.assert_array_equal(got, data)
     assert got.ctypes.data % ALIGN == 0
     dev = host_to_device({"w": got})["w"]

@@ -1,8 +1,11 @@
-"""Tensor files of a checkpoint: safetensors read tensor by tensor (or slice by slice), PyTorch ``.bin`` through torch.
+"""Tensor files of a checkpoint: safetensors through the safetensors library, PyTorch ``.bin`` through torch.
 
-Each safetensors reader reads just its tensor's bytes, into memory that XLA's CPU client aliases, so
-streaming a checkpoint layer by layer never holds more than what was asked for (a memory map would keep
-every touched page resident).
+A safetensors reader opens the file with ``safetensors.safe_open`` each time it is called and reads only its
+tensor, or the slice asked for (``get_slice``; bfloat16 included), into memory that XLA's CPU client aliases.
+No file stays open between reads, so streaming a checkpoint layer by layer never holds more than what was
+asked for (a memory map held open would keep every touched page resident). When the library refuses a
+file, the header is checked here to say what is wrong with it (truncated, not JSON, a tensor outside the
+file, an unsupported dtype), naming the file.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Dict
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from radial_jax.checkpoints.errors import CheckpointError
 
@@ -22,8 +26,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def safetensors_header(path: Path) -> tuple:
-    """``(header dict, header length)`` of a safetensors file; a CheckpointError naming the file otherwise."""
+def check_header(path: Path) -> None:
+    """Raise a ``CheckpointError`` saying what is wrong with the header of ``path``, if this check finds it: the
+    diagnosis of a file ``safe_open`` refuses (its own message names less)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -40,22 +45,7 @@ def safetensors_header(path: Path) -> tuple:
             raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
-    return header, header_len
-
-
-def safetensors_tensors(path: Path) -> Dict[str, callable]:
-    """name -> zero-argument reader of one tensor of a safetensors file.
-
-    Each reader reads just its tensor's bytes (``SafetensorsTensor``, into ``ALIGN``-aligned
-    memory that XLA's CPU client aliases), so
-    streaming a checkpoint layer by layer never holds more than what was asked
-    for (a memory map would keep every touched page resident). The header is
-    checked up front: every tensor's dtype, shape and byte range must be
-    consistent and inside the file.
-    """
-    header, header_len = safetensors_header(path)
-    data_size = path.stat().st_size - 8 - header_len
-    readers = {}
+    data_size = size - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -63,14 +53,32 @@ def safetensors_tensors(path: Path) -> Dict[str, callable]:
             dtype_name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: the header entry of tensor {name} is malformed ({info!r})") from e
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}; supported: "
-                                  f"{sorted(SAFETENSORS_DTYPES)}")
-        dtype = SAFETENSORS_DTYPES[dtype_name]
-        if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        _check_dtype(path, name, dtype_name)
+        nbytes = int(np.prod(shape)) * np.dtype(SAFETENSORS_DTYPES[dtype_name]).itemsize
+        if not 0 <= start <= end <= data_size or end - start != nbytes:
             raise CheckpointError(f"{path}: tensor {name} ({dtype_name}{list(shape)}) claims bytes [{start}, {end}) "
                                   f"of a {data_size:,}-byte data section: the file is truncated or corrupt")
-        readers[name] = SafetensorsTensor(path, 8 + header_len + start, dtype, shape)
+
+
+def _check_dtype(path: Path, name: str, dtype_name: str) -> None:
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}; supported: "
+                              f"{sorted(SAFETENSORS_DTYPES)}")
+
+
+def safetensors_tensors(path: Path) -> Dict[str, "SafetensorsTensor"]:
+    """name -> reader of one tensor of a safetensors file (``SafetensorsTensor``); the file is opened once here
+    to list its tensors, which the library checks: dtypes, shapes and byte ranges inside the file."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            infos = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except SafetensorError as e:
+        check_header(path)  # names the fault when it finds it
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+    readers = {}
+    for name, (dtype_name, shape) in infos.items():
+        _check_dtype(path, name, dtype_name)
+        readers[name] = SafetensorsTensor(path, name, SAFETENSORS_DTYPES[dtype_name], shape)
     return readers
 
 
@@ -78,47 +86,48 @@ def safetensors_tensors(path: Path) -> Dict[str, callable]:
 READ_STATS = {"bytes": 0, "reads": 0}
 
 
+# A read goes through the library in chunks of at most this many bytes, the file opened and closed for each: the
+# library hands back a new array per call and maps the file while it is open, so a whole embedding table read
+# at once would be held two or three times over; chunked, the transient cost is a few chunks.
+CHUNK_BYTES = 16 << 20
+
+
 class SafetensorsTensor:
     """One tensor of a safetensors file: ``t()`` reads it whole, ``t.read(index)`` only a slice of it.
 
-    ``index`` is a tuple of ``slice`` (step 1) per dimension, as ``jax.make_array_from_callback`` gives.
-    Only the bytes of the slice are read: the slice is a set of contiguous runs (the trailing
-    dimensions it takes whole, times a range of the first dimension it cuts), one ``readinto`` each,
-    straight into the result array. (``safetensors.safe_open(...).get_slice`` does the same, but its
-    numpy backend has no bfloat16 and it cannot count bytes.)
+    ``index`` is a tuple of ``slice`` (step 1) per leading dimension, as ``jax.make_array_from_callback`` gives;
+    only the slice is read (``safe_open(...).get_slice``), in chunks of rows (``CHUNK_BYTES``), into a fresh
+    ``ALIGN``-aligned array.
     """
 
-    def __init__(self, path: Path, offset: int, dtype, shape: tuple):
-        self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), tuple(shape)
+    def __init__(self, path: Path, name: str, dtype, shape: tuple):
+        self.path, self.name, self.dtype, self.shape = Path(path), name, np.dtype(dtype), tuple(shape)
 
     def __call__(self) -> np.ndarray:
         return self.read(None)
 
     def read(self, index=None) -> np.ndarray:
-        ranges = [(0, n) for n in self.shape] if index is None else [
-            s.indices(n)[:2] if isinstance(s, slice) else (int(s), int(s) + 1)
-            for s, n in zip(tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index))), self.shape)]
-        out_shape = tuple(b - a for a, b in ranges)
-        out = aligned_empty(out_shape, self.dtype)
-        if out.size == 0:
-            return out
-        # the first dimension (from the end) that is not taken whole: each run covers it and all after it
-        cut = next((d for d in range(len(ranges) - 1, -1, -1) if ranges[d] != (0, self.shape[d])), 0)
-        inner = int(np.prod(self.shape[cut + 1:], dtype=np.int64))
-        run = (ranges[cut][1] - ranges[cut][0]) * inner * self.dtype.itemsize if self.shape else self.dtype.itemsize
-        strides = np.cumprod((1,) + self.shape[::-1][:-1])[::-1] if self.shape else ()
-        buf = out.reshape(-1).view(np.uint8)
-        with open(self.path, "rb") as f:
-            for k, outer in enumerate(np.ndindex(*out_shape[:cut])):
-                first = sum((ranges[d][0] + outer[d]) * int(strides[d]) for d in range(cut))
-                first += ranges[cut][0] * inner if self.shape else 0
-                f.seek(self.offset + first * self.dtype.itemsize)
-                view = memoryview(buf[k * run:(k + 1) * run])
-                if f.readinto(view) != run:
-                    raise CheckpointError(f"{self.path}: short read (the file changed or is truncated)")
+        index = tuple(index or ()) + (slice(None),) * (len(self.shape) - len(tuple(index or ())))
+        ranges = [s.indices(n)[:2] if isinstance(s, slice) else (int(s), int(s) + 1) for s, n in zip(index, self.shape)]
+        out = aligned_empty(tuple(b - a for a, b in ranges), self.dtype)
+        if not self.shape:
+            out[...] = self._get(None)
+        elif out.size:
+            (lo, hi), rest = ranges[0], tuple(slice(a, b) for a, b in ranges[1:])
+            rows = max(1, CHUNK_BYTES // max(out[:1].nbytes, 1))
+            for r in range(lo, hi, rows):
+                out[r - lo:min(r + rows, hi) - lo] = self._get((slice(r, min(r + rows, hi)),) + rest)
         READ_STATS["bytes"] += out.nbytes
-        READ_STATS["reads"] += max(1, int(np.prod(out_shape[:cut], dtype=np.int64)))
+        READ_STATS["reads"] += 1
         return out
+
+    def _get(self, index):
+        try:
+            with safe_open(str(self.path), framework="np") as f:
+                return f.get_tensor(self.name) if index is None else f.get_slice(self.name)[index]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path}: could not read tensor {self.name} ({e}; the file changed or is "
+                                  "truncated)") from e
 
 
 ALIGN = 64  # bytes: XLA's CPU client aliases (does not copy) host arrays aligned this way
@@ -130,20 +139,6 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     buf = np.empty(nbytes + ALIGN, np.uint8)
     start = -buf.ctypes.data % ALIGN
     return buf[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def read_aligned(path, offset: int, nbytes: int) -> np.ndarray:
-    """``nbytes`` of ``path`` from ``offset`` into a fresh ``ALIGN``-byte aligned uint8 array.
-
-    ``jax.device_put(a, may_alias=True)`` of such an array (contiguous, in its dtype) on
-    CPU uses its memory as it is: a table read for streaming is held once, not twice.
-    """
-    out = aligned_empty((nbytes,), np.uint8)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        if f.readinto(memoryview(out)) != nbytes:
-            raise CheckpointError(f"{path}: could not read {nbytes:,} bytes at offset {offset:,} (truncated?)")
-    return out
 
 
 def torch_tensors(paths) -> Dict[str, callable]:
