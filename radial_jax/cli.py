@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    # every subcommand's --help: its one-line summary as the description, and each flag's default
+    summaries = {action.dest: action.help for action in sub._choices_actions}  # noqa: SLF001 - argparse's own list
+    for name, command in sub.choices.items():
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        command.description = command.description or summaries.get(name)
+        for action in command._actions:  # noqa: SLF001 - a flag with no help still shows its default
+            if action.help is None and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
+                action.help = "(default: %(default)s)"
     return parser
 
 

@@ -115,3 +115,16 @@ def test_the_compile_cache_is_a_folder_the_user_moves_or_turns_off(tmp_path, mon
         assert use_compile_cache("") == tmp_path / "home" / "xla"  # the default: under radial_jax's cache
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_every_subcommand_help_says_what_it_does_and_every_flags_default():
+    import argparse
+    from radial_jax.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = " ".join(command.format_help().split())
+        assert command.description and " ".join(command.description.split()) in text, name
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, argparse.SUPPRESS) and action.dest != "help":
+                assert f"(default: {action.default})" in text or "%(default)" in (action.help or ""), \
+                    (name, action.dest)
