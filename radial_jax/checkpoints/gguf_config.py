@@ -32,6 +32,12 @@ class GGUFMetadata:
             raise self.error(f"missing metadata key {key!r}, which a {self.architecture} GGUF file must have")
         return default
 
+    def put_optional(self, config: dict, gguf_key: str, hf_key: str, convert) -> None:
+        """``config[hf_key] = convert(value)`` when the metadata states ``gguf_key`` (else the config's default)."""
+        value = self.key(gguf_key, required=False)
+        if value is not None:
+            config[hf_key] = convert(value)
+
     def vocab_size(self) -> int:
         vocab = self.key("vocab_size", required=False)
         if vocab is None:
@@ -63,15 +69,10 @@ class GGUFMetadata:
             return {"rope_type": "linear", "factor": float(factor)}
         if kind == "yarn":
             scaling = {"rope_type": "yarn", "factor": float(factor if factor is not None else 1.0)}
-            orig = self.key("rope.scaling.original_context_length", required=False)
-            if orig is not None:
-                scaling["original_max_position_embeddings"] = int(orig)
-            for gguf_key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"),
-                                     ("rope.scaling.yarn_beta_slow", "beta_slow"),
-                                     ("rope.scaling.yarn_attn_factor", "attention_factor")):
-                value = self.key(gguf_key, required=False)
-                if value is not None:
-                    scaling[hf_key] = float(value)
+            self.put_optional(scaling, "rope.scaling.original_context_length", "original_max_position_embeddings", int)
+            self.put_optional(scaling, "rope.scaling.yarn_beta_fast", "beta_fast", float)
+            self.put_optional(scaling, "rope.scaling.yarn_beta_slow", "beta_slow", float)
+            self.put_optional(scaling, "rope.scaling.yarn_attn_factor", "attention_factor", float)
             return scaling
         raise self.error(f"rope scaling type {kind!r} is not supported; supported: none, linear, yarn, "
                           f"and llama3 (as a rope_freqs.weight tensor)")
@@ -102,23 +103,15 @@ class GGUFMetadata:
             head_dim = self.key("attention.key_length", required=False)
         if head_dim is not None:
             config["head_dim"] = int(head_dim)
-        theta = self.key("rope.freq_base", required=False)
-        if theta is not None:
-            config["rope_theta"] = float(theta)
+        self.put_optional(config, "rope.freq_base", "rope_theta", float)
         scaling = self.rope_scaling()
         if scaling is not None:
             config["rope_scaling"] = scaling
         if arch in ("gemma2", "gemma3"):
-            window = self.key("attention.sliding_window", required=False)
-            if window is not None:
-                config["sliding_window"] = int(window)
-            final = self.key("final_logit_softcapping", required=False)
-            if final is not None:
-                config["final_logit_softcapping"] = float(final)
+            self.put_optional(config, "attention.sliding_window", "sliding_window", int)
+            self.put_optional(config, "final_logit_softcapping", "final_logit_softcapping", float)
         if arch == "gemma2":
-            attn = self.key("attn_logit_softcapping", required=False)
-            if attn is not None:
-                config["attn_logit_softcapping"] = float(attn)
+            self.put_optional(config, "attn_logit_softcapping", "attn_logit_softcapping", float)
         if arch == "gemma3":
             # llama.cpp runs Gemma 3's sliding-window layers with this base, 10000 when the file does not say
             config["rope_local_base_freq"] = float(self.key("rope.freq_base_swa", required=False, default=10000.0))

@@ -71,7 +71,8 @@ def safetensors_tensors(path: Path) -> Dict[str, "SafetensorsTensor"]:
     to list its tensors, which the library checks: dtypes, shapes and byte ranges inside the file."""
     try:
         with safe_open(str(path), framework="np") as f:
-            infos = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            infos = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
     except SafetensorError as e:
         check_header(path)  # names the fault when it finds it
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
@@ -107,7 +108,8 @@ class SafetensorsTensor:
         return self.read(None)
 
     def read(self, index=None) -> np.ndarray:
-        index = tuple(index or ()) + (slice(None),) * (len(self.shape) - len(tuple(index or ())))
+        index = tuple(index or ())
+        index += (slice(None),) * (len(self.shape) - len(index))
         ranges = [s.indices(n)[:2] if isinstance(s, slice) else (int(s), int(s) + 1) for s, n in zip(index, self.shape)]
         out = aligned_empty(tuple(b - a for a, b in ranges), self.dtype)
         if not self.shape:

@@ -50,13 +50,13 @@ def _accumulate(fn, windows, batch_size, *args):
     window (a last, smaller batch too: the same tokens as ``radial-jax simulate`` scores on the same windows)."""
     if len(windows) < 1:
         raise ValueError("need at least one eval window, got 0")
-    acc = TokenWeighted()
+    acc, extras = TokenWeighted(), 0
     for ids in window_batches(windows, batch_size):
         s, n, d, *more = fn(ids, *args)
         acc.add(n, sums={"nll": s}, depth=d, **{f"extra{i}": m for i, m in enumerate(more)})
+        extras = len(more)
     row = {"ppl": acc.perplexity("nll"), "nll": acc.mean("nll"), "depth": acc.mean("depth")}
-    extras = sorted(k for k in acc.sums if k.startswith("extra"))
-    return row, (np.array([acc.mean(k) for k in extras]) if extras else None)
+    return row, (np.array([acc.mean(f"extra{i}") for i in range(extras)]) if extras else None)
 
 
 def _nll(logits, ids):
