@@ -49,9 +49,9 @@ from tqdm import tqdm  # noqa: E402
 
 import benchlib  # noqa: E402
 import radial_jax as rj  # noqa: E402
-from radial_jax.models.kv_cache import split_layers  # noqa: E402
 from radial_jax.radial import RadialModel  # noqa: E402
 from radial_jax.radial.router import with_keep_offset  # noqa: E402
+from radial_jax.serving.speed import timed_decode  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -89,65 +89,24 @@ def calibrate(rm, ids, target: float, lo: float = -15.0, hi: float = 15.0, start
     return rm.replace(params={**rm.params, "router": with_keep_offset(rm.params["router"], offset)}), offset
 
 
-def decode_loops(model, rm, ids_bt, prompt_len: int):
-    """Jitted teacher-forced decode loops (dense and routed) over caches prefilled with ``ids[:, :prompt_len]``
-    that feed the rest of ``ids``, and their inputs; ``rm=None``: the dense side alone (routed: ``None``)."""
-    b, total = ids_bt.shape
-    prompt, feed, steps = ids_bt[:, :prompt_len], ids_bt[:, prompt_len:], total - prompt_len
-    slots = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
-    dense_cache = jax.jit(lambda p, x: model.module.apply({"params": p}, x, positions_bt=slots,
-                                                          cache=model.module.init_cache(b, total),
-                                                          compute_logits=False).cache)(model.params, prompt)
-    # both sides in the inference layout (what ``generate`` serves): per-layer weights and caches
-    dense_cache, routed_cache = split_layers(dense_cache), None
-    if rm is not None:
-        routed_cache = rm.forward(prompt, positions_bt=slots, max_len=total, compute_logits=False).cache
-        routed_cache = routed_cache.replace(kv=split_layers(routed_cache.kv))
-
-    def result(out, head):  # what a step outputs: it must use all of the step's work (XLA drops the rest)
-        return jnp.argmax(out.logits.reshape(b, -1), -1) if head else out.hidden.reshape(b, -1)[:, :8]
-
-    def make(head):
-        @jax.jit
-        def dense(params, cache, toks):
-            def body(cache, i):
-                out = model.module.apply({"params": params}, toks[:, i][:, None], positions_bt=jnp.full(
-                    (b, 1), prompt_len + i, jnp.int32), cache=cache, compute_logits=head)
-                return out.cache, result(out, head)
-            return jax.lax.scan(body, cache, jnp.arange(steps))[1]
-
-        @jax.jit
-        def routed(params, cache, toks):
-            def body(cache, i):
-                out = rm.module.apply({"params": params}, toks[:, i], jnp.full((b,), prompt_len + i, jnp.int32),
-                                      cache, None, head, method="decode_step")
-                read = jnp.sum(out.metrics.layer_sizes > 0) / model.config.num_layers  # layers whose weights ran
-                return out.cache, (result(out, head), out.metrics.depth_fraction, out.metrics.compute_fraction, read)
-            return jax.lax.scan(body, cache, jnp.arange(steps))[1]
-        return dense, None if rm is None else routed
-
-    return make, dense_cache, routed_cache, feed
-
-
 def bench_decode(model, b, depth, args, figures, details):
-    ids = jnp.asarray(np.random.default_rng(b).integers(3, model.config.vocab_size,
-                                                        (b, args.decode_prompt + args.decode_steps)), jnp.int32)
+    ids = np.random.default_rng(b).integers(3, model.config.vocab_size, (b, args.decode_prompt + args.decode_steps))
     rm = RadialModel.from_sequential(model, mode="ordered", router_init_scale=1.0, seed=b)
-    rm, offset = calibrate(rm, ids, depth, start=args.decode_prompt)  # on the decoded tokens themselves
-    make, dense_cache, routed_cache, feed = decode_loops(model, rm, ids, args.decode_prompt)
-    dense_params, routed_params = serving_params(model, rm)
+    rm, offset = calibrate(rm, jnp.asarray(ids), depth, start=args.decode_prompt)  # on the decoded tokens
+    # both sides in the inference layout, through their decoding() and the one decode loop (what generate runs)
+    dense_model, routed_model = model.with_layout("per_layer"), rm.with_layout("per_layer")
+    prompt, feed = ids[:, :args.decode_prompt], ids[:, args.decode_prompt:]
     row = {"batch": b, "target_depth": depth, "keep_offset": offset, "layout": "per_layer"}
     half = b // 2  # what half the rows cost dense: the best a layer visited by half of them can do
-    make_half, half_cache, _, half_feed = decode_loops(model, None, ids[:half], args.decode_prompt) if half else (
-        None, None, None, None)
+    L = model.config.num_layers
     for head in (False, True):
-        dense, routed = make(head)
-        frac = routed(routed_params, routed_cache, feed)[1:]
-        sides = {"dense": lambda: dense(dense_params, dense_cache, feed),
-                 "routed": lambda: routed(routed_params, routed_cache, feed)}
+        sides = {"dense": timed_decode(dense_model, prompt, feed, compute_logits=head),
+                 "routed": timed_decode(routed_model, prompt, feed, compute_logits=head, record=("flops", "metrics"))}
         if half and not head:
-            dense_half = make_half(head)[0]
-            sides["dense_half"] = lambda: dense_half(dense_params, half_cache, half_feed)
+            sides["dense_half"] = timed_decode(dense_model, prompt[:half], feed[:half], compute_logits=head)
+        dense_flops = jax.device_get(sides["dense"]()["flops"])
+        routed = jax.device_get(sides["routed"]())
+        m = routed["metrics"]
         rounds = benchlib.interleave(sides, args.repeats)
         speedup = benchlib.ratio(rounds, "dense", "routed")
         key = "with_head" if head else "layers"
@@ -157,8 +116,10 @@ def bench_decode(model, b, depth, args, figures, details):
             figures.append(benchlib.figure(
                 f"decode_b{b}_half_batch_cost", f"dense decode step time, batch {half} / batch {b}", cost,
                 note="the floor of a layer that half the rows visit, relative to running it on all rows"))
-        row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(frac[0])),
-                    "compute_fraction": float(np.mean(frac[1])), "layers_run_fraction": float(np.mean(frac[2])),
+        row[key] = {"speedup": speedup, "mean_depth_fraction": float(np.mean(m.depth_fraction)),
+                    "compute_fraction": float(np.mean(m.compute_fraction)),
+                    "step_flops_fraction": float(np.sum(routed["flops"]) / np.sum(dense_flops)),
+                    "layers_run_fraction": float(np.mean(np.sum(m.layer_sizes > 0, axis=(1, 2)) / L)),
                     "dense_tokens_per_s": benchlib.rate(rounds, "dense", b * args.decode_steps),
                     "routed_tokens_per_s": benchlib.rate(rounds, "routed", b * args.decode_steps)}
         target = {(1, 0.5): 1.6, (1, 0.25): 3.0, (8, 0.5): 1.5}.get((b, depth))

@@ -11,8 +11,10 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "radial_jax"
 # The packages from the bottom up (docs/design.md §8): a module imports only from its own package or those below.
 LAYERS = ("version", "defaults", "reporting", "scale", "data", "models", "checkpoints", "serving", "radial",
           "profiling", "training", "pipeline", "cli")
-# Conveniences on the user's handle reach up by design: ``Model.generate`` and ``Model.tokenizer``.
+# Conveniences on the user's handle reach up by design: ``Model.generate``, ``Model.decoding`` and
+# ``Model.tokenizer``.
 UPWARD_ALLOWED = {("radial_jax.models.bundle", "radial_jax.serving.generation"),
+                  ("radial_jax.models.bundle", "radial_jax.serving.decoding"),
                   ("radial_jax.models.bundle", "radial_jax.checkpoints.tokenizer")}
 MAX_LINES = 400  # a longer module says why in a line starting with LONG_REASON near its top
 LONG_REASON = "# Longer than 400 lines:"

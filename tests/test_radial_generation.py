@@ -11,6 +11,7 @@ import jax
 import radial_jax as rj
 from radial_jax.radial import RadialModel
 from radial_jax.radial.router import exit_index
+from radial_jax.serving.speed import timed_decode
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                      max_position_embeddings=48)
@@ -63,6 +64,27 @@ def test_batch_generation_equals_each_rows_parallel_forward_alone(routed):
         dropped += int(alone.metrics.dropped.sum())
     assert dropped > 0, "the budget must bind for this test to mean anything"
     assert len(np.unique(out.new_tokens)) > 2
+
+
+def assert_teacher_forcing_reproduces_generate(model):
+    prompts = np.random.default_rng(4).integers(3, SMALL.vocab_size, (3, 5))
+    out = model.generate(prompts, max_new_tokens=NEW, eos_token_id=(), return_output=True)
+    rec = jax.device_get(timed_decode(model, prompts, out.new_tokens[:, :NEW - 1], max_len=5 + NEW)())  # as generate
+    np.testing.assert_array_equal(rec["token"].T, out.new_tokens[:, 1:])
+    np.testing.assert_array_equal(rec["depth"].T, out.depth[:, 1:])
+    np.testing.assert_allclose(rec["flops"], out.step_flops[1:], rtol=1e-6)
+    return out
+
+
+def test_teacher_forcing_with_generates_own_tokens_reproduces_its_tokens_depth_and_flops(routed):
+    """The one decode loop in its two uses: fed what ``generate`` chose, the teacher-forced steps (serving
+    benchmarks) pick the same next tokens at the same depth and executed FLOPs, with the budget binding."""
+    out = assert_teacher_forcing_reproduces_generate(routed)
+    assert (out.depth < SMALL.num_layers).any(), "some tokens must skip layers"
+
+
+def test_teacher_forcing_of_the_sequential_model_reproduces_generate(small):
+    assert_teacher_forcing_reproduces_generate(small)
 
 
 def test_a_row_gives_the_same_tokens_alone_and_in_two_other_batches(routed):

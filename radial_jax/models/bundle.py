@@ -20,7 +20,8 @@ import numpy as np
 from radial_jax.checkpoints.tokenizer import load_tokenizer
 from radial_jax.models.family import family_of, module_for, resolve_dtype
 from radial_jax.models.stack import is_per_layer, stack_pool, unstack_pool
-from radial_jax.serving.generation import generate, sequential_decoding
+from radial_jax.serving.decoding import sequential_decoding
+from radial_jax.serving.generation import generate
 
 
 class Bundle:
@@ -112,12 +113,12 @@ class Model(Bundle):
     def _with_params(self, params) -> "Model":
         return Model(self.config, params, dtype=self.dtype, name=self.name, tokenizer_path=self.tokenizer_path)
 
-    # -- decoding (radial_jax.serving.generation) ---------------------------------------------------------
+    # -- decoding (radial_jax.serving.decoding) ---------------------------------------------------------
     def init_cache(self, batch: int, max_len: int):
         return self.module.init_cache(batch, max_len)
 
     def decoding(self):
-        """``radial_jax.serving.generation.Decoding`` of the sequential model (every token through every layer)."""
+        """``radial_jax.serving.decoding.Decoding`` of the sequential model (every token through every layer)."""
         return self._decoding
 
     @functools.cached_property

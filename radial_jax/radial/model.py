@@ -27,7 +27,7 @@ from radial_jax.radial.config import RadialConfig
 from radial_jax.radial.network import RadialNetwork, RadialOutput, init_router
 from radial_jax.radial.router import aligned_step_bias
 from radial_jax.radial.step_state import RadialCache
-from radial_jax.serving.generation import Decoding
+from radial_jax.serving.decoding import Decoding
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_len", "compute_logits"))
@@ -154,29 +154,29 @@ class RadialModel(Bundle):
         return _decode_step(self.module, self.params, jnp.asarray(ids_b), jnp.asarray(slots_b), cache, live_b)
 
     def decoding(self):
-        """``radial_jax.serving.generation.Decoding`` of this network (prefill = the parallel forward)."""
+        """``radial_jax.serving.decoding.Decoding`` of this network (prefill = the parallel forward)."""
         return self._decoding
 
     @functools.cached_property
     def _decoding(self):  # one object per bundle: generation's compiled loop is keyed on it
         module, config = self.module, self.config
 
-        def prefill(params, ids_bt, valid_bt, cache):
+        def forward(params, ids_bt, valid_bt, cache):
             b, t = ids_bt.shape
             slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             out = module.apply({"params": params}, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache,
                                compute_logits=False)
-            last_b = valid_bt.sum(1) - 1
-            last_be = jnp.take_along_axis(out.hidden, last_b[:, None, None], axis=1)[:, 0]
-            logits_bv = module.apply({"params": params}, last_be, method="logits")
-            depth_b = jnp.take_along_axis(out.metrics.depth, last_b[:, None], axis=1)[:, 0]
-            flops = out.metrics.executed_flops + head_flops(config, b)
-            return logits_bv, out.cache, {"depth": depth_b, "flops": jnp.float32(flops)}
+            stats = {"depth": out.metrics.depth, "flops": jnp.float32(out.metrics.executed_flops),
+                     "router": out.router, "metrics": out.metrics}
+            return out.hidden, out.cache, stats
 
-        def step(params, tok_b, pos_b, live_b, cache):
-            out = module.apply({"params": params}, tok_b, pos_b, cache, live_b, method="decode_step")
-            flops = out.metrics.executed_flops + head_flops(config, tok_b.shape[0])
-            return out.logits[:, 0], out.cache, {"depth": out.metrics.depth[:, 0], "flops": jnp.float32(flops)}
+        def step(params, tok_b, pos_b, live_b, cache, compute_logits=True):
+            out = module.apply({"params": params}, tok_b, pos_b, cache, live_b, compute_logits, method="decode_step")
+            flops = out.metrics.executed_flops + (head_flops(config, tok_b.shape[0]) if compute_logits else 0.0)
+            out_bv = (out.logits if compute_logits else out.hidden)[:, 0]
+            router = jax.tree_util.tree_map(lambda a: a[:, :, 0], out.router)  # [S, b, 1, ...] -> [S, b, ...]
+            return out_bv, out.cache, {"depth": out.metrics.depth[:, 0], "flops": jnp.float32(flops),
+                                       "router": router, "metrics": out.metrics}
 
         def prepare(params):  # the inference layout: steps unrolled, each layer's weights read in place
             return {**params, "layers": unstack_pool(params["layers"])}
@@ -185,7 +185,9 @@ class RadialModel(Bundle):
             cache = module.init_cache(batch, max_len)
             return cache.replace(kv=split_layers(cache.kv))
 
-        return Decoding(init_cache=init_cache, prefill=prefill, step=step, prepare=prepare)
+        return Decoding(init_cache=init_cache, forward=forward,
+                        head=lambda params, h: module.apply({"params": params}, h, method="logits"),
+                        head_flops=lambda n: head_flops(config, n), step=step, prepare=prepare)
 
     def __repr__(self):
         return f"RadialModel({self.name!r}, {type(self.config).__name__}, {self.radial})"

@@ -31,15 +31,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.models.flops import dense_flops, head_flops
-from radial_jax.models.kv_cache import cache_max_len, split_layers
-from radial_jax.models.stack import unstack_pool
+from radial_jax.serving.decoding import Decoding, decode_loop, prefill
 
 
 @dataclasses.dataclass
@@ -149,67 +147,6 @@ def sample_logits(logits_bv, key, *, do_sample: bool, temperature=1.0, top_k: Op
     return jax.random.categorical(key, warped_bv, axis=-1).astype(jnp.int32)
 
 
-# --------------------------------------------------------------------------- what a model provides
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Decoding:
-    """How a bundle decodes: pure functions of its params, traced inside one ``jit``.
-
-    init_cache(batch, max_len) -> cache (any pytree: the sequential ``KVCache``, a Radial Network's state).
-    prefill(params, ids_bt, valid_bt, cache) -> (logits_bv, cache, stats): right-padded prompts at slots
-      ``0 .. len_b - 1``; ``logits_bv`` of each row's last prompt token.
-    step(params, tok_b, pos_b, live_b, cache) -> (logits_bv, cache, stats): one token per row at slot ``pos_b``;
-      rows with ``live_b`` false are not processed.
-    ``stats``: ``{"depth": int32[b]`` layer visits of the token whose logits were returned, ``"flops": float32``
-    FLOPs executed by the call (whole batch, by construction from the shapes that ran)``}``.
-    prepare(params) -> params: run once per ``generate`` call, inside the compiled program, before the
-      prefill (the sequential model puts its pool in the per-layer layout there); default: unchanged.
-    """
-
-    init_cache: Callable
-    prefill: Callable
-    step: Callable
-    prepare: Callable = lambda params: params
-
-
-def sequential_decoding(module) -> Decoding:
-    """``Decoding`` of a sequential ``CausalLM`` module: every token through every layer.
-
-    Decoding reads every layer's weights once per token, so the layout matters: the pool
-    is put in the per-layer layout once per call (``stack.unstack_pool``; a no-op when the
-    model already holds it) and the cache is one buffer per layer (``kv_cache.split_layers``),
-    so no step copies a layer's weights or K/V out of a stacked array.
-    """
-    config = module.config
-    L = config.num_layers
-
-    def prefill(params, ids_bt, valid_bt, cache):
-        b, t = ids_bt.shape
-        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = module.apply({"params": params}, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache,
-                           compute_logits=False)
-        lengths_b = valid_bt.sum(1)
-        last_be = jnp.take_along_axis(out.hidden, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-        logits_bv = module.apply({"params": params}, last_be, method="logits")
-        flops = dense_flops(config, b * t, cache_max_len(cache), with_head=False) + head_flops(config, b)
-        return logits_bv, out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
-
-    def step(params, tok_b, pos_b, live_b, cache):
-        b = tok_b.shape[0]
-        out = module.apply({"params": params}, tok_b[:, None], live_b[:, None], positions_bt=pos_b[:, None],
-                           cache=cache)
-        flops = dense_flops(config, b, cache_max_len(cache))
-        return out.logits[:, 0], out.cache, {"depth": jnp.full((b,), L, jnp.int32), "flops": jnp.float32(flops)}
-
-    def prepare(params):
-        return {**params, "layers": unstack_pool(params["layers"])}
-
-    def init_cache(batch, max_len):
-        return split_layers(module.init_cache(batch, max_len))
-
-    return Decoding(init_cache=init_cache, prefill=prefill, step=step, prepare=prepare)
-
-
 # --------------------------------------------------------------------------- compiled core
 
 @functools.partial(jax.jit, static_argnames=("decoding", "max_new_tokens", "cache_len", "do_sample", "top_k",
@@ -217,14 +154,13 @@ def sequential_decoding(module) -> Decoding:
 def _generate_core(decoding: Decoding, params, ids_bt, lengths_b, rng, temperature, top_p, eos_ids_n, pad_id, *,
                    max_new_tokens: int, cache_len: int, do_sample: bool, top_k: Optional[int],
                    output_logits: bool = False):
-    """Prefill + compiled decode loop on right-padded prompts.
+    """Prefill + the decode loop on right-padded prompts.
 
     Returns ``(new_tokens [b, n], num_new [b], finished [b], logits [b, n, vocab] or None, depth [b, n],
     step_flops [n], prefill_flops)``.
     """
     b, t = ids_bt.shape
-    slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid_bt = slots_bt < lengths_b[:, None]
+    valid_bt = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths_b[:, None]
 
     def choose(logits_bv, i):
         key = jax.random.fold_in(rng, i) if do_sample else None
@@ -235,41 +171,22 @@ def _generate_core(decoding: Decoding, params, ids_bt, lengths_b, rng, temperatu
         return jnp.any(tok_b[:, None] == eos_ids_n[None, :], axis=-1)
 
     params = decoding.prepare(params)
-    # Prefill: fill the cache, logits of the last prompt token of each row.
-    logits_bv, cache, pre = decoding.prefill(params, ids_bt, valid_bt, decoding.init_cache(b, cache_len))
+    logits_bv, cache, pre = prefill(decoding, params, ids_bt, valid_bt, decoding.init_cache(b, cache_len))
     tok_b = choose(logits_bv, 0)
-    tokens_bn = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_b)
-    depth_bn = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(pre["depth"])
-    flops_n = jnp.zeros((max_new_tokens,), jnp.float32)
+    # Step i feeds new token i of each live row at slot len_b + i and picks new token i + 1.
+    _, rec = decode_loop(decoding, params, cache, tok_b, lengths_b, is_eos(tok_b), steps=max_new_tokens - 1,
+                         choose=lambda out_bv, i: choose(out_bv, i + 1), is_stop=is_eos, pad_id=pad_id,
+                         record=("depth", "flops"), output_logits=output_logits)
+    ran_bn = jnp.concatenate([jnp.ones((b, 1), bool), rec["live"].T], axis=1)  # new token j was made
+    tokens_bn = jnp.where(ran_bn, jnp.concatenate([tok_b[:, None], rec["token"].T], axis=1), pad_id)
+    depth_bn = jnp.where(ran_bn, jnp.concatenate([pre["depth"][:, None], rec["depth"].T], axis=1), 0)
+    flops_n = jnp.concatenate([jnp.zeros((1,), jnp.float32), rec["flops"]])
+    finished_b = jnp.any(ran_bn & is_eos(tokens_bn.reshape(-1)).reshape(b, -1), axis=1)
     logits_bnv = None
     if output_logits:
-        logits_bnv = jnp.zeros((b, max_new_tokens, logits_bv.shape[-1]), jnp.float32).at[:, 0].set(logits_bv)
-    done_b = is_eos(tok_b)
-    num_new_b = jnp.ones((b,), jnp.int32)
-
-    def cond(state):
-        i, done_b = state[0], state[4]
-        return (i < max_new_tokens) & ~jnp.all(done_b)
-
-    def body(state):
-        # Step i feeds token i-1 of each live row at slot len_b + i - 1 and picks token i.
-        i, cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n = state
-        live_b = ~done_b
-        step_logits_bv, cache, st = decoding.step(params, tok_b, lengths_b + i - 1, live_b, cache)
-        new_b = jnp.where(live_b, choose(step_logits_bv, i), pad_id)
-        tokens_bn = jax.lax.dynamic_update_slice(tokens_bn, new_b[:, None], (0, i))
-        depth_bn = jax.lax.dynamic_update_slice(depth_bn, jnp.where(live_b, st["depth"], 0)[:, None], (0, i))
-        flops_n = jax.lax.dynamic_update_slice(flops_n, st["flops"][None], (i,))
-        num_new_b = num_new_b + live_b.astype(jnp.int32)
-        done_b = done_b | (live_b & is_eos(new_b))
-        if output_logits:
-            step_logits_bv = jnp.where(live_b[:, None], step_logits_bv, 0.0)
-            logits_bnv = jax.lax.dynamic_update_slice(logits_bnv, step_logits_bv[:, None], (0, i, 0))
-        return i + 1, cache, new_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n
-
-    state = (jnp.int32(1), cache, tok_b, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n)
-    _, _, _, tokens_bn, done_b, num_new_b, logits_bnv, depth_bn, flops_n = jax.lax.while_loop(cond, body, state)
-    return tokens_bn, num_new_b, done_b, logits_bnv, depth_bn, flops_n, pre["flops"]
+        logits_bnv = jnp.concatenate([logits_bv[:, None].astype(jnp.float32),
+                                      jnp.swapaxes(rec["logits"], 0, 1).astype(jnp.float32)], axis=1)
+    return tokens_bn, ran_bn.sum(1, dtype=jnp.int32), finished_b, logits_bnv, depth_bn, flops_n, pre["flops"]
 
 
 # --------------------------------------------------------------------------- public API

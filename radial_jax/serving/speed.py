@@ -17,42 +17,41 @@ were measured on.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.reporting.timing import interleave, ratio
+from radial_jax.serving.decoding import decode_loop, greedy, prefill
 
 
 def _forward(bundle, ids):
     return lambda: bundle(ids)
 
 
-def decode_loop(bundle, prompts_bt, feed_bn):
-    """A timed callable: ``n`` decode steps of ``bundle`` (``bundle.decoding()``) over the cache its
-    prefill of ``prompts_bt`` left, fed ``feed_bn`` (teacher forcing). Calling it returns
-    ``(greedy [n, b], depth [n, b], flops [n])``: each step's argmax token (as ``generate`` picks it; an
-    output, so that XLA cannot drop the work), layer visits per token and FLOPs per step."""
+def timed_decode(bundle, prompts_bt, feed_bn, *, record: Sequence[str] = ("depth", "flops"),
+                compute_logits: bool = True, max_len: Optional[int] = None):
+    """A timed callable: ``n`` teacher-forced decode steps of ``bundle`` (its ``decoding()`` through
+    ``serving.decoding.decode_loop``, what ``generate`` runs) over the cache its prefill of ``prompts_bt``
+    left (the prefill runs once, here, untimed), fed ``feed_bn [b, n]``. Calling it returns the loop's
+    records ``[n, ...]``: ``"token"`` (each step's argmax, an output so that XLA cannot drop the work) and
+    the step stats named in ``record``. ``compute_logits=False``: the layer stack alone (no head).
+    ``max_len``: the cache's slots (default ``t + n``, what the steps need)."""
     dec = bundle.decoding()
     (b, t), n = prompts_bt.shape, feed_bn.shape[1]
 
     @jax.jit
     def prefilled(params, ids_bt):
         params = dec.prepare(params)
-        _, cache, _ = dec.prefill(params, ids_bt, jnp.ones(ids_bt.shape, bool), dec.init_cache(b, t + n))
+        _, cache, _ = prefill(dec, params, ids_bt, jnp.ones(ids_bt.shape, bool), dec.init_cache(b, max_len or t + n))
         return params, cache
 
     @jax.jit
     def loop(params, cache, feed_bn):
-        live_b = jnp.ones((b,), bool)
-
-        def body(cache, i):
-            logits_bv, cache, stats = dec.step(params, feed_bn[:, i], jnp.full((b,), t, jnp.int32) + i, live_b,
-                                               cache)
-            return cache, (jnp.argmax(logits_bv, -1), stats["depth"], stats["flops"])
-        return jax.lax.scan(body, cache, jnp.arange(n))[1]
+        return decode_loop(dec, params, cache, None, jnp.full((b,), t, jnp.int32), jnp.zeros((b,), bool), steps=n,
+                           choose=greedy, feed_bn=feed_bn, record=tuple(record), compute_logits=compute_logits)[1]
 
     params, cache = prefilled(bundle.params, jnp.asarray(prompts_bt, jnp.int32))
     feed = jnp.asarray(feed_bn, jnp.int32)
@@ -85,10 +84,11 @@ def serving_speed(teacher, students: Dict[str, object], windows: np.ndarray, *, 
         rounds = interleave({"teacher": _forward(teacher, batch), "student": _forward(student, batch)}, repeats)
         row["prefill_speedup"] = ratio(rounds, "teacher", "student")
         for b in batch_sizes:
-            sides = {"teacher": decode_loop(teacher, prompts[:b], feed[:b]),
-                     "student": decode_loop(student, prompts[:b], feed[:b])}
+            sides = {"teacher": timed_decode(teacher, prompts[:b], feed[:b]),
+                     "student": timed_decode(student, prompts[:b], feed[:b])}
             row[f"decode_b{b}_speedup"] = ratio(interleave(sides, repeats), "teacher", "student")
-            _, depth, flops = jax.device_get(sides["student"]())
+            rec = jax.device_get(sides["student"]())
+            depth, flops = rec["depth"], rec["flops"]
             row[f"decode_b{b}_depth_fraction"] = float(np.mean(depth) / student.config.num_layers)
             row[f"decode_b{b}_flops_per_step"] = float(np.mean(flops))
         result["students"][name] = row
