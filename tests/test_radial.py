@@ -156,10 +156,16 @@ def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
     rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
     ids = np.random.default_rng(5).integers(3, 64, (3, 12))
     par = rm.forward(ids)
-    logits, choice, gate, _ = decode_tokens(rm, ids, prompt_len=3)
+    logits, choice, gate, _ = decode_tokens(rm, ids, prompt_len=3)  # the inference layout, as generate runs
     np.testing.assert_array_equal(np.asarray(choice), np.asarray(par.router.choice))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(par.logits), atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(gate), np.asarray(par.router.gate), atol=TOL, rtol=0)
+    # the stacked layout's decode step (rm.decode_step) on the stacked prefill's cache: the same next token
+    slots = np.broadcast_to(np.arange(3, dtype=np.int32), (3, 3))
+    cache = rm.forward(ids[:, :3], positions_bt=slots, max_len=12, compute_logits=False).cache
+    step = rm.decode_step(ids[:, 3], np.full(3, 3), cache)
+    np.testing.assert_array_equal(np.asarray(step.router.choice[:, :, 0]), np.asarray(par.router.choice[:, :, 3]))
+    np.testing.assert_allclose(np.asarray(step.logits[:, 0]), np.asarray(par.logits[:, 3]), atol=TOL, rtol=0)
     ch = np.asarray(par.router.choice)
     L = SMALL.num_layers
     assert int(par.metrics.dropped.sum()) > 0, "the budget must bind"
