@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from radial_jax.models.kv_cache import KVCache
-from radial_jax.models.layer import make_norm
+from radial_jax.models.layer import make_norm, normal_init
 from radial_jax.models.outputs import ModelOutput
 from radial_jax.models.stack import pool_param, run_pool
 
@@ -88,10 +88,6 @@ def hf_positions(attention_mask_bt):
     return jnp.cumsum(m, axis=1) * m - 1
 
 
-def _init(axes):
-    return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-
-
 class CausalLM(nn.Module):
     """A decoder-only LM over any decoder family's config (see the module docstring)."""
 
@@ -101,21 +97,21 @@ class CausalLM(nn.Module):
     def setup(self):
         c, s, lc = self.config, self.config.decoder_spec(), self.config.layer_config()
         self.embed_tokens = nn.Embed(c.vocab_size, s.embed_dim, dtype=self.dtype,
-                                     embedding_init=_init(("vocab", "embed")))
+                                     embedding_init=normal_init(("vocab", "embed")))
         if s.position_table:
             self.embed_positions = nn.Embed(s.position_table, c.hidden_size, dtype=self.dtype,
-                                            embedding_init=_init((None, "embed")))
+                                            embedding_init=normal_init((None, "embed")))
         if s.embed_dim != c.hidden_size:
             self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype,
-                                       kernel_init=_init((None, "embed")))
+                                       kernel_init=normal_init((None, "embed")))
             self.project_out = nn.Dense(s.embed_dim, use_bias=False, dtype=self.dtype,
-                                        kernel_init=_init(("embed", None)))
+                                        kernel_init=normal_init(("embed", None)))
         self.layers = pool_param(self, lc, c.num_layers, self.dtype)
         if s.final_norm:
             self.final_norm = make_norm(lc, "final_norm")
         if not s.tie_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
-                                    kernel_init=_init(("embed", "vocab")))
+                                    kernel_init=normal_init(("embed", "vocab")))
 
     # -- the family protocol ----------------------------------------------------------------------
     @staticmethod

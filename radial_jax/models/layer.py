@@ -174,10 +174,14 @@ def make_norm(c: LayerConfig, name: str, axis_name: Optional[str] = "embed") -> 
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)))
 
 
+def normal_init(axes):
+    """The initialiser of every random weight (normal, std 0.02, as GPT-2 and OPT), with its logical axes."""
+    return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+
+
 def dense(features, use_bias, axes, dtype, name):
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        features, use_bias=use_bias, dtype=dtype, name=name, kernel_init=normal_init(axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 

@@ -39,10 +39,11 @@ import jax.numpy as jnp
 
 from radial_jax.radial.step_state import Plan, RadialCache, Tokens, dispatched, layer_module
 from radial_jax.radial.visit import run_layer, run_layers_grouped
-from radial_jax.models.kv_cache import KVCache, cache_max_len, is_split, split_layers, stack_layers, write_layer
+from radial_jax.models.kv_cache import KVCache, cache_max_len, is_split, write_layer
 from radial_jax.models.remat import remat_layer, shard_batch
-from radial_jax.models.stack import is_per_layer, layer_forward, meta_at, pool_layer, stack_pool
+from radial_jax.models.stack import layer_forward
 from radial_jax.radial import dispatch as dsp
+from radial_jax.radial.pool import Pool
 from radial_jax.radial.router import Router, exit_index
 from radial_jax.radial.routing import decide, gate
 
@@ -51,7 +52,7 @@ from radial_jax.radial.routing import decide, gate
 
 # --------------------------------------------------------------------------- 1. route
 
-def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s, threshold, explore=None):
+def route(plan: Plan, router_params, pool: Pool, x, active, last, tok: Tokens, s, threshold, explore=None):
     """Router logits ``[G, N, L+2]``, the decision, and the oracle probe's ratios (or None).
 
     Before ``rc.min_exit_step`` the exit logit is -1e9 (finite: softmax and z-loss stay finite),
@@ -65,9 +66,9 @@ def route(plan: Plan, router_params, pool, meta, x, active, last, tok: Tokens, s
     eligible = active & tok.valid
     probe = None
     if rc.is_oracle:  # §3 at layer granularity: the layer on every token, kept if its ratio is high
-        params_s = pool_layer(pool, s)
-        _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_at(meta, s), x, tok.positions, tok.slots,
-                                 tok.valid, causal=plan.causal)
+        params_s, meta_s = pool.layer(s)
+        _, stats = layer_forward(plan.lc, plan.dtype, params_s, meta_s, x, tok.positions, tok.slots, tok.valid,
+                                 causal=plan.causal)
         probe = stats.layer.ratio(rc.ratio_kind)
     return logits, decide(rc, logits, s, L, eligible, probe, threshold, explore), probe
 
@@ -102,38 +103,29 @@ def propagate_skips(plan: Plan, params_s, meta_s, x, eligible, tok: Tokens, kv: 
     return write_layer(kv, s, tok.rows, tok.slots, k, v, eligible, s), (k, v)
 
 
-def propagate_skips_traced(plan: Plan, pool, meta, x, eligible, tok: Tokens, kv, s):
+def propagate_skips_traced(plan: Plan, pool: Pool, x, eligible, tok: Tokens, kv, s):
     """``propagate_skips`` at a traced step of radial mode (nothing at ``s >= L``), in either layout.
 
-    The K/V are computed under a ``lax.switch`` on the layer (per-layer weights, each read
-    in place) or a ``lax.cond`` (stacked); the cache is written outside it: a switch
-    copies any operand it returns updated. Per-layer caches: every layer's write is
-    masked to ``s == l``.
+    The K/V are computed in a branch on the layer (``Pool.pick``); the cache is written outside it
+    (``Pool.write_picked``): a branch copies any operand it returns updated.
     """
-    L = plan.num_layers
     layer = layer_module(plan)
 
-    def kv_of(l):  # the layer is picked inside the branch (a stacked slice: models.stack)
-        return lambda: layer.apply({"params": pool_layer(pool, l)}, x, tok.positions, meta_at(meta, l)["rope"],
-                                   method="kv")
+    def kv_of(l):
+        def run():
+            params_l, meta_l = pool.layer(l)
+            return layer.apply({"params": params_l}, x, tok.positions, meta_l["rope"], method="kv")
+        return run
 
     shapes = jax.eval_shape(kv_of(0))
     nothing = lambda: tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)  # noqa: E731
-    if is_per_layer(pool):
-        k, v = jax.lax.switch(jnp.minimum(s, L), [kv_of(l) for l in range(L)] + [nothing])
-    else:
-        k, v = jax.lax.cond(s < L, kv_of(jnp.minimum(s, L - 1)), nothing)
-    write = eligible & (s < L)
-    if not is_split(kv):
-        return write_layer(kv, jnp.minimum(s, L - 1), tok.rows, tok.slots, k, v, write, s)
-    for l in range(L):
-        kv = write_layer(kv, l, tok.rows, tok.slots, k, v, write & (s == l), s)
-    return kv
+    k, v = pool.pick(s, kv_of, nothing)
+    return pool.write_picked(kv, s, tok.rows, tok.slots, k, v, eligible, s)
 
 
 # --------------------------------------------------------------------------- 5. propagate exits (radial)
 
-def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
+def propagate_exits(plan: Plan, pool: Pool, x, exiting_gn, tok: Tokens, kv, s):
     """Radial *propagate*: an exiting token fills every still-empty layer of its slot from its final state
     (``written_at = s + 1``: see the module docstring).
 
@@ -144,23 +136,18 @@ def propagate_exits(plan: Plan, pool, meta, x, exiting_gn, tok: Tokens, kv, s):
     the number of token slots that ran.
     """
     layer = layer_module(plan)
-    L, chunk = plan.num_layers, plan.exit_chunk
+    chunk = plan.exit_chunk
 
     def body(i, kv):
         idx = dsp.select(exiting_gn, chunk, start=i * chunk)
         ok, pos_gc, slot_gc, row_gc = dispatched(tok, idx, cache_max_len(kv))
         x_gc = dsp.gather(x, idx)
 
-        def one_layer(kv, params_l, rope_l, l):
-            k, v = layer.apply({"params": params_l}, x_gc, pos_gc, rope_l, method="kv")
+        def one_layer(kv, params_l, meta_l, l):
+            k, v = layer.apply({"params": params_l}, x_gc, pos_gc, meta_l["rope"], method="kv")
             return write_layer(kv, l, row_gc, slot_gc, k, v, ok, s + 1)
 
-        if is_per_layer(pool):  # the inference layout: every layer's own arrays, unrolled
-            for l in range(L):
-                kv = one_layer(kv, pool[l], meta_at(meta, l)["rope"], l)
-            return kv
-        xs = (pool, jnp.asarray(meta["rope"]), jnp.arange(L, dtype=jnp.int32))
-        return jax.lax.scan(lambda kv, xs: (one_layer(kv, *xs), None), kv, xs)[0]
+        return pool.scan(one_layer, kv)
 
     if chunk >= exiting_gn.shape[-1] and not plan.decoding:
         return body(0, kv), jnp.int32(chunk)
@@ -180,12 +167,11 @@ class Carry:
     alive: jax.Array  # [G, N] float32: mixture routing's survival, prod(1 - p_exit) of earlier steps (else 1)
 
 
-def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s, threshold, explore=None):
+def run_step(plan: Plan, pool: Pool, router_params, carry: Carry, tok: Tokens, s, threshold, explore=None):
     """One step ``s``: returns the new carry and the step's record (router fields and what ran)."""
     rc, L = plan.rc, plan.num_layers
     x = carry.x
-    logits, decision, probe = route(plan, router_params, pool, meta, x, carry.active, carry.last, tok, s, threshold,
-                                    explore)
+    logits, decision, probe = route(plan, router_params, pool, x, carry.active, carry.last, tok, s, threshold, explore)
     eligible = carry.active & tok.valid
     layer_ids = jnp.reshape(s, (1,)).astype(jnp.int32) if rc.ordered else jnp.arange(L, dtype=jnp.int32)
     admitted_kgn, counters = admit(plan, decision, carry.admitted, tok, s, layer_ids)
@@ -198,8 +184,7 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
     ratio_gn = jnp.zeros(eligible.shape, jnp.float32)
     state = (x, kv, ratio_gn)
     if rc.ordered:
-        params_s = pool_layer(pool, s)
-        meta_s = meta_at(meta, s)
+        params_s, meta_s = pool.layer(s)
         skip_kv = None
         if rc.cache_policy == "propagate":
             kv, skip_kv = propagate_skips(plan, params_s, meta_s, x, eligible, tok, kv, s)
@@ -210,40 +195,36 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
         if rc.cache_policy == "propagate":  # the step-aligned writes of steps s < L (see the module docstring)
             if isinstance(s, int):  # unrolled steps (the inference layout)
                 if s < L:
-                    kv = propagate_skips(plan, pool_layer(pool, s), meta_at(meta, s), x, eligible, tok, kv, s)[0]
+                    kv = propagate_skips(plan, *pool.layer(s), x, eligible, tok, kv, s)[0]
             else:
-                kv = propagate_skips_traced(plan, pool, meta, x, eligible, tok, kv, s)
+                kv = propagate_skips_traced(plan, pool, x, eligible, tok, kv, s)
             state = (x, kv, ratio_gn)
 
         def one_layer(l, st):
             def run(st):
                 state, sizes_l = st
-                params_l = pool_layer(pool, l)
-                state, ran = run_layer(plan, l, params_l, meta_at(meta, l), x, admitted_kgn[l], gate_kgn[l], tok,
-                                       s, state)
+                params_l, meta_l = pool.layer(l)
+                state, ran = run_layer(plan, l, params_l, meta_l, x, admitted_kgn[l], gate_kgn[l], tok, s, state)
                 return state, sizes_l.at[l].set(ran)
             # a layer no token uses at this step runs nothing: not its size-0 branch (zeros, writes and
             # scatters at the largest size), not even the slice out of a stack (models.stack)
             return jax.lax.cond(jnp.any(admitted_kgn[l]), run, lambda st: st, st)
         st = (state, jnp.zeros((L, 2), jnp.int32))  # per layer: [tokens, attention queries] that ran
-        if is_per_layer(pool):  # the inference layout: each layer reads its own arrays (unrolled)
-            for l in range(L):
-                st = one_layer(l, st)
-            state, sizes_l = st
-        elif not plan.decoding:  # whole sequences: one batched computation when the layers share the load
+        if pool.per_layer or plan.decoding:  # each layer at its own size
+            state, sizes_l = pool.fold(one_layer, st)
+        else:  # stacked whole sequences: one batched computation when the layers share the load
             def grouped(st):
-                state, size = run_layers_grouped(plan, pool, meta, x, admitted_kgn, gate_kgn, tok, s, st[0])
+                state, size = run_layers_grouped(plan, pool.params, pool.meta, x, admitted_kgn, gate_kgn, tok, s,
+                                                 st[0])
                 return state, jnp.full((L, 2), x.shape[0] * size, jnp.int32)  # G groups at that size
 
             load_l = jnp.max(jnp.sum(admitted_kgn, axis=-1), axis=-1)  # [L]
             balanced = L * jnp.max(load_l) <= 2 * jnp.sum(load_l)  # grouped runs L x the largest load
-            state, sizes_l = jax.lax.cond(balanced, grouped, lambda st: jax.lax.fori_loop(0, L, one_layer, st), st)
-        else:
-            state, sizes_l = jax.lax.fori_loop(0, L, one_layer, st)
+            state, sizes_l = jax.lax.cond(balanced, grouped, lambda st: pool.fold(one_layer, st), st)
     x_new, kv, ratio_gn = state
     exit_size = jnp.int32(0)
     if not rc.ordered and rc.cache_policy == "propagate":
-        kv, exit_size = propagate_exits(plan, pool, meta, x_new, decision.exiting_gn, tok, kv, s)
+        kv, exit_size = propagate_exits(plan, pool, x_new, decision.exiting_gn, tok, kv, s)
     if probe is not None:
         ratio_gn = jnp.where(eligible, probe, 0.0)
 
@@ -266,101 +247,53 @@ def run_step(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, s
 
 # --------------------------------------------------------------------------- the loops
 
-def run_steps(plan: Plan, pool, meta, router_params, x_gne, tok: Tokens, cache: RadialCache,
+def run_steps(plan: Plan, pool_params, meta, router_params, x_gne, tok: Tokens, cache: RadialCache,
               threshold=None, explore=None) -> tuple:
-    """All ``S`` steps: ``(x, cache, records)`` with records stacked ``[S, ...]``.
+    """All ``S`` steps: ``(x, cache, records)`` with records stacked ``[S, ...]``; the cache comes back in
+    the layout it came in.
 
-    Stacked pool (training): the parallel forward scans every step (differentiable);
-    decoding runs a ``while_loop`` that ends as soon as no token of the batch is left
-    (every row exited) or ``S`` steps ran, and fills the records of the steps that did
-    not run with ``choice = -1`` and zeros. A per-layer pool (the inference layout,
-    ``stack.unstack_pool``) runs ``_run_steps_per_layer``: each layer reads its own
-    weights and cache in place. Both give the same values. ``explore`` (``routing.Explore``, training):
-    whole sequences on a stacked pool and cache only.
+    The pool's layout (``radial.pool``) decides how layers are read and looped; the steps are one
+    loop either way: unrolled where a step indexes the pool by a static step (decoding, whose steps
+    after every row has exited are skipped by a ``lax.cond``, and ordered mode on a per-layer pool), a
+    ``scan`` otherwise (one compiled step; differentiable, rematerialised). Both layouts give the same
+    values. ``explore`` (``routing.Explore``, training): whole sequences on a stacked pool and cache only.
     """
-    S, L = plan.steps, plan.num_layers
-    if explore is not None and (plan.decoding or is_per_layer(pool) or is_split(cache.kv)):
+    L = plan.num_layers
+    pool = Pool(pool_params, meta, L)
+    if explore is not None and (plan.decoding or pool.per_layer or is_split(cache.kv)):
         raise ValueError("exploration is a training option: the parallel forward of whole sequences on a stacked "
                          "pool and cache; decoding and the inference layout choose by the clean logits")
+    if pool.per_layer and plan.rc.is_oracle:  # the oracle's probe picks layers by a traced step
+        pool = pool.stacked()
     G, N = tok.valid.shape
-    carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32), kv=cache.kv,
-                  admitted=cache.admitted, alive=jnp.ones((G, N), jnp.float32))
-    if is_per_layer(pool) and not plan.rc.is_oracle:  # the oracle's probe picks layers by a traced step
-        return _run_steps_per_layer(plan, pool, meta, router_params, carry, tok, threshold)
-    if is_split(cache.kv):
-        x, out, records = run_steps(plan, stack_pool(pool), meta, router_params, x_gne, tok,
-                                    cache.replace(kv=stack_layers(cache.kv)), threshold)
-        return x, out.replace(kv=split_layers(out.kv)), records
-    pool = stack_pool(pool)
-
-    if not plan.decoding:
-        def body(carry, s):
-            carry = carry.replace(x=shard_batch(carry.x), kv=shard_batch(carry.kv, axis=1))  # see models.remat
-            return run_step(plan, pool, meta, router_params, carry, tok, s, threshold, explore)
-        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(S, dtype=jnp.int32),  # remat: models.remat
-                                      unroll=bool(plan.rc.scan_unroll))
-        return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
-
-    records = _empty_records(plan, pool, meta, router_params, carry, tok, threshold)
-
-    def cond(state):
-        s, carry, _ = state
-        return (s < S) & jnp.any(carry.active & tok.valid)
-
-    def body(state):
-        s, carry, records = state
-        carry, rec = run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
-        records = jax.tree_util.tree_map(lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, s, 0),
-                                         records, rec)
-        return s + 1, carry, records
-
-    _, carry, records = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, records))
-    return carry.x, RadialCache(kv=carry.kv, admitted=carry.admitted), records
-
-
-def _empty_records(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
-    """The records of ``S`` steps that did not run: zeros, ``choice = -1``."""
-    s0 = 0 if is_per_layer(pool) else jnp.int32(0)  # static steps for a per-layer pool
-    template = jax.eval_shape(lambda c: run_step(plan, pool, meta, router_params, c, tok, s0, threshold)[1], carry)
-    records = jax.tree_util.tree_map(lambda a: jnp.zeros((plan.steps,) + a.shape, a.dtype), template)
-    records["choice"] = jnp.full_like(records["choice"], -1)
-    return records
-
-
-def _run_steps_per_layer(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
-    """``run_steps`` in the inference layout: per-layer weights and caches (a stacked cache is split
-    on the way in and stacked on the way out).
-
-    Decoding and ordered mode unroll the steps, so every step and layer index is static
-    (decoding skips the steps after every row has exited with a ``lax.cond``); radial
-    whole sequences scan the steps, the ``L`` layers unrolled in the step body, each at
-    its own size (one compiled step, where unrolling would compile ``S x L`` layers).
-    """
-    stacked = not is_split(carry.kv)
-    carry = carry.replace(kv=split_layers(carry.kv) if stacked else carry.kv)
-    if plan.decoding or plan.rc.ordered:
-        carry, records = _run_steps_unrolled(plan, pool, meta, router_params, carry, tok, threshold)
+    carry = Carry(x=x_gne, active=jnp.ones((G, N), bool), last=jnp.full((G, N), L, jnp.int32),
+                  kv=pool.own(cache.kv), admitted=cache.admitted, alive=jnp.ones((G, N), jnp.float32))
+    if plan.decoding or (pool.per_layer and plan.rc.ordered):
+        carry, records = _steps_unrolled(plan, pool, router_params, carry, tok, threshold)
     else:
         def body(carry, s):
-            return run_step(plan, pool, meta, router_params, carry.replace(x=shard_batch(carry.x)), tok, s,
-                            threshold)
-        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(plan.steps, dtype=jnp.int32))
-    kv = stack_layers(carry.kv) if stacked else carry.kv
+            carry = carry.replace(x=shard_batch(carry.x), kv=shard_batch(carry.kv, axis=1))  # see models.remat
+            return run_step(plan, pool, router_params, carry, tok, s, threshold, explore)
+        unroll = bool(plan.rc.scan_unroll) and not pool.per_layer  # a per-layer step is already L layers long
+        carry, records = jax.lax.scan(remat_layer(body), carry, jnp.arange(plan.steps, dtype=jnp.int32),
+                                      unroll=unroll)  # remat: models.remat
+    kv = Pool.restore(carry.kv, like=cache.kv)
     return carry.x, RadialCache(kv=kv, admitted=carry.admitted), records
 
 
-def _run_steps_unrolled(plan: Plan, pool, meta, router_params, carry: Carry, tok: Tokens, threshold):
-    """The steps with static indices (a per-layer pool): ``(carry, records)``; see ``_run_steps_per_layer``."""
-    unused = jax.tree_util.tree_map(lambda a: a[0], _empty_records(plan, pool, meta, router_params, carry, tok,
-                                                                   threshold))
+def _steps_unrolled(plan: Plan, pool: Pool, router_params, carry: Carry, tok: Tokens, threshold):
+    """The steps with static indices: ``(carry, records)``; decoding skips the steps after every row exited."""
+    template = jax.eval_shape(lambda c: run_step(plan, pool, router_params, c, tok, 0, threshold)[1], carry)
+    unused = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)  # a step that did not run
+    unused["choice"] = jnp.full_like(unused["choice"], -1)
     recs = []
     for s in range(plan.steps):
-        if plan.decoding:  # steps after every row exited do not run
+        if plan.decoding:
             carry, rec = jax.lax.cond(
                 jnp.any(carry.active & tok.valid),
-                lambda c: run_step(plan, pool, meta, router_params, c, tok, s, threshold),
+                lambda c: run_step(plan, pool, router_params, c, tok, s, threshold),
                 lambda c: (c, unused), carry)
         else:
-            carry, rec = run_step(plan, pool, meta, router_params, carry, tok, s, threshold)
+            carry, rec = run_step(plan, pool, router_params, carry, tok, s, threshold)
         recs.append(rec)
     return carry, jax.tree_util.tree_map(lambda *r: jnp.stack(r), *recs)

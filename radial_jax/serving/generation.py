@@ -208,7 +208,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         ``0 < top_p <= 1``); ignored for greedy decoding.
       rng: a jax PRNG key (``jax.random.key(seed)``), required when sampling.
       eos_token_id: stop token(s); default ``config.eos_token_id``; ``()`` never stops early.
-      pad_token_id: fills the columns after a row stopped; default ``config.pad_token_id``, else the first end-of-sequence id.
+      pad_token_id: fills the columns after a row stopped; default ``config.pad_token_id``, else the first
+        end-of-sequence id.
       max_len: KV cache length (default: longest prompt + ``max_new_tokens``); fixing it
         lets calls with different prompt lengths share one compilation per prompt width.
       return_output: return a ``GenerationOutput`` instead of the sequences alone.

@@ -17,7 +17,7 @@ import numpy as np
 from radial_jax.models.decoder import HeadOutput
 from radial_jax.models.config_base import FamilyConfig
 from radial_jax.models.family import Family
-from radial_jax.models.layer import LayerConfig, make_norm
+from radial_jax.models.layer import LayerConfig, make_norm, normal_init
 from radial_jax.models.names import FamilyNames, Rule, linear, norm
 from radial_jax.models.outputs import ModelOutput
 from radial_jax.models.stack import pool_param, run_pool
@@ -85,10 +85,6 @@ def check_pixel_values(config: ViTConfig, shape) -> None:
             f"got {tuple(shape)}")
 
 
-def _init(axes):
-    return nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-
-
 class ViT(nn.Module):
     """ViT encoder; with ``config.num_labels > 0`` also the classifier on the class token."""
 
@@ -97,17 +93,18 @@ class ViT(nn.Module):
 
     def setup(self):
         c = self.config
-        self.patch_embed = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
-                                   padding="VALID", dtype=self.dtype, kernel_init=_init((None, None, None, "embed")))
-        self.cls_token = self.param("cls_token", _init((None, None, "embed")), (1, 1, c.hidden_size))
-        self.position_embeddings = self.param("position_embeddings", _init((None, None, "embed")),
+        patch = (c.patch_size, c.patch_size)
+        self.patch_embed = nn.Conv(c.hidden_size, patch, strides=patch, padding="VALID", dtype=self.dtype,
+                                   kernel_init=normal_init((None, None, None, "embed")))
+        self.cls_token = self.param("cls_token", normal_init((None, None, "embed")), (1, 1, c.hidden_size))
+        self.position_embeddings = self.param("position_embeddings", normal_init((None, None, "embed")),
                                               (1, c.seq_len, c.hidden_size))
         self.layers = pool_param(self, c.layer_config(), c.num_layers, self.dtype)
         self.final_norm = make_norm(c.layer_config(), "final_norm")
         if c.num_labels:
-            self.classifier = nn.Dense(c.num_labels, dtype=self.dtype, kernel_init=_init(("embed", None)))
+            self.classifier = nn.Dense(c.num_labels, dtype=self.dtype, kernel_init=normal_init(("embed", None)))
         elif c.add_pooling_layer:
-            self.pooler = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=_init(("embed", None)))
+            self.pooler = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=normal_init(("embed", None)))
 
     # -- the family protocol ----------------------------------------------------------------------
     @staticmethod
