@@ -203,3 +203,21 @@ def test_hub_download_fetches_the_shards_the_index_names_and_not_a_consolidated_
     assert sorted(p.name for p in cache.glob("*.safetensors")) == sorted(set(shards))  # no model.safetensors
     assert not (cache / "pytorch_model.bin").exists() and len(requests) == 2
     np.testing.assert_allclose(np.asarray(model(IDS)), reference_logits(tmp_path / "full"), atol=1e-4, rtol=0)
+
+
+def test_a_model_trained_here_loads_on_a_mesh_with_the_logits_it_has_off_it(tmp_path):
+    """``rj.load(dir, mesh=...)`` of a ``radial-jax train`` folder (``params.msgpack``): the distill command's
+    teacher on a mesh; it used to be refused, and a copy of this loading lived in the CLI."""
+    from radial_jax.checkpoints.artifacts import save_model
+    from radial_jax.models.sharded import ShardedModel
+    from radial_jax.scale.sharding import make_mesh
+    model = rj.build(rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                  num_attention_heads=2, max_position_embeddings=32), seed=2)
+    save_model(model, tmp_path / "trained")
+    ids = np.random.default_rng(0).integers(3, 64, (2, 9))
+    plain = rj.load(str(tmp_path / "trained"))
+    placed = rj.load(str(tmp_path / "trained"), mesh=make_mesh(1, 1, 1))
+    assert isinstance(placed, ShardedModel) and placed.tokenizer_path == plain.tokenizer_path
+    np.testing.assert_allclose(np.asarray(placed(ids)), np.asarray(plain(ids)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="gguf_file= applies to Hugging Face checkpoints"):
+        rj.load(str(tmp_path / "trained"), gguf_file="x.gguf")

@@ -6,7 +6,7 @@ import pytest
 
 import radial_jax as rj
 from radial_jax.radial import RadialModel
-from radial_jax.radial.capacity import drop_rate, flat_loads, padding
+from radial_jax.radial.capacity import drop_rate, padding, route_facts
 from radial_jax.radial.stats import RouteStats
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
@@ -98,7 +98,7 @@ def test_fitted_buckets_are_the_fewest_whose_served_sizes_pad_the_loads_within_t
     candidates = (2, 4, 8, 16)  # (one bucket: radial mode runs no unvisited layer, the count assumes it does)
     served = {n: served_padding(net, windows, n) for n in candidates}
     c_max = net.radial.max_capacity(SMALL.num_layers, windows.shape[1])
-    _, per_batch = flat_loads(net, windows, n_windows)
+    per_batch = route_facts(net, windows, n_windows).per_batch
     for n in candidates:  # the count agrees with what ran
         assert padding(per_batch, c_max, n) == pytest.approx(served[n], abs=1e-12)
     assert all(served[a] >= served[b] for a, b in zip(candidates, candidates[1:])), served

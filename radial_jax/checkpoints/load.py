@@ -23,9 +23,10 @@ import jax.numpy as jnp
 
 from radial_jax.checkpoints.artifacts import load_model
 from radial_jax.checkpoints.reader import CheckpointReader
-from radial_jax.models.bundle import Model
+from radial_jax.models.bundle import Model, example_inputs
 from radial_jax.models.family import resolve_dtype
 from radial_jax.models.sharded import ShardedModel
+from radial_jax.scale.sharding import logical_specs, param_shardings, to_mesh
 
 
 def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = None,
@@ -43,14 +44,15 @@ def load(name_or_path: str, *, dtype=jnp.float32, gguf_file: Optional[str] = Non
       mesh: a ``(data, fsdp, tensor)`` mesh (``radial_jax.scale.sharding.make_mesh``): parameters are read
         straight into global arrays placed by the axis rules (``rules``, default ``AXIS_RULES``), each
         process reading only the slices its devices hold (``CheckpointReader.sharded_params``); the
-        bundle's forward keeps its outputs replicated (``radial_jax.models.sharded.ShardedModel``).
+        bundle's forward keeps its outputs replicated (``radial_jax.models.sharded.ShardedModel``). A model
+        trained here (``params.msgpack``, one file) is read whole, then placed.
     """
     dtype = resolve_dtype(dtype)  # bad dtype fails before any file is read
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise ValueError("mesh must be a jax.sharding.Mesh (radial_jax.scale.sharding.make_mesh((data, fsdp, "
                          f"tensor))), got {mesh!r}; the CLI's --mesh takes the 'data,fsdp,tensor' text")
     if (Path(os.fspath(name_or_path)) / "params.msgpack").is_file():  # `radial-jax train`'s or the pipeline's
-        model = _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh)
+        model = _load_trained_here(Path(os.fspath(name_or_path)), dtype, gguf_file, mesh, rules)
     else:
         reader = CheckpointReader(name_or_path, gguf_file=gguf_file, with_classifier=with_classifier)
         if mesh is not None:
@@ -78,11 +80,17 @@ def warn_non_finite(params, source: str) -> None:
                       f"{', ...' if len(bad) > 5 else ''}); the model's outputs will not be finite", stacklevel=3)
 
 
-def _load_trained_here(directory: Path, dtype, gguf_file, mesh) -> Model:
-    """A model saved by this library (``training.artifacts.save_model``): its own config and tokenizer."""
-    if gguf_file is not None or mesh is not None:
-        raise ValueError(f"{directory} is a model trained with radial_jax (params.msgpack); gguf_file= and mesh= "
-                         "apply to Hugging Face checkpoints and GGUF files only")
+def _load_trained_here(directory: Path, dtype, gguf_file, mesh, rules):
+    """A model saved by this library (``training.artifacts.save_model``): its own config and tokenizer. On a
+    mesh its parameters (one file, read whole) are placed by the axis rules."""
+    if gguf_file is not None:
+        raise ValueError(f"{directory} is a model trained with radial_jax (params.msgpack); gguf_file= applies to "
+                         "Hugging Face checkpoints and GGUF files only")
     model = load_model(directory)
+    if mesh is not None:
+        specs = logical_specs(model.module, *example_inputs(model.config), rules=rules)
+        params = to_mesh(model.params, param_shardings(model.params, specs, mesh), dtype=dtype)
+        return ShardedModel(model.config, params, mesh=mesh, dtype=dtype, name=str(directory),
+                            tokenizer_path=model.tokenizer_path)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), model.params)
     return Model(model.config, params, dtype=dtype, name=str(directory), tokenizer_path=model.tokenizer_path)

@@ -57,7 +57,11 @@ class Bundle:
         return out.logits
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        """Decode new tokens; see ``radial_jax.serving.generation.generate`` for the options."""
+        """Decode new tokens; see ``radial_jax.serving.generation.generate`` for the options.
+
+        To serve, hold the bundle in the per-layer layout (``with_layout("per_layer")``, once): on a stacked
+        bundle every call copies the layers into that layout inside its compiled program (measured in
+        ``experiments/bench_models.py``: ``prefill_stacked``)."""
         if not self.is_decoder:
             raise ValueError(f"generate needs a language model; {self.name} is {self.config.model_type}")
         return generate(self, input_ids, attention_mask, **kwargs)

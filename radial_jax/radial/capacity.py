@@ -40,57 +40,60 @@ def _slack_candidates(own: int, length: int):
     return tuple(sorted({own, 0} | {2 ** i for i in range(max(length, 1).bit_length())}))
 
 
-def _route_facts(model, windows, batch_size: int, slacks=None):
-    """``(wanted, refused, phi_k)`` over ``windows``, one forward per batch: the visits the router wanted,
-    those the budget refused, and for each of ``slacks`` (default: the network's own) the smallest budget
-    fraction that admits every visit that ran (whole windows, no padding; the bound of the module
-    docstring)."""
+@dataclasses.dataclass
+class RouteFacts:
+    """What a network's routes did over calibration windows (``route_facts``).
+
+    wanted / refused: the layer visits the router wanted and those the budget refused.
+    need_k: for each slack tried, the smallest budget fraction that admits every visit that ran (whole windows,
+      no padding; the bound of the module docstring).
+    per_batch: ``[(batch, loads[S, L])]``: per batch of windows, the tokens each step admitted to each layer
+      over the batch (what a flat visit runs).
+    """
+
+    wanted: int
+    refused: int
+    need_k: np.ndarray
+    per_batch: list
+
+
+def route_facts(model, windows, batch_size: int, slacks=None) -> RouteFacts:
+    """The one pass over ``windows`` that counts a network's routes: one forward per batch (``RouteFacts``);
+    ``slacks``: those to fit the budget fraction for (default: the network's own)."""
     slack_k = jnp.asarray((model.radial.capacity_slack,) if slacks is None else slacks, jnp.float32)
+    L = model.config.num_layers
 
     @jax.jit
     def facts(params, ids_bt):
-        r = model.module.apply({"params": params}, ids_bt, compute_logits=False).router
+        out = model.module.apply({"params": params}, ids_bt, compute_logits=False)
+        r = out.router
         taken = r.assign.astype(jnp.int32)  # [S, b, t, L]
         before = (jnp.cumsum(taken, axis=2) - taken)[..., None]  # earlier tokens of the row admitted to (s, l)
         position = jnp.arange(ids_bt.shape[1], dtype=jnp.float32)[None, None, :, None, None]
         need_k = jnp.max(jnp.where(r.assign[..., None], (before - slack_k + 1) / (position + 1), 0.0),
                          axis=(0, 1, 2, 3))
-        L = model.config.num_layers
-        return jnp.sum((r.choice >= 0) & (r.choice < L)), jnp.sum(r.dropped), need_k
+        wanted = jnp.sum((r.choice >= 0) & (r.choice < L))
+        return wanted, out.metrics.total_dropped, need_k, out.metrics.step_layer_load
 
     wanted = refused = 0
     need_k = np.zeros(slack_k.shape, np.float64)
+    per_batch = []
     for ids in window_batches(windows, batch_size):
-        w, d, n = facts(model.params, ids)
+        w, d, n, load_sl = facts(model.params, ids)
         wanted, refused, need_k = wanted + int(w), refused + int(d), np.maximum(need_k, np.asarray(n, np.float64))
-    return wanted, refused, need_k
+        per_batch.append((ids.shape[0], np.asarray(load_sl)))
+    return RouteFacts(wanted=wanted, refused=refused, need_k=need_k, per_batch=per_batch)
 
 
 def drop_rate(model, windows, batch_size: int = 16) -> float:
     """Visits the budget refused / visits the router wanted, over ``windows`` (``[n, t]`` token ids)."""
-    wanted, refused, _ = _route_facts(model, windows, batch_size)
-    return refused / max(wanted, 1)
-
-
-def flat_loads(model, windows, batch_size: int):
-    """``(refused, [(batch, loads[S, L])])`` over ``windows``: the visits the budget refused, and per batch of
-    ``batch`` windows the tokens each step admitted to each layer over the batch (what a flat visit runs)."""
-    @jax.jit
-    def loads(params, ids_bt):
-        m = model.module.apply({"params": params}, ids_bt, compute_logits=False).metrics
-        return m.total_dropped, m.step_layer_load
-
-    refused, per_batch = 0, []
-    for ids in window_batches(windows, batch_size):
-        d, load_sl = loads(model.params, ids)
-        refused += int(d)
-        per_batch.append((ids.shape[0], np.asarray(load_sl)))
-    return refused, per_batch
+    facts = route_facts(model, windows, batch_size)
+    return facts.refused / max(facts.wanted, 1)
 
 
 def padding(per_batch, c_max: int, buckets: int) -> float:
     """Tokens the matmuls run beyond the admitted ones, as a fraction of them, when each (step, layer) load of
-    ``per_batch`` (``flat_loads``) is rounded up to the smallest of ``prefill_sizes(batch * c_max, buckets)``."""
+    ``per_batch`` (``RouteFacts.per_batch``) is rounded up to the smallest of ``prefill_sizes(batch * c_max, buckets)``."""
     ran = admitted = 0
     for batch, load_sl in per_batch:
         sizes = np.asarray(prefill_sizes(batch * c_max, buckets))
@@ -128,12 +131,12 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
                          f"{max_buckets!r}")
     rc, L, t = model.radial, model.config.num_layers, windows.shape[1]
     slacks = _slack_candidates(rc.capacity_slack, t)
-    _, refused, need_k = _route_facts(model, windows, batch_size, slacks)  # one pass at the network's own capacity
-    if refused > 0:
+    own = route_facts(model, windows, batch_size, slacks)  # one pass at the network's own capacity
+    if own.refused > 0:
         return model
     scale = rc.steps(L) * rc.layers_per_step(L) / L  # capacity_factor = scale * phi (RadialConfig)
     trials = []
-    for slack, need in zip(slacks, need_k):
+    for slack, need in zip(slacks, own.need_k):
         # float32 floors: a hair above the bound; > 0 (every visit within the slack: any fraction admits them)
         phi = max(float(need) * (1 + 1e-6), 1e-6)
         if phi < 1.0:  # at 1 no budget binds below the whole sequence
@@ -143,9 +146,9 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
     if trials and min(trial[0] for trial in trials) < rc.max_capacity(L, t):
         best = min(trials, key=lambda trial: trial[:3])[3]  # ties: the own slack, then the smallest
         fitted = model.replace(capacity_factor=best.capacity_factor, capacity_slack=best.capacity_slack)
-    refused, per_batch = flat_loads(fitted, windows, batch_size)
-    if refused > 0:
+    served = route_facts(fitted, windows, batch_size)
+    if served.refused > 0:
         raise RuntimeError(f"capacity (factor {fitted.radial.capacity_factor}, slack {fitted.radial.capacity_slack}) "
                            "fitted to the routes still refuses visits; this is a bug in radial_jax.radial.capacity")
     c_max = fitted.radial.max_capacity(L, t)
-    return fitted.replace(prefill_buckets=fit_buckets(per_batch, c_max, max_padding, max_buckets))
+    return fitted.replace(prefill_buckets=fit_buckets(served.per_batch, c_max, max_padding, max_buckets))

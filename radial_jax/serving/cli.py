@@ -54,6 +54,7 @@ def cmd_generate(args) -> int:
     model = load(args.model)
     if not model.is_decoder:
         raise ValueError(f"--model {args.model} is a {model.config.model_type} model; generate needs a language model")
+    model = model.with_layout("per_layer")  # served: generate then copies no layer per call (Model.generate)
     tok = model.tokenizer()
     ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
     if not ids:

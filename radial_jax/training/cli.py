@@ -163,23 +163,12 @@ def cmd_distill(args) -> int:
 
 
 def load_teacher(name: str, mesh=None, rules=None, memory=None):
-    """A ``radial-jax train`` model directory, a checkpoint directory or a hub id. On a mesh a checkpoint is
-    read sharded (each process reads its devices' slices) in the compute dtype: the frozen teacher of the
-    step; the student's fp32 masters are made from it."""
+    """A ``radial-jax train`` model directory, a checkpoint directory or a hub id (``rj.load``). On a mesh it is
+    placed sharded in the compute dtype: the frozen teacher of the step; the student's fp32 masters are made
+    from it."""
     from radial_jax.checkpoints.load import load
-    if mesh is None or (Path(name) / "params.msgpack").is_file():
-        teacher = load(name)
-        if mesh is not None:
-            from radial_jax.models.sharded import ShardedModel
-            from radial_jax.scale.sharding import logical_specs
-            from radial_jax.models.bundle import example_inputs
-            from radial_jax.scale.sharding import to_mesh
-            from radial_jax.scale.sharding import param_shardings
-            specs = logical_specs(teacher.module, *example_inputs(teacher.config), rules=rules)
-            params = to_mesh(teacher.params, param_shardings(teacher.params, specs, mesh), dtype=memory.dtype)
-            teacher = ShardedModel(teacher.config, params, mesh=mesh, dtype=memory.dtype, name=teacher.name,
-                                   tokenizer_path=teacher.tokenizer_path)
-        return teacher
+    if mesh is None:
+        return load(name)
     return load(name, mesh=mesh, rules=rules, dtype=memory.dtype)
 
 

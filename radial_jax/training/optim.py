@@ -49,9 +49,14 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         decay_steps=max(cfg.decay_steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
 
 
+def param_path_keys(path) -> tuple:
+    """A pytree key path as a tuple of names, ``("a", "b", "c")``."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def param_path_str(path) -> str:
     """A pytree key path as "a/b/c" (the names optax masks and checkpoints are keyed by)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return "/".join(param_path_keys(path))
 
 
 def label_tree(params, trainable: Callable[[str], bool]):

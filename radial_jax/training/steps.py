@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from radial_jax.models.remat import batch_sharded, remat
 from radial_jax.scale.sharding import batch_sharding, param_shardings, place
 from radial_jax.training.memory import MemoryConfig, cast_floating, split_micro
+from radial_jax.training.optim import param_path_keys
 from radial_jax.training.state import TrainState
 
 
@@ -129,20 +130,16 @@ def debug_checks(old: TrainState, new: TrainState, batch, expected_batch_shape=N
 
 
 # -- placement ------------------------------------------------------------------------------------------
-def _key_path(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def opt_state_shardings(opt_state, params, p_shardings, mesh: Mesh):
     """Shardings of an optimiser state: a leaf takes the sharding of the parameter whose path ends its own
     path and whose shape it has (Adam's moments, ``mu/layers/fc1/kernel``); any other leaf (counts,
     schedules' state) is replicated. ``opt_state`` / ``params`` may be abstract (``jax.eval_shape``)."""
-    flat = {_key_path(path): (np.shape(p), s) for (path, p), s in zip(
+    flat = {param_path_keys(path): (np.shape(p), s) for (path, p), s in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(p_shardings))}
     rep = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
-        key = _key_path(path)
+        key = param_path_keys(path)
         for i in range(len(key)):
             hit = flat.get(key[i:])
             if hit is not None and hit[0] == np.shape(leaf):
