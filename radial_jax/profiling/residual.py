@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from radial_jax.defaults import RATIO
 from radial_jax.models.layer import RATIO_KINDS
 from radial_jax.profiling.plots import plot_profile
-from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator
+from radial_jax.profiling.stats import SKETCH_RELATIVE_ERROR, RatioAccumulator, histogram_bins
 from radial_jax.reporting.files import atomic_write_text
 
 BLOCKS = ("attn", "mlp", "layer")
@@ -195,15 +195,16 @@ def new_accumulators(num_layers: int, exact_limit: int, keep_raw: bool):
 
 def accumulate(acc, raw, ratios, valid, layers) -> None:
     """Add ``ratios[block, kind, len(layers), b, t]`` of the ``valid`` tokens to the accumulators."""
-    vals = ratios[..., valid]  # [block, kind, layers, n]
+    vals = np.asarray(ratios[..., valid], np.float64)  # [block, kind, layers, n]
+    bins = histogram_bins(vals)  # once: each value goes to two to four accumulators
     for bi, blk in enumerate(BLOCKS):
         for ki, kind in enumerate(RATIO_KINDS):
             for li, layer in enumerate(layers):
-                v = vals[bi, ki, li]
+                v, b = vals[bi, ki, li], bins[bi, ki, li]
                 groups = (blk, "blocks") if blk != "layer" else (blk,)
                 for g in groups:
-                    acc[(kind, g, layer)].add(v)
-                    acc[(kind, g, "all")].add(v)
+                    acc[(kind, g, layer)].add(v, b)
+                    acc[(kind, g, "all")].add(v, b)
                 if raw is not None:
                     raw[f"{blk}_{kind}"][layer].append(v)
 

@@ -22,6 +22,11 @@ SKETCH_RELATIVE_ERROR = float(10 ** (0.5 / BINS_PER_DECADE) - 1)
 QUANTILES = {"p10": 0.10, "median": 0.50, "p90": 0.90}
 
 
+def histogram_bins(values: np.ndarray) -> np.ndarray:
+    """The histogram bin of each value (below ``LOW``: the first, above ``HIGH``: the last)."""
+    return np.clip(np.searchsorted(EDGES, values, side="right") - 1, 0, len(EDGES) - 2)
+
+
 class RatioAccumulator:
     """Count, sum, histogram and (while small) the raw values of one stream of ratios."""
 
@@ -32,11 +37,12 @@ class RatioAccumulator:
         self.hist = np.zeros(len(EDGES) - 1, np.int64)
         self._raw: Optional[List[np.ndarray]] = []
 
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray, bins: Optional[np.ndarray] = None) -> None:
+        """Add ``values``; ``bins``: their histogram bins (``histogram_bins(values)``) when already known."""
         values = np.asarray(values, np.float64).ravel()
         self.count += values.size
         self.total += float(values.sum())
-        idx = np.clip(np.searchsorted(EDGES, values, side="right") - 1, 0, len(self.hist) - 1)
+        idx = histogram_bins(values) if bins is None else np.asarray(bins).ravel()
         self.hist += np.bincount(idx, minlength=len(self.hist))
         if self._raw is not None:
             self._raw.append(values.astype(np.float32))
@@ -73,7 +79,11 @@ class RatioAccumulator:
 
     def summary(self) -> Dict[str, float]:
         out = {"count": self.count, "mean": self.total / self.count if self.count else float("nan")}
-        out.update({name: self.quantile(q) for name, q in QUANTILES.items()})
+        if self.exact and self.count:  # the raw values joined and partitioned once for all quantiles
+            values = np.quantile(self.raw().astype(np.float64), list(QUANTILES.values()))
+            out.update({name: float(v) for name, v in zip(QUANTILES, values)})
+        else:
+            out.update({name: self.quantile(q) for name, q in QUANTILES.items()})
         out["exact"] = self.exact
         if not self.exact:
             out["relative_error_bound"] = SKETCH_RELATIVE_ERROR
