@@ -43,8 +43,9 @@ def test_no_token_exits_before_min_exit_step_and_decoding_agrees(small):
         assert ((choice >= 0) & (choice != exit_index(L))).all()  # earlier steps: a layer or skip, never exit
         probs = np.asarray(out.router.probs)[:min_exit, ..., exit_index(L)]
         assert (probs == 0).all()  # the loss terms see the rule too
-        logits, _, _, _ = decode_tokens(rm, ids, prompt_len=3)
-        np.testing.assert_allclose(np.asarray(logits), np.asarray(out.logits), atol=1e-5, rtol=0)
+        if min_exit == 2:  # decoding applies the same rule (routing.decide); one compiled decode checks it
+            logits, _, _, _ = decode_tokens(rm, ids, prompt_len=3)
+            np.testing.assert_allclose(np.asarray(logits), np.asarray(out.logits), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="radial"):
         RadialModel.from_sequential(small, mode="ordered", min_exit_step=1)
 
