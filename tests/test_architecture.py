@@ -5,6 +5,8 @@ The import graph is read from the source (``ast``), every import counted, functi
 import moved into a function to dodge a circle is still a circle.
 """
 import ast
+import keyword
+import re
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "radial_jax"
@@ -140,3 +142,60 @@ def test_a_module_over_400_lines_says_why_at_its_top():
         if len(lines) > MAX_LINES and not any(line.startswith(LONG_REASON) for line in lines[:60]):
             unexplained.append(f"{path.relative_to(PACKAGE.parent)}: {len(lines)} lines")
     assert unexplained == [], f"split these by concern, or say why not in a line starting with {LONG_REASON!r}"
+
+
+SHARED_RUN = 6  # lines: a run this long, of the same shape in two family files, is boilerplate to share
+VALUES = ("True", "False", "None")  # keywords that are values: blanked like numbers
+_TOKEN = re.compile(r"""("[^"]*"|'[^']*'|\b\d[\w.]*|\b[A-Za-z_]\w*)""")
+
+
+def line_shape(line: str) -> str:
+    """A code line with its names (not keywords), numbers and strings blanked; a trailing comment's words kept
+    (they differ where a line says something of its own). Blank and comment-only lines have no shape."""
+    code, _, comment = line.partition("  #")
+    code = code.strip()
+    if not code or code.startswith("#"):
+        return ""
+
+    def blank(match):
+        word = match.group()
+        return word if keyword.iskeyword(word) and word not in VALUES else "_"
+
+    return _TOKEN.sub(blank, code) + ("  #" + comment if comment else "")
+
+
+def shared_runs(a: list, b: list, run: int = SHARED_RUN) -> list:
+    """``(line in a, line in b)`` (1-based) where ``run`` shaped lines in a row have the same shapes in both."""
+    shaped_a = [(i + 1, s) for i, s in enumerate(map(line_shape, a)) if s]
+    shaped_b = [(i + 1, s) for i, s in enumerate(map(line_shape, b)) if s]
+    seen = {}
+    for k in range(len(shaped_a) - run + 1):
+        seen.setdefault(tuple(s for _, s in shaped_a[k:k + run]), shaped_a[k][0])
+    return [(seen[key], shaped_b[k][0]) for k in range(len(shaped_b) - run + 1)
+            if (key := tuple(s for _, s in shaped_b[k:k + run])) in seen]
+
+
+def test_the_run_finder_finds_same_shape_fields_and_passes_documented_ones():
+    fields = ["class A:", "    a: int = 1", "    b: int = 2", "    c: str = 'x'", "    d: int = 4",
+              "    e: bool = True"]
+    renamed = ["class B:", "    p: int = 7", "    q: int = 8", "", "    r: str = 'y'", "    s: int = 9",
+               "    t: bool = False"]
+    assert shared_runs(fields, renamed) == [(1, 1)]
+    documented = renamed[:2] + ["    q: int = 8  # the inner width"] + renamed[3:]
+    assert shared_runs(fields, documented) == []
+
+
+def config_class_lines(path: pathlib.Path) -> list:
+    """The source lines of the family's config class (the name tables below it are data, alike by design)."""
+    lines = path.read_text().splitlines()
+    classes = [node for node in ast.parse("\n".join(lines)).body
+               if isinstance(node, ast.ClassDef) and node.name.endswith("Config")]
+    return [line for node in classes for line in lines[node.lineno - 1:node.end_lineno]]
+
+
+def test_no_two_family_configs_share_a_run_of_same_shape_lines():
+    texts = {p.name: config_class_lines(p) for p in sorted((PACKAGE / "models" / "families").glob("[!_]*.py"))}
+    assert all(texts.values())
+    pairs = [f"{a} ~ {b}: class lines {la} ~ {lb}" for i, a in enumerate(texts) for b in list(texts)[i + 1:]
+             for la, lb in shared_runs(texts[a], texts[b])]
+    assert pairs == [], "share what two families repeat (models/config_base.py), or say what each line holds"

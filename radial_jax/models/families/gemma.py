@@ -122,8 +122,8 @@ class GemmaConfig(DecoderConfig):
     intermediate_size: int = 9216
     num_hidden_layers: int = 26
     num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
+    num_key_value_heads: int = 4  # grouped-query attention: 2 query heads share a key/value head
+    head_dim: int = 256  # its own size: not hidden_size // num_attention_heads in Gemma
     hidden_activation: str = "gelu_pytorch_tanh"
     max_position_embeddings: int = 131072
     rms_norm_eps: float = 1e-6

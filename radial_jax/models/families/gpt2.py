@@ -37,19 +37,21 @@ UNSUPPORTED = {  # HF setting -> the only value we implement
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config(DecoderConfig):
+    """A GPT-2 decoder (GPT-2's own field names; ``ALIASES`` maps the generic ones); defaults: gpt2 (124M)."""
+
     vocab_size: int = 50257
-    n_positions: int = 1024
+    n_positions: int = 1024  # learned positions
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
     n_inner: Optional[int] = None  # None: 4 * n_embd
-    activation_function: str = "gelu_new"
+    activation_function: str = "gelu_new"  # the MLP's (tanh-approximated GELU)
     layer_norm_epsilon: float = 1e-5
     scale_attn_weights: bool = True  # scores times head_dim ** -0.5 (False: unscaled)
     scale_attn_by_inverse_layer_idx: bool = False  # not implemented
     add_cross_attention: bool = False  # not implemented
     tie_word_embeddings: bool = True
-    pad_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None  # GPT-2 has no pad token; <|endoftext|> is 50256
     bos_token_id: Optional[int] = 50256
     eos_token_id: Union[None, int, tuple] = 50256
 

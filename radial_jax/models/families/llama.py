@@ -30,15 +30,18 @@ MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(DecoderConfig):
+    """A Llama or Mistral decoder (Hugging Face field names); the defaults are transformers' ``LlamaConfig``'s
+    (Llama 2 7B's sizes)."""
+
     vocab_size: int = 32000
     hidden_size: int = 4096
-    intermediate_size: int = 11008
+    intermediate_size: int = 11008  # the gated MLP's inner width
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: Optional[int] = None  # None: num_attention_heads (no GQA)
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
     hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = 2048  # checkpoints state theirs (Llama 2: 4096, Llama 3.1: 131072)
     rms_norm_eps: float = 1e-6
     rope_parameters: RoPE = RoPE()  # a dict (HF's rope_parameters, or asdict's) is converted
     attention_bias: bool = False  # Llama: biases on q, k, v and o
@@ -46,7 +49,7 @@ class LlamaConfig(DecoderConfig):
     sliding_window: Optional[int] = None  # Mistral: every layer sees this many keys (itself included)
     tie_word_embeddings: bool = False
     pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = 1
+    bos_token_id: Optional[int] = 1  # Llama 2's SentencePiece <s> (Llama 3's config.json says 128000)
     eos_token_id: Union[int, tuple, None] = 2
     model_type: str = "llama"  # the checkpoint's own: "llama" or "mistral"
 

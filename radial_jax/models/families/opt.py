@@ -21,20 +21,22 @@ from radial_jax.models.names import FamilyNames, Rule, linear, norm
 
 @dataclasses.dataclass(frozen=True)
 class OPTConfig(DecoderConfig):
+    """An OPT decoder (Hugging Face field names); the defaults are facebook/opt-125m's."""
+
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
-    ffn_dim: int = 3072
+    ffn_dim: int = 3072  # the MLP's inner width (other families call it intermediate_size)
     num_attention_heads: int = 12
     max_position_embeddings: int = 2048
-    do_layer_norm_before: bool = True
+    do_layer_norm_before: bool = True  # False: post-LN blocks (OPT-350M)
     word_embed_proj_dim: Optional[int] = None  # None: hidden_size
-    activation_function: str = "relu"
+    activation_function: str = "relu"  # the MLP's
     layer_norm_elementwise_affine: bool = True
-    enable_bias: bool = True
-    remove_final_layer_norm: bool = False
+    enable_bias: bool = True  # biases on the attention's and the MLP's linear layers
+    remove_final_layer_norm: bool = False  # config.json's _remove_final_layer_norm
     tie_word_embeddings: bool = True
-    pad_token_id: int = 1
+    pad_token_id: int = 1  # OPT's tokenizer: <pad> 1, </s> 2 (also its bos)
     bos_token_id: int = 2
     eos_token_id: int = 2
 

@@ -39,7 +39,9 @@ QWEN3_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default
 
 @dataclasses.dataclass(frozen=True)
 class QwenConfig(DecoderConfig):
-    vocab_size: int = 151936
+    """A Qwen2 or Qwen3 decoder (Hugging Face field names); the defaults are transformers' ``Qwen2Config``'s."""
+
+    vocab_size: int = 151936  # Qwen's byte-level BPE, padded
     hidden_size: int = 4096
     intermediate_size: int = 22016
     num_hidden_layers: int = 32
@@ -47,7 +49,7 @@ class QwenConfig(DecoderConfig):
     num_key_value_heads: Optional[int] = None  # None: num_attention_heads (no GQA)
     head_dim: Optional[int] = None  # None: Qwen3 128, Qwen2 hidden_size // num_attention_heads
     hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int = 32768  # checkpoints state theirs
     rms_norm_eps: float = 1e-6
     rope_parameters: RoPE = RoPE()  # a dict (HF's rope_parameters, or asdict's) is converted
     attention_bias: bool = False  # Qwen3 only: biases on q, k, v and o (Qwen2 always has q, k, v biases)
@@ -55,9 +57,9 @@ class QwenConfig(DecoderConfig):
     sliding_window: Optional[int] = None  # kept only with use_sliding_window (else None, as transformers does)
     max_window_layers: int = 28  # without layer_types: layers >= this slide (with use_sliding_window)
     layer_types: Optional[tuple] = None  # None: derived from the three settings above
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # the small checkpoints (Qwen2 0.5B, 1.5B) set it
     pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None  # Qwen2's config.json says 151643
     eos_token_id: Union[int, tuple, None] = None
     model_type: str = "qwen2"  # the checkpoint's own: "qwen2" or "qwen3"
 

@@ -25,16 +25,18 @@ from radial_jax.models.stack import pool_param, run_pool
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig(FamilyConfig):
+    """A ViT encoder (Hugging Face field names); the defaults are ViT-Base/16 at 224 pixels."""
+
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
-    image_size: int = 224
-    patch_size: int = 16
+    image_size: int = 224  # pixels per side (square inputs)
+    patch_size: int = 16  # pixels per side of a patch: (224 / 16) ** 2 = 196 patches + the class token
     num_channels: int = 3
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # biases on the query, key and value projections
     num_labels: int = 0  # 0: bare encoder (ViTModel); > 0: ViTForImageClassification
     add_pooling_layer: bool = True  # bare encoder only: dense + tanh on the class token
     pooler_act: str = "tanh"
