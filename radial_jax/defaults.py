@@ -80,6 +80,9 @@ SERVE_REPEATS = 5
 SERVE_CALIBRATION_WINDOWS = 64  # training-split windows the serving capacity is fitted on
 SERVE_MAX_PADDING = 0.05  # tokens a served layer's matmuls may run beyond its load on calibration text
 SERVE_MAX_BUCKETS = 32  # static prefill sizes at most (compile time grows with them: about 3x at 32 vs 8)
+# the pipeline serves its toy for a few timed rounds, so compile time outweighs padding there: at most 8 sizes
+# (it prints the padding each bucket count gives, and serving_speed the compile seconds)
+PIPELINE_SERVE_MAX_BUCKETS = 8
 SERVE_TOKENS = 32  # decode steps timed per row, after a prompt of WINDOW - SERVE_TOKENS tokens
 
 # -- generation (``radial-jax generate``) --------------------------------------------------------------------

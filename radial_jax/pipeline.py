@@ -72,11 +72,17 @@ def half_depth_comparison(teacher, half, students: dict, evaluation, windows_nt,
     from radial_jax.training.evaluate import interpolate_at
     from radial_jax.models.perplexity import perplexity
     from radial_jax.training.paired import paired_bootstrap, window_nll
+    import numpy as np
 
-    t = windows_nt.shape[1]
+    n, t = windows_nt.shape
     half_flops = dense_flops(half.config, 1, t, with_head=False) / dense_flops(teacher.config, 1, t, with_head=False)
-    score = {name: window_nll(m, windows_nt, batch_size, progress=True, desc=f"score {name}")
-             for name, m in {"half": half, "teacher": teacher, **students}.items()}
+    # the teacher and the students were scored on these windows by ``evaluate``: their per-window NLL is reused
+    scored = lambda row: (np.asarray(row["window_nll"]), np.full(n, t - 1, np.float64))  # noqa: E731
+    score = {"half": window_nll(half, windows_nt, batch_size, progress=True, desc="score half"),
+             "teacher": scored(evaluation["teacher"]),
+             **{name: scored(evaluation["students"][name]) for name in students}}
+    if any(len(nll) != n for nll, _ in score.values()):
+        raise ValueError(f"the evaluation scored other windows than these {n}; evaluate again on them")
     result = {"half_depth": {"layers": half.config.num_layers, "layer_flops_fraction": half_flops,
                              "perplexity": perplexity(*(a.sum() for a in score["half"]))},
               "teacher_vs_half": paired_bootstrap(score["half"], score["teacher"]), "students": {}}
@@ -104,6 +110,8 @@ def run_pipeline(args) -> int:
     if args.serve_repeats > 0 and not 1 <= args.serve_tokens < args.window:
         raise ValueError(f"--serve-tokens must be in [1, --window) = [1, {args.window}): the decode steps follow a "
                          f"prompt of window - serve-tokens tokens; got {args.serve_tokens}")
+    if args.serve_max_buckets < 1:
+        raise ValueError(f"--serve-max-buckets must be >= 1 (static prefill sizes), got {args.serve_max_buckets}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -184,17 +192,19 @@ def run_pipeline(args) -> int:
         calibration = data.windows(args.window, D.SERVE_CALIBRATION_WINDOWS, split="train")[0]
         for name in students:
             trained = students[name].radial.capacity_factor
-            students[name] = students[name].fit_capacity(calibration)
+            students[name], pads = students[name].fit_capacity(calibration, max_buckets=args.serve_max_buckets,
+                                                               return_padding=True)
             rc = students[name].radial
             print(f"[serve] {name} student: capacity factor {rc.capacity_factor:.3f}, slack {rc.capacity_slack}, "
-                  f"{rc.prefill_buckets} prefill buckets "
-                  f"(trained at {trained:g})")
+                  f"{rc.prefill_buckets} prefill buckets (trained at {trained:g}); padding of the calibration "
+                  "loads by buckets: " + ", ".join(f"{n}: {p:.1%}" for n, p in pads.items()))
         t0 = time.perf_counter()
-        if not _done(out / "distill" / "eval.json"):
+        eval_json = out / "distill" / "eval.json"
+        if not _done(eval_json) or "window_nll" not in json.loads(eval_json.read_text())["teacher"]:  # or older
             from radial_jax.training.evaluate import evaluate
             evaluate(students, teacher, full, batch_size=min(args.batch_size, len(full)), png=out / "distill" / "curve.png",
-                     out_json=out / "distill" / "eval.json", routes_png=out / "distill")
-        evaluation = json.loads((out / "distill" / "eval.json").read_text())
+                     out_json=eval_json, routes_png=out / "distill")
+        evaluation = json.loads(eval_json.read_text())
         timings["evaluate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if args.serve_repeats > 0:
@@ -352,6 +362,8 @@ def register(sub) -> None:
                    help="oracle labels for router supervision in the radial phase")
     p.add_argument("--distill-lr", type=float, default=D.DISTILL_LR)
     p.add_argument("--serve-repeats", type=int, default=D.SERVE_REPEATS, help="interleaved timing rounds; 0 skips serving speed")
+    p.add_argument("--serve-max-buckets", type=int, default=D.PIPELINE_SERVE_MAX_BUCKETS,
+                   help="static prefill sizes at most for the served students: more pad less and compile longer")
     p.add_argument("--serve-tokens", type=int, default=D.SERVE_TOKENS,
                    help="decode steps per row when timing (after a prompt of window - serve-tokens tokens)")
     p.add_argument("--results", default=None, help="also write the README's figures to this JSON")

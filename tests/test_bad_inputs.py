@@ -400,6 +400,10 @@ def cli_pipeline_serve_tokens_beyond_window(env):
     return env.cli("pipeline", "--out", env.dir / "out", "--window", "16", "--serve-tokens", "16")
 
 
+def cli_pipeline_no_serve_buckets(env):
+    return env.cli("pipeline", "--out", env.dir / "out", "--serve-max-buckets", "0")
+
+
 def cli_profile_bad_dtype(env):
     return env.cli("profile", "--model", env.ckpt, "--dtype", "float8", "--out", env.dir / "out")
 
@@ -473,6 +477,8 @@ CASES = [
     ("CLI pipeline --thresholds 0,2", cli_pipeline_bad_thresholds, CLIError, ["thresholds", r"\[0, 1\]"]),
     ("CLI pipeline --serve-tokens >= --window", cli_pipeline_serve_tokens_beyond_window, CLIError,
      ["--serve-tokens", r"\[1, 16\)", "got 16"]),
+    ("CLI pipeline --serve-max-buckets 0", cli_pipeline_no_serve_buckets, CLIError,
+     ["--serve-max-buckets", ">= 1", "got 0"]),
     ("CLI profile --dtype float8", cli_profile_bad_dtype, CLIError, ["float8", "float32"]),
 ]
 

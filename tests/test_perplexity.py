@@ -1,4 +1,5 @@
-"""One perplexity: oracle simulation and evaluation report the same teacher perplexity on the same windows."""
+"""One perplexity: oracle simulation, evaluation and the paired scoring report the same teacher perplexity on
+the same windows."""
 from __future__ import annotations
 
 import math
@@ -31,5 +32,10 @@ def test_simulated_and_evaluated_teacher_perplexity_agree():
     sim = rj.simulate_skipping(model, window_batches((ids, mask, score), 4), [0.0], progress=False)
     teacher = teacher_stats(model, ids, batch_size=4)
     assert sim.results[0].perplexity == pytest.approx(teacher["ppl"], rel=1e-6)
+    # the per-window NLL evaluation keeps (the pipeline's paired comparisons reuse it) is the paired scoring's
+    from radial_jax.training.paired import window_nll
+    paired_nll, scored = window_nll(model, ids, batch_size=3)
+    np.testing.assert_allclose(teacher["window_nll"], paired_nll, rtol=1e-5)
+    assert perplexity(paired_nll.sum(), scored.sum()) == pytest.approx(teacher["ppl"], rel=1e-6)
     with pytest.raises(ValueError, match="fewer than one window of 12"):
         eval_windows(tokens[:10], 12)

@@ -11,7 +11,7 @@ import jax
 import radial_jax as rj
 from radial_jax.radial import RadialModel
 from radial_jax.radial.router import exit_index
-from radial_jax.serving.speed import timed_decode
+from radial_jax.serving.speed import prefill_program, timed_decode
 
 SMALL = rj.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                      max_position_embeddings=48)
@@ -85,6 +85,33 @@ def test_teacher_forcing_with_generates_own_tokens_reproduces_its_tokens_depth_a
 
 def test_teacher_forcing_of_the_sequential_model_reproduces_generate(small):
     assert_teacher_forcing_reproduces_generate(small)
+
+
+def assert_first_rows_of_a_larger_prefill_decode_as_their_own(model, record=("depth", "flops")):
+    """``serving_speed`` decodes a smaller batch from the first rows of the largest batch's prefill: those rows
+    must decode as after a prefill of their own (same tokens, depth, FLOPs, logits)."""
+    rng = np.random.default_rng(7)
+    prompts, feed = rng.integers(3, SMALL.vocab_size, (4, 6)), rng.integers(3, SMALL.vocab_size, (4, NEW))
+    served = model.with_layout("per_layer")
+    _, cache = prefill_program(served, 4, 6 + NEW)(served.params, prompts)
+    rows = served.decoding().first_rows(cache, 2)
+    from_rows = jax.device_get(timed_decode(served, prompts[:2], feed[:2], start=(served.params, rows),
+                                            record=record)())
+    own = jax.device_get(timed_decode(served, prompts[:2], feed[:2], record=record)())
+    for key in ("token", "depth", "flops"):
+        np.testing.assert_allclose(from_rows[key], own[key], rtol=1e-6, err_msg=key)
+    return own
+
+
+def test_the_first_rows_of_a_larger_prefill_decode_as_after_their_own_prefill(routed):
+    tight = routed.replace(capacity_factor=0.5)  # a budget that binds in the decode steps too
+    own = assert_first_rows_of_a_larger_prefill_decode_as_their_own(tight, record=("depth", "flops", "metrics"))
+    assert (own["depth"] < SMALL.num_layers).any(), "some tokens must skip layers"
+    assert own["metrics"].dropped.sum() > 0, "the budget must bind for the rows' own counters to matter"
+
+
+def test_the_first_rows_of_a_sequential_prefill_decode_as_after_their_own_prefill(small):
+    assert_first_rows_of_a_larger_prefill_decode_as_their_own(small)
 
 
 def test_a_row_gives_the_same_tokens_alone_and_in_two_other_batches(routed):

@@ -399,7 +399,8 @@ def test_pipeline_command_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, ca
     half = summary["half_depth"]
     assert load_model(out / "half_depth").config.num_layers == half["layers"] == 1
     assert half["layer_flops_fraction"] == pytest.approx(0.5)
-    # two code paths, one perplexity: evaluate's teacher row equals the paired scoring's half x ratio
+    # one perplexity: evaluate's teacher row equals the half model's (paired scoring) x the paired ratio, whose
+    # teacher side is evaluate's per-window NLL (that equals the paired scoring's: test_perplexity)
     assert half["perplexity"] * half["teacher_vs_half"]["ratio"] == pytest.approx(summary["teacher_perplexity"],
                                                                                    rel=1e-5)
     for s in summary["students"].values():

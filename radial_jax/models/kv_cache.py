@@ -78,6 +78,13 @@ def stack_layers(caches) -> KVCache:
     return KVCache(*(jnp.concatenate([getattr(c, f) for c in caches]) for f in ("k", "v", "written_at")))
 
 
+def first_rows(cache, n: int):
+    """The first ``n`` rows of a ``KVCache`` or of per-layer caches (every buffer is ``[L, B, ...]``)."""
+    if is_split(cache):
+        return tuple(first_rows(c, n) for c in cache)
+    return KVCache(cache.k[:, :n], cache.v[:, :n], cache.written_at[:, :n])
+
+
 def is_split(cache) -> bool:
     """Whether ``cache`` is in the per-layer layout (a tuple of single-layer caches, ``split_layers``)."""
     return isinstance(cache, (tuple, list))

@@ -105,12 +105,16 @@ def padding(per_batch, c_max: int, buckets: int) -> float:
 def fit_buckets(per_batch, c_max: int, max_padding: float, max_buckets: int) -> int:
     """The fewest buckets (a power of two up to ``max_buckets``) that pad ``per_batch``'s loads by at most
     ``max_padding``; ``max_buckets`` when none does (the least padding)."""
-    candidates = [2 ** i for i in range(max_buckets.bit_length()) if 2 ** i <= max_buckets]
+    candidates = _bucket_candidates(max_buckets)
     return next((n for n in candidates if padding(per_batch, c_max, n) <= max_padding), candidates[-1])
 
 
+def _bucket_candidates(max_buckets: int) -> list:
+    return [2 ** i for i in range(max_buckets.bit_length()) if 2 ** i <= max_buckets]
+
+
 def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D.SERVE_MAX_PADDING,
-                 max_buckets: int = D.SERVE_MAX_BUCKETS):
+                 max_buckets: int = D.SERVE_MAX_BUCKETS, return_padding: bool = False):
     """``model`` served as its routes on ``windows`` need (module docstring).
 
     The capacity: the smallest ``C_max`` (at most its own) at which its budget refuses none of the visits its
@@ -118,7 +122,9 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
     length. Then the static sizes: the fewest ``prefill_buckets`` (a power of two up to ``max_buckets``)
     that pad the loads of ``windows`` by at most ``max_padding``. ``model`` itself when its own capacity
     already refuses some visits (its routes then depend on the capacity). Calibrate at the batch size the
-    network will serve: the loads are rounded over a batch.
+    network will serve: the loads are rounded over a batch. ``return_padding``: ``(model, {buckets: padding})``,
+    the padding of the calibration loads at each bucket count tried up to ``max_buckets`` (what more buckets,
+    hence more compile time, would save); ``{}`` when the capacity was not fitted.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
@@ -133,7 +139,7 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
     slacks = _slack_candidates(rc.capacity_slack, t)
     own = route_facts(model, windows, batch_size, slacks)  # one pass at the network's own capacity
     if own.refused > 0:
-        return model
+        return (model, {}) if return_padding else model
     scale = rc.steps(L) * rc.layers_per_step(L) / L  # capacity_factor = scale * phi (RadialConfig)
     trials = []
     for slack, need in zip(slacks, own.need_k):
@@ -151,4 +157,7 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
         raise RuntimeError(f"capacity (factor {fitted.radial.capacity_factor}, slack {fitted.radial.capacity_slack}) "
                            "fitted to the routes still refuses visits; this is a bug in radial_jax.radial.capacity")
     c_max = fitted.radial.max_capacity(L, t)
-    return fitted.replace(prefill_buckets=fit_buckets(served.per_batch, c_max, max_padding, max_buckets))
+    fitted = fitted.replace(prefill_buckets=fit_buckets(served.per_batch, c_max, max_padding, max_buckets))
+    if not return_padding:
+        return fitted
+    return fitted, {n: padding(served.per_batch, c_max, n) for n in _bucket_candidates(max_buckets)}

@@ -134,7 +134,8 @@ class RadialModel(Bundle):
         return self.replace(params={**self.params, "router": router}, **changes)
 
     def fit_capacity(self, windows, **kwargs) -> "RadialModel":
-        """This network at the smallest capacity its routes need on ``windows`` (``radial.capacity``)."""
+        """This network at the smallest capacity its routes need on ``windows`` (``radial.capacity.fit_capacity``,
+        whose keywords it takes)."""
         return fit_capacity(self, windows, **kwargs)
 
     def forward(self, inputs, attention_mask=None, **kwargs) -> RadialOutput:
@@ -187,7 +188,8 @@ class RadialModel(Bundle):
 
         return Decoding(init_cache=init_cache, forward=forward,
                         head=lambda params, h: module.apply({"params": params}, h, method="logits"),
-                        head_flops=lambda n: head_flops(config, n), step=step, prepare=prepare)
+                        head_flops=lambda n: head_flops(config, n), step=step, prepare=prepare,
+                        first_rows=lambda cache, n: cache.first_rows(n))
 
     def __repr__(self):
         return f"RadialModel({self.name!r}, {type(self.config).__name__}, {self.radial})"

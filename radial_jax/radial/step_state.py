@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from radial_jax.models.kv_cache import KVCache, cache_max_len
+from radial_jax.models.kv_cache import KVCache, cache_max_len, first_rows
 from radial_jax.models.layer import LayerConfig, TransformerLayer
 from radial_jax.radial import dispatch as dsp
 from radial_jax.radial.config import RadialConfig
@@ -33,6 +33,10 @@ class RadialCache:
     @property
     def max_len(self) -> int:
         return cache_max_len(self.kv)
+
+    def first_rows(self, n: int) -> "RadialCache":
+        """The state of the first ``n`` rows (the causal budget counts per row, so theirs is unchanged)."""
+        return RadialCache(kv=first_rows(self.kv, n), admitted=self.admitted[:n])
 
 
 @dataclasses.dataclass(frozen=True)

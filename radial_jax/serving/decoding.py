@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from radial_jax.models.flops import dense_flops, head_flops
-from radial_jax.models.kv_cache import cache_max_len, split_layers
+from radial_jax.models.kv_cache import cache_max_len, first_rows, split_layers
 from radial_jax.models.stack import unstack_pool
 
 
@@ -39,6 +39,7 @@ class Decoding:
       ``stats``: ``{"depth": int32[b], "flops": float32`` (whole batch, head included when it ran)``, ...}``.
     prepare(params) -> params: once per call, inside the compiled program, before the prefill (the pool put in
       the per-layer layout); default: unchanged.
+    first_rows(cache, n) -> the cache of the first ``n`` rows (a larger batch's prefill decoded by fewer rows).
     """
 
     init_cache: Callable
@@ -47,6 +48,7 @@ class Decoding:
     head_flops: Callable
     step: Callable
     prepare: Callable = lambda params: params
+    first_rows: Callable = first_rows
 
 
 KNOWN_STATS = {"depth": lambda b: jax.ShapeDtypeStruct((b,), jnp.int32),

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from radial_jax import defaults as D
 from radial_jax.data.corpus import window_batches
 from radial_jax.models.flops import dense_flops, head_flops
-from radial_jax.models.perplexity import TokenWeighted, lm_cross_entropy
+from radial_jax.models.perplexity import TokenWeighted, token_nll
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.radial.stats import RouteStats
 from radial_jax.reporting.files import atomic_write_json, figure, save_figure
@@ -45,44 +45,50 @@ DEFAULT_THRESHOLDS = D.EVAL_THRESHOLDS
 DEFAULT_OFFSETS = D.EVAL_OFFSETS
 
 
-def _accumulate(fn, windows, batch_size, *args):
-    """Token-weighted perplexity and depth of ``fn(ids, *args) -> (nll_sum, n, depth[, extra...])`` over every
-    window (a last, smaller batch too: the same tokens as ``radial-jax simulate`` scores on the same windows)."""
+def _accumulate(fn, windows, batch_size, *args, keep_windows: bool = False):
+    """Token-weighted perplexity and depth of ``fn(ids, *args) -> (nll_b, n, depth[, extra...])`` (``nll_b``:
+    each window's summed NLL) over every window (a last, smaller batch too: the same tokens as ``radial-jax
+    simulate`` scores on the same windows). ``keep_windows``: the row keeps each window's NLL (``window_nll``)
+    for the paired comparisons (``training.paired``) that resample them."""
     if len(windows) < 1:
         raise ValueError("need at least one eval window, got 0")
-    acc, extras = TokenWeighted(), 0
+    acc, extras, kept = TokenWeighted(), 0, []
     for ids in window_batches(windows, batch_size):
-        s, n, d, *more = fn(ids, *args)
-        acc.add(n, sums={"nll": s}, depth=d, **{f"extra{i}": m for i, m in enumerate(more)})
+        nll_b, n, d, *more = fn(ids, *args)
+        kept.append(np.asarray(nll_b, np.float64))
+        acc.add(n, sums={"nll": kept[-1].sum()}, depth=d, **{f"extra{i}": m for i, m in enumerate(more)})
         extras = len(more)
     row = {"ppl": acc.perplexity("nll"), "nll": acc.mean("nll"), "depth": acc.mean("depth")}
+    if keep_windows:
+        row["window_nll"] = np.concatenate(kept).tolist()
     return row, (np.array([acc.mean(f"extra{i}") for i in range(extras)]) if extras else None)
 
 
 def _nll(logits, ids):
-    nll, n = lm_cross_entropy(logits, ids)
-    return nll * n, n
+    """``(nll_b, n)``: each window's summed next-token NLL (its first token unscored) and the targets counted."""
+    return token_nll(logits, ids).sum(-1), jnp.float32(ids.shape[0] * (ids.shape[1] - 1))
 
 
 def teacher_stats(teacher, windows, batch_size: int = 16) -> dict:
-    """The sequential model's perplexity (depth 1: every token through every layer)."""
+    """The sequential model's perplexity (depth 1: every token through every layer) and each window's NLL."""
     fn = jax.jit(lambda ids: (*_nll(teacher.module.apply({"params": teacher.params}, ids).logits, ids), 1.0))
-    return _accumulate(fn, windows, batch_size)[0]
+    return _accumulate(fn, windows, batch_size, keep_windows=True)[0]
 
 
 def radial_stats(student, params, windows, batch_size: int = 16, threshold: Optional[float] = None,
-                 fn=None, routes: Optional[RouteStats] = None) -> dict:
+                 fn=None, routes: Optional[RouteStats] = None, keep_windows: bool = False) -> dict:
     """Perplexity, mean depth (``depth_fraction``) and ``compute`` (executed FLOPs / dense) of a
-    ``RadialModel`` with ``params``; ``routes`` (a ``RouteStats``) also counts its routes."""
+    ``RadialModel`` with ``params``; ``routes`` (a ``RouteStats``) also counts its routes; ``keep_windows``:
+    each window's summed NLL too (``window_nll``)."""
     fn = fn or _radial_fn(student)
     thr = jnp.float32(0.0 if threshold is None else threshold)
 
     def run(ids):
-        nll_sum, n, depth, compute, router = fn(params, ids, thr)
+        nll_b, n, depth, compute, router = fn(params, ids, thr)
         if routes is not None:
             routes.add(router, np.ones(ids.shape, bool))
-        return nll_sum, n, depth, compute
-    row, extra = _accumulate(run, windows, batch_size)
+        return nll_b, n, depth, compute
+    row, extra = _accumulate(run, windows, batch_size, keep_windows=keep_windows)
     return {**row, "compute": float(extra[0])}
 
 
@@ -179,7 +185,8 @@ def evaluate(students, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offse
         L, S = student.config.num_layers, student.radial.steps(student.config.num_layers)
         routes = RouteStats(L, S)
         fn = _radial_fn(student)  # one compile for the student's point and its offset curve
-        point = radial_stats(student, student.params, windows, batch_size, fn=fn, routes=routes); bar.update()
+        point = radial_stats(student, student.params, windows, batch_size, fn=fn, routes=routes, keep_windows=True)
+        bar.update()
         curve = student_offset_curve(student, windows, offsets, batch_size, progress, fn=fn); bar.update()
         oracle_ppl = interpolate_at(oracle, point["compute"])
         rows[name] = {
