@@ -189,6 +189,7 @@ def run_pipeline(args) -> int:
                                      save_meta=dict(data=data.source, teacher=teacher_ref))
         timings["distill_s"] = time.perf_counter() - t0
         # served (evaluated, timed) at the capacity its routes need on training text (radial.capacity)
+        t0 = time.perf_counter()
         calibration = data.windows(args.window, D.SERVE_CALIBRATION_WINDOWS, split="train")[0]
         for name in students:
             trained = students[name].radial.capacity_factor
@@ -198,6 +199,7 @@ def run_pipeline(args) -> int:
             print(f"[serve] {name} student: capacity factor {rc.capacity_factor:.3f}, slack {rc.capacity_slack}, "
                   f"{rc.prefill_buckets} prefill buckets (trained at {trained:g}); padding of the calibration "
                   "loads by buckets: " + ", ".join(f"{n}: {p:.1%}" for n, p in pads.items()))
+        timings["fit_capacity_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         eval_json = out / "distill" / "eval.json"
         if not _done(eval_json) or "window_nll" not in json.loads(eval_json.read_text())["teacher"]:  # or older

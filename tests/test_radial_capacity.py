@@ -99,6 +99,10 @@ def test_fitted_buckets_are_the_fewest_whose_served_sizes_pad_the_loads_within_t
     served = {n: served_padding(net, windows, n) for n in candidates}
     c_max = net.radial.max_capacity(SMALL.num_layers, windows.shape[1])
     per_batch = route_facts(net, windows, n_windows).per_batch
+    # fit_capacity counts the loads once, at the network's own capacity: the fitted one admits the same visits
+    for (b_own, own_sl), (b_fit, fit_sl) in zip(route_facts(routed, windows, n_windows).per_batch, per_batch):
+        assert b_own == b_fit
+        np.testing.assert_array_equal(own_sl, fit_sl)
     for n in candidates:  # the count agrees with what ran
         assert padding(per_batch, c_max, n) == pytest.approx(served[n], abs=1e-12)
     assert all(served[a] >= served[b] for a, b in zip(candidates, candidates[1:])), served

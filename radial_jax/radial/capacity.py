@@ -152,12 +152,10 @@ def fit_capacity(model, windows, *, batch_size: int = 16, max_padding: float = D
     if trials and min(trial[0] for trial in trials) < rc.max_capacity(L, t):
         best = min(trials, key=lambda trial: trial[:3])[3]  # ties: the own slack, then the smallest
         fitted = model.replace(capacity_factor=best.capacity_factor, capacity_slack=best.capacity_slack)
-    served = route_facts(fitted, windows, batch_size)
-    if served.refused > 0:
-        raise RuntimeError(f"capacity (factor {fitted.radial.capacity_factor}, slack {fitted.radial.capacity_slack}) "
-                           "fitted to the routes still refuses visits; this is a bug in radial_jax.radial.capacity")
+    # the fitted capacity admits every visit the own one did, so the loads are the same: no second pass
+    # (tests/test_radial_capacity.py checks both: nothing refused, the same loads)
     c_max = fitted.radial.max_capacity(L, t)
-    fitted = fitted.replace(prefill_buckets=fit_buckets(served.per_batch, c_max, max_padding, max_buckets))
+    fitted = fitted.replace(prefill_buckets=fit_buckets(own.per_batch, c_max, max_padding, max_buckets))
     if not return_padding:
         return fitted
-    return fitted, {n: padding(served.per_batch, c_max, n) for n in _bucket_candidates(max_buckets)}
+    return fitted, {n: padding(own.per_batch, c_max, n) for n in _bucket_candidates(max_buckets)}
