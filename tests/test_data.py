@@ -133,6 +133,17 @@ def test_stdlib_text_is_tokenized_once_per_tokenizer_and_read_only():
     assert first.windows(16, 4)[0].shape == (4, 16) and first.dataset(16, 2).batch(0).shape == (2, 16)
 
 
+def test_tokenize_is_each_documents_tokens_then_eos_in_order_across_chunks():
+    from radial_jax.data.corpus import tokenize
+    tok = offline_tokenizer()
+    docs = embedded_corpus()[:7]
+    plain = []  # one document at a time, written differently
+    for doc in docs:
+        plain += tok.encode(doc, add_special_tokens=False) + [tok.eos_token_id]
+    np.testing.assert_array_equal(tokenize(docs, tok, chunk=3), np.asarray(plain, np.int32))  # 3 + 3 + 1
+    assert tokenize([], tok).shape == (0,)
+
+
 def test_stdlib_split_refuses_a_fraction_outside_0_1():
     from radial_jax.data.stdlib import stdlib_split
     for bad in (0, 1, -0.1, 1.5):

@@ -113,13 +113,15 @@ def load_text_source(source: str = "embedded", tokenizer=None):
     return read_text_files(source), tokenizer or offline_tokenizer()
 
 
-def tokenize(documents: Sequence[str], tokenizer) -> np.ndarray:
-    """One token stream, documents separated by EOS (no BOS: windows add their own)."""
-    ids: List[int] = []
-    for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    return np.asarray(ids, np.int32)
+def tokenize(documents: Sequence[str], tokenizer, chunk: int = 256) -> np.ndarray:
+    """One token stream, documents separated by EOS (no BOS: windows add their own). Documents go to the
+    tokenizer ``chunk`` at a time: a fast tokenizer encodes a list in parallel (about twice as fast here)."""
+    eos = np.asarray([tokenizer.eos_token_id], np.int32)
+    pieces: List[np.ndarray] = []
+    for start in range(0, len(documents), chunk):
+        for ids in tokenizer(list(documents[start:start + chunk]), add_special_tokens=False)["input_ids"]:
+            pieces += [np.asarray(ids, np.int32), eos]
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
 
 
 def perplexity_windows(tokens: np.ndarray, window: int, stride: Optional[int] = None):

@@ -59,7 +59,11 @@ class RouteFacts:
 
 def route_facts(model, windows, batch_size: int, slacks=None) -> RouteFacts:
     """The one pass over ``windows`` that counts a network's routes: one forward per batch (``RouteFacts``);
-    ``slacks``: those to fit the budget fraction for (default: the network's own)."""
+    ``slacks``: those to fit the budget fraction for (default: the network's own).
+
+    The forward runs at one static size (``prefill_buckets=1``): the budget, not the sizes, decides who is
+    admitted (the sizes only pad), and one size compiles several times faster than a switch over many."""
+    model = model.replace(prefill_buckets=1)
     slack_k = jnp.asarray((model.radial.capacity_slack,) if slacks is None else slacks, jnp.float32)
     L = model.config.num_layers
 
