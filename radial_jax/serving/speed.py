@@ -13,8 +13,10 @@ interleaved (``radial_jax.reporting.timing``), on the same text:
   ones ``generate`` runs at every step, in one compiled loop.
 
 One prefill program per model, then, and one decode loop per model and batch size: what
-compiles is what is timed. ``compile_s`` reports the seconds each took to compile (or to read
-from JAX's compilation cache): the price of a served network's static sizes. Speed-ups are teacher time / student time per round (median and
+compiles is what is timed, and every program is compiled before the timing starts, two at
+a time on 2 cores (``reporting.timing.compile_in_parallel``). ``compile_s`` reports the
+seconds each took to compile (or to read from JAX's compilation cache): the price of a
+served network's static sizes. Speed-ups are teacher time / student time per round (median and
 spread). What a student executes per decoded token (depth, FLOPs) comes from the same timed
 steps. On a small model the fixed costs of routing (router, dispatch, branch selection)
 weigh more than on a large one; the numbers say what they say on the machine they were
@@ -22,14 +24,13 @@ measured on.
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.reporting.timing import interleave, ratio
+from radial_jax.reporting.timing import compile_in_parallel, interleave, ratio
 from radial_jax.serving.decoding import decode_loop, greedy, prefill
 
 
@@ -46,29 +47,32 @@ def prefill_program(bundle, batch: int, max_len: int, *, with_params: bool = Fal
     return run
 
 
-def timed_decode(bundle, prompts_bt, feed_bn, *, record: Sequence[str] = ("depth", "flops"),
-                 compute_logits: bool = True, max_len: Optional[int] = None, start=None):
-    """A timed callable: ``n`` teacher-forced decode steps of ``bundle`` (its ``decoding()`` through
-    ``serving.decoding.decode_loop``, what ``generate`` runs) over the cache its prefill of ``prompts_bt``
-    left, fed ``feed_bn [b, n]``. Calling it returns the loop's records ``[n, ...]``: ``"token"`` (each
-    step's argmax, an output so that XLA cannot drop the work) and the step stats named in ``record``.
-    ``compute_logits=False``: the layer stack alone (no head). ``max_len``: the cache's slots (default
-    ``t + n``, what the steps need). ``start``: ``(params, cache)`` to decode from, the params in the decoding
-    layout and the cache of these prompts (e.g. ``Decoding.first_rows`` of a larger prefill); by default the
-    prefill runs once, here, untimed."""
+def decode_program(bundle, batch: int, prompt_len: int, steps: int, *, record: Sequence[str] = ("depth", "flops"),
+                   compute_logits: bool = True):
+    """``jit``: ``(params, cache, feed [batch, steps]) -> records``: ``steps`` teacher-forced decode steps of
+    ``bundle`` (its ``decoding()`` through ``serving.decoding.decode_loop``, what ``generate`` runs) after
+    prompts of ``prompt_len`` tokens, over their prefill's cache; the params in the decoding layout. The
+    records ``[steps, ...]``: ``"token"`` (each step's argmax, an output so that XLA cannot drop the work) and
+    the step stats named in ``record``. ``compute_logits=False``: the layer stack alone (no head)."""
     dec = bundle.decoding()
-    (b, t), n = prompts_bt.shape, feed_bn.shape[1]
 
     @jax.jit
     def loop(params, cache, feed_bn):
-        return decode_loop(dec, params, cache, None, jnp.full((b,), t, jnp.int32), jnp.zeros((b,), bool), steps=n,
-                           choose=greedy, feed_bn=feed_bn, record=tuple(record), compute_logits=compute_logits)[1]
+        return decode_loop(dec, params, cache, None, jnp.full((batch,), prompt_len, jnp.int32),
+                           jnp.zeros((batch,), bool), steps=steps, choose=greedy, feed_bn=feed_bn,
+                           record=tuple(record), compute_logits=compute_logits)[1]
+    return loop
 
-    if start is None:
-        _, cache, params = prefill_program(bundle, b, max_len or t + n, with_params=True)(
-            bundle.params, jnp.asarray(prompts_bt, jnp.int32))
-    else:
-        params, cache = start
+
+def timed_decode(bundle, prompts_bt, feed_bn, *, record: Sequence[str] = ("depth", "flops"),
+                 compute_logits: bool = True, max_len: Optional[int] = None):
+    """A timed callable: ``decode_program`` of ``bundle`` fed ``feed_bn [b, n]`` after its prefill of
+    ``prompts_bt`` (run once, here, untimed); calling it returns the records. ``max_len``: the cache's slots
+    (default ``t + n``, what the steps need)."""
+    (b, t), n = prompts_bt.shape, feed_bn.shape[1]
+    loop = decode_program(bundle, b, t, n, record=record, compute_logits=compute_logits)
+    _, cache, params = prefill_program(bundle, b, max_len or t + n, with_params=True)(
+        bundle.params, jnp.asarray(prompts_bt, jnp.int32))
     feed = jnp.asarray(feed_bn, jnp.int32)
     return lambda: loop(params, cache, feed)
 
@@ -99,21 +103,29 @@ def serving_speed(teacher, students: Dict[str, object], windows: np.ndarray, *, 
     served = {"teacher": teacher.with_layout("per_layer"),
               **{name: s.with_layout("per_layer") for name, s in students.items()}}
     ids = jnp.asarray(prompts[:batch], jnp.int32)
-    prefills, decodes, compile_s = {}, {}, {}
-    for name, model in served.items():  # one prefill program per model; its cache starts every decode
-        t0 = time.perf_counter()
-        run = prefill_program(model, batch, prompt_len + new_tokens).lower(model.params, ids).compile()
-        compile_s[name] = {"prefill": time.perf_counter() - t0}
+    feeds = {b: jnp.asarray(feed[:b], jnp.int32) for b in batch_sizes}
+    # every program lowered from shapes, then all compiled at once (the largest batch's decode loops first)
+    lowered, start = {}, {}
+    for name, model in served.items():
+        run = prefill_program(model, batch, prompt_len + new_tokens)
+        lowered[(name, "prefill")] = run.lower(model.params, ids)
+        cache = jax.eval_shape(run, model.params, ids)[1]
+        for b in batch_sizes:
+            rows = jax.eval_shape(lambda c, b=b: model.decoding().first_rows(c, b), cache)
+            loop = decode_program(model, b, prompt_len, new_tokens)
+            lowered[(name, f"decode_b{b}")] = loop.lower(model.params, rows, feeds[b])
+    order = sorted(lowered, key=lambda key: key[1] == "prefill" or -int(key[1][len("decode_b"):]))
+    compiled, seconds = compile_in_parallel({key: lowered[key] for key in order})
+    prefills, decodes = {}, {name: {} for name in served}
+    for name, model in served.items():  # one prefill per model; its cache starts every decode
+        run = compiled[(name, "prefill")]
         _, cache = run(model.params, ids)
         prefills[name] = lambda run=run, params=model.params: run(params, ids)
-        first_rows = model.decoding().first_rows
-        decodes[name] = {b: timed_decode(model, prompts[:b], feed[:b], start=(model.params, first_rows(cache, b)))
-                         for b in batch_sizes}
-        for b, fn in decodes[name].items():  # the first call compiles (or reads the compilation cache)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            compile_s[name][f"decode_b{b}_first_call"] = time.perf_counter() - t0
-    result["compile_s"] = compile_s
+        for b in batch_sizes:
+            rows = model.decoding().first_rows(cache, b)
+            loop = compiled[(name, f"decode_b{b}")]
+            decodes[name][b] = lambda loop=loop, params=model.params, rows=rows, b=b: loop(params, rows, feeds[b])
+    result["compile_s"] = {name: {what: seconds[(n, what)] for n, what in seconds if n == name} for name in served}
     for name in students:
         row = {}
         sides = {"teacher": prefills["teacher"], "student": prefills[name]}
