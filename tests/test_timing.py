@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radial_jax.reporting.timing import compile_in_parallel, interleave, ratio
+from radial_jax.reporting.timing import CompileAhead, compile_in_parallel, interleave, ratio
 
 
 def test_interleave_warms_up_then_alternates_the_sides_round_by_round():
@@ -26,3 +26,16 @@ def test_programs_compiled_in_parallel_compute_what_jit_computes():
     for key, f in fns.items():
         np.testing.assert_allclose(np.asarray(compiled[key](x)), np.asarray(f(x)), rtol=1e-6)
         assert seconds[key] > 0
+
+
+def test_compile_ahead_fills_the_jit_cache_the_callers_later_calls_hit_and_reraises_failures():
+    x = jnp.ones((2, 3))
+    double = jax.jit(lambda a: a * 2)
+    with CompileAhead([(double, (x,))]):
+        pass
+    assert double._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(double(x)), 2 * np.ones((2, 3)))
+    assert double._cache_size() == 1  # the later call found it compiled
+    bad = jax.jit(lambda a: a @ a)  # [2, 3] @ [2, 3]: a shape error
+    with pytest.raises(TypeError, match="dot_general"):
+        CompileAhead([(bad, (x,))]).wait()

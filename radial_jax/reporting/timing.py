@@ -66,3 +66,25 @@ def compile_in_parallel(lowered: dict, workers: Optional[int] = None) -> Tuple[d
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         done = list(pool.map(compile_one, lowered.items()))
     return {key: exe for key, exe, _ in done}, {key: seconds for key, _, seconds in done}
+
+
+class CompileAhead:
+    """Compile while other work runs: each ``(jitted, args)`` of ``calls`` is called once on a pool of
+    ``workers`` threads (default: the CPU count), which compiles it into its ``jit`` cache; the caller's own
+    calls with arguments of those shapes and dtypes then find it compiled. ``wait()`` (or leaving a ``with``
+    block) waits for them and raises what a call raised."""
+
+    def __init__(self, calls, workers: Optional[int] = None):
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self._futures = [self._pool.submit(lambda f=f, a=a: block(f(*a))) for f, a in calls]
+
+    def wait(self) -> None:
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.wait()

@@ -39,6 +39,7 @@ from radial_jax.models.flops import dense_flops, head_flops
 from radial_jax.models.perplexity import TokenWeighted, token_nll
 from radial_jax.radial.router import with_keep_offset
 from radial_jax.radial.stats import RouteStats
+from radial_jax.reporting.timing import CompileAhead
 from radial_jax.reporting.files import atomic_write_json, figure, save_figure
 
 DEFAULT_THRESHOLDS = D.EVAL_THRESHOLDS
@@ -175,16 +176,20 @@ def evaluate(students, teacher, windows, *, thresholds=DEFAULT_THRESHOLDS, offse
             raise ValueError(f"student {name!r} and the teacher must share the architecture (layers, vocabulary)")
     first = next(iter(named.values()))
     bar = tqdm(total=3 + 2 * len(named), desc="eval", disable=not progress)
+    fns = {name: _radial_fn(student) for name, student in named.items()}  # one compile per student, started
+    ids = next(iter(window_batches(windows, batch_size)))  # now, while the teacher and the oracles run
+    ahead = CompileAhead([(fns[name], (s.params, ids, jnp.float32(0.0))) for name, s in named.items()])
     teacher_row = teacher_stats(teacher, windows, batch_size); bar.update()
     oracle = layer_oracle_curve(first, teacher, windows, thresholds, batch_size, progress); bar.update()
     blocks = block_oracle_curve(teacher, windows, thresholds, batch_size, progress); bar.update()
+    ahead.wait()
     head = head_flops(teacher.config, 1)
     dense = dense_flops(teacher.config, 1, windows.shape[1], with_head=False)
     rows = {}
     for name, student in named.items():
         L, S = student.config.num_layers, student.radial.steps(student.config.num_layers)
         routes = RouteStats(L, S)
-        fn = _radial_fn(student)  # one compile for the student's point and its offset curve
+        fn = fns[name]  # one compile for the student's point and its offset curve
         point = radial_stats(student, student.params, windows, batch_size, fn=fn, routes=routes, keep_windows=True)
         bar.update()
         curve = student_offset_curve(student, windows, offsets, batch_size, progress, fn=fn); bar.update()
