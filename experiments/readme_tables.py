@@ -26,12 +26,14 @@ RESULTS_PAGE = "docs/results.md"
 
 # The figures a reader of the README needs first, as (results file, figure key): what routing gains or loses
 # against the simplest alternatives on the real model and on the toy, whether depth pays on the toy, and
-# what the machinery costs or saves when serving. Every other figure is in docs/results.md.
+# what the machinery costs or saves when serving, and how long the README's first command takes. Every other
+# figure is in docs/results.md.
 HEADLINES = (
     ("real_gemma_longer.json", "real_student_0_vs_adapted_static_drop"),
     ("reuse_probe_gemma.json", "reuse_probe_17_adapted"),
     ("depth_pays.json", "depth_pays_6000"),
     ("pipeline.json", "pipeline_ordered_vs_half"),
+    ("pipeline.json", "pipeline_seconds"),
     ("radial_vs_ordered.json", "radial_vs_ordered"),
     ("joint_recipes_6000.json", "joint_looped_fresh_kv_vs_half_6000"),
     ("bench_radial_125m.json", "prefill_radial_fit_d50"),
