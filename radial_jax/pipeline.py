@@ -308,7 +308,7 @@ def write_figures(summary: dict, path) -> None:
                 figs.append(figure(f"pipeline_{name}_{key}", f"pipeline: {name} student {label} vs teacher",
                                             s["speed"][key], unit="x"))
     timings = summary["timings_s"]
-    figs.append(figure("pipeline_seconds", "pipeline: wall-clock seconds of this run", timings["total_s"], unit="s",
+    figs.append(figure("pipeline_seconds", "pipeline: wall-clock seconds of this run", timings["total_s"], unit=" s",
                        target="<= 360 (a fresh clone)", met=timings["total_s"] <= 360,
                        note=f"{summary['compile_cache_programs_at_start']} programs in the compilation cache and "
                             f"{len(summary['stages_done_at_start'])} stages done at the start (0 and 0: a fresh "
