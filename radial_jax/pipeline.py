@@ -205,11 +205,12 @@ def run_pipeline(args) -> int:
         timings["fit_capacity_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         eval_json = out / "distill" / "eval.json"
-        if not _done(eval_json) or "window_nll" not in json.loads(eval_json.read_text())["teacher"]:  # or older
+        evaluation = json.loads(eval_json.read_text()) if _done(eval_json) else {}
+        if "window_nll" not in evaluation.get("teacher", {}):  # not evaluated yet, or by an older version
             from radial_jax.training.evaluate import evaluate
             evaluate(students, teacher, full, batch_size=min(args.batch_size, len(full)), png=out / "distill" / "curve.png",
                      out_json=eval_json, routes_png=out / "distill")
-        evaluation = json.loads(eval_json.read_text())
+            evaluation = json.loads(eval_json.read_text())
         timings["evaluate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if args.serve_repeats > 0:

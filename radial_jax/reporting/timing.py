@@ -52,6 +52,10 @@ def rate(rounds: Dict[str, List[float]], side: str, work: float) -> dict:
     return summary([work / s for s in rounds[side]])
 
 
+def _threads(workers: Optional[int]) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+
+
 def compile_in_parallel(lowered: dict, workers: Optional[int] = None) -> Tuple[dict, dict]:
     """``(executables, seconds)``: each of ``lowered`` (``{key: jax.jit(f).lower(...)}``) compiled on a pool of
     ``workers`` threads (default: the CPU count). XLA compiles with the GIL released and mostly on one core,
@@ -63,7 +67,7 @@ def compile_in_parallel(lowered: dict, workers: Optional[int] = None) -> Tuple[d
         t0 = time.perf_counter()
         return key, low.compile(), time.perf_counter() - t0
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with _threads(workers) as pool:
         done = list(pool.map(compile_one, lowered.items()))
     return {key: exe for key, exe, _ in done}, {key: seconds for key, _, seconds in done}
 
@@ -75,7 +79,7 @@ class CompileAhead:
     block) waits for them and raises what a call raised."""
 
     def __init__(self, calls, workers: Optional[int] = None):
-        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self._pool = _threads(workers)
         self._futures = [self._pool.submit(lambda f=f, a=a: block(f(*a))) for f, a in calls]
 
     def wait(self) -> None:

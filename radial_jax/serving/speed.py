@@ -104,28 +104,30 @@ def serving_speed(teacher, students: Dict[str, object], windows: np.ndarray, *, 
               **{name: s.with_layout("per_layer") for name, s in students.items()}}
     ids = jnp.asarray(prompts[:batch], jnp.int32)
     feeds = {b: jnp.asarray(feed[:b], jnp.int32) for b in batch_sizes}
-    # every program lowered from shapes, then all compiled at once (the largest batch's decode loops first)
-    lowered, start = {}, {}
+    # every program lowered (the decode loops from the prefill's output shapes), then all compiled at once,
+    # the largest batch's decode loops first: keys (model, "prefill" or "decode", batch)
+    lowered = {}
     for name, model in served.items():
-        run = prefill_program(model, batch, prompt_len + new_tokens)
-        lowered[(name, "prefill")] = run.lower(model.params, ids)
-        cache = jax.eval_shape(run, model.params, ids)[1]
+        prefill_key = (name, "prefill", batch)
+        lowered[prefill_key] = prefill_program(model, batch, prompt_len + new_tokens).lower(model.params, ids)
+        cache = lowered[prefill_key].out_info[1]
         for b in batch_sizes:
             rows = jax.eval_shape(lambda c, b=b: model.decoding().first_rows(c, b), cache)
             loop = decode_program(model, b, prompt_len, new_tokens)
-            lowered[(name, f"decode_b{b}")] = loop.lower(model.params, rows, feeds[b])
-    order = sorted(lowered, key=lambda key: key[1] == "prefill" or -int(key[1][len("decode_b"):]))
+            lowered[(name, "decode", b)] = loop.lower(model.params, rows, feeds[b])
+    order = sorted(lowered, key=lambda key: (key[1] == "prefill", -key[2]))
     compiled, seconds = compile_in_parallel({key: lowered[key] for key in order})
     prefills, decodes = {}, {name: {} for name in served}
     for name, model in served.items():  # one prefill per model; its cache starts every decode
-        run = compiled[(name, "prefill")]
+        run = compiled[(name, "prefill", batch)]
         _, cache = run(model.params, ids)
         prefills[name] = lambda run=run, params=model.params: run(params, ids)
         for b in batch_sizes:
             rows = model.decoding().first_rows(cache, b)
-            loop = compiled[(name, f"decode_b{b}")]
+            loop = compiled[(name, "decode", b)]
             decodes[name][b] = lambda loop=loop, params=model.params, rows=rows, b=b: loop(params, rows, feeds[b])
-    result["compile_s"] = {name: {what: seconds[(n, what)] for n, what in seconds if n == name} for name in served}
+    result["compile_s"] = {name: {(what if what == "prefill" else f"decode_b{b}"): sec
+                                  for (n, what, b), sec in seconds.items() if n == name} for name in served}
     for name in students:
         row = {}
         sides = {"teacher": prefills["teacher"], "student": prefills[name]}
