@@ -295,6 +295,12 @@ def fit_capacity_out_of_vocabulary(env):
     return lambda: rm.fit_capacity(_ids() + 200)
 
 
+def serving_speed_student_named_teacher(env):
+    from radial_jax.serving.speed import serving_speed
+    m = env.model()
+    return lambda: serving_speed(m, {"teacher": _routed(env)}, _ids(8, 6), prompt_len=4, new_tokens=2)
+
+
 def profile_of_padding_only(env):
     m = env.model()
     return lambda: rj.profile(m, [(_ids(), np.zeros((2, 5), bool))])
@@ -450,6 +456,8 @@ CASES = [
     ("generate max_new_tokens=0", generate_zero_new_tokens, ValueError, ["max_new_tokens", ">= 1"]),
     ("sampling without rng", generate_sampling_without_rng, ValueError, ["rng"]),
     ("fit_capacity batch_size=0", fit_capacity_batch_zero, ValueError, ["batch_size", ">= 1", "got 0"]),
+    ("serving_speed student named 'teacher'", serving_speed_student_named_teacher, ValueError,
+     ["may not be named 'teacher'", r"\['teacher'\]"]),
     ("fit_capacity on out-of-vocabulary ids", fit_capacity_out_of_vocabulary, ValueError, [r"\[0, 96\)"]),
     ("profile of padding only", profile_of_padding_only, ValueError, ["no token to profile", "all 0"]),
     ("simulate with thresholds as text", simulate_with_text_thresholds, ValueError,

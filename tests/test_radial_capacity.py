@@ -112,6 +112,11 @@ def test_fitted_buckets_are_the_fewest_whose_served_sizes_pad_the_loads_within_t
     limit = (served[fall] + served[2 * fall]) / 2
     fitted = routed.fit_capacity(windows, batch_size=n_windows, max_padding=limit)
     assert fitted.radial.prefill_buckets == 2 * fall
+    # the padding it reports for each bucket count tried is what the served network pads
+    again, pads = routed.fit_capacity(windows, batch_size=n_windows, max_padding=limit, return_padding=True)
+    assert again.radial == fitted.radial and list(pads) == [1, 2, 4, 8, 16, 32]
+    for n in candidates:
+        assert pads[n] == pytest.approx(served[n], abs=1e-12)
     assert (fitted.radial.capacity_factor, fitted.radial.capacity_slack) == (net.radial.capacity_factor,
                                                                              net.radial.capacity_slack)
     capped = routed.fit_capacity(windows, batch_size=n_windows, max_padding=limit, max_buckets=fall)
