@@ -179,12 +179,66 @@ def test_attention_implementations_equal_numpy(impl, features, monkeypatch):
         assert np.all(np.asarray(got)[0, 1] == 0)  # sees nothing -> zeros
 
 
+def prompt_case(seed=0, b=3, nq=7, nk=9, h=4, g=2, d=8):
+    """Queries at slots ``0 .. nq - 1`` of a longer memory: causal, a window, padding, a row that sees nothing."""
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.normal(size=(b, nq, h, d)), rng.normal(size=(b, g, nk, d)), rng.normal(size=(b, g, nk, d))
+    i, j = np.arange(nq)[:, None], np.arange(nk)[None, :]
+    mask = np.broadcast_to((j <= i) & (i - j < 4), (b, nq, nk)).copy()
+    mask[1, :, 5:] = False  # row 1: a 5-token prompt, right-padded
+    mask[2, 3] = False  # a query that sees nothing
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_causal_blocks_equal_numpy_and_reference_gradient(softcap, monkeypatch):
+    # blocks of 3 queries (the last one short), 4 rows of scores per iteration: lax.map's remainder runs too
+    monkeypatch.setattr(attention_mod, "BLOCK", 3)
+    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 3 * 2 * 7 * 4)
+    q, k, v, mask = prompt_case()
+    scale = 0.3
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)] + [jnp.asarray(mask)]
+
+    def run(impl, *a):
+        return attend(*a, scale=scale, softcap=softcap, causal_blocks=True, implementation=impl)
+
+    got = jax.jit(lambda *a: run("causal_blocks", *a))(*args)
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, mask, scale, softcap), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(got)[2, 3] == 0)  # sees nothing -> zeros
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=got.shape), jnp.float32)
+
+    def grads(impl):
+        return jax.grad(lambda q, k, v: jnp.sum(run(impl, q, k, v, args[3]) * cotangent), argnums=(0, 1, 2))(*args[:3])
+
+    for g_blocks, g_ref in zip(grads("causal_blocks"), grads("reference")):
+        np.testing.assert_allclose(np.asarray(g_blocks), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_blocks_refuse_what_breaks_their_promise():
+    q, k, v, mask = (jnp.asarray(a) for a in prompt_case())
+    with pytest.raises(ValueError, match="causal_blocks=True"):
+        attend(q, k, v, mask, implementation="causal_blocks")  # no promise
+    with pytest.raises(ValueError, match="at least as many slots as queries"):
+        attend(q, k[:, :, :5], v[:, :, :5], mask[..., :5], causal_blocks=True, implementation="causal_blocks")
+    with pytest.raises(ValueError, match="no self_kv"):
+        attend(q, k, v, mask, causal_blocks=True, self_kv=(k[:, 0, :7, None], v[:, 0, :7, None]),
+               implementation="causal_blocks")
+
+
 def test_attention_choice_per_backend():
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert choose_implementation(64, 64, f32, backend="cpu") == "xla"
     assert choose_implementation(64, 64, f32, softcap=5.0, backend="cpu") == "reference"
     assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
     assert choose_implementation(8192, 8192, f32, backend="cpu") == "xla"  # CPU: scores per layer are fine
+    blocks = attention_mod.BLOCK
+    assert choose_implementation(blocks + 1, 512, f32, causal_blocks=True, backend="cpu") == "causal_blocks"
+    assert choose_implementation(blocks + 1, 512, bf16, softcap=5.0, causal_blocks=True, backend="cpu") == \
+        "causal_blocks"  # computes in float32, as the reference does
+    assert choose_implementation(blocks, 512, f32, causal_blocks=True, backend="cpu") == "xla"  # one block
+    assert choose_implementation(blocks + 1, 512, f32, self_kv=True, causal_blocks=True, backend="cpu") == \
+        "reference"
+    assert choose_implementation(4096, 4096, bf16, causal_blocks=True, backend="gpu") == "cudnn"
     assert choose_implementation(4096, 4096, bf16, backend="gpu") == "cudnn"
     assert choose_implementation(4096, 4096, bf16, head_dim=256, backend="gpu") == "chunked"  # Gemma's 256
     assert choose_implementation(1, 4096, bf16, backend="gpu") == "xla"  # decode step: one query
@@ -192,7 +246,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(4096, 4096, bf16, softcap=50.0, backend="gpu") == "chunked"
     assert choose_implementation(4096, 4096, bf16, backend="tpu") == "chunked"
     assert choose_implementation(256, 256, bf16, self_kv=True, backend="tpu") == "reference"
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "reference"}
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "causal_blocks", "reference"}
     with pytest.raises(ValueError, match="unknown"):
         attend(jnp.zeros((1, 1, 2, 4)), jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 3, 4)), jnp.ones((1, 1, 3), bool),
                implementation="flash")

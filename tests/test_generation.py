@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import radial_jax as rj
 from conftest import OPT_BASE, OPT_VARIANTS, perturb_
+from radial_jax.models import attention as attention_mod
 from radial_jax.serving.generation import sample_logits, warp_logits
 
 PAD = OPT_BASE["pad_token_id"]
@@ -99,6 +100,31 @@ def test_all_rows_stopping_ends_the_loop(lively_opt_dir):
     out = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[int(t) for t in first], return_output=True)
     assert out.finished.all() and (out.num_new == 1).all()
     assert (out.new_tokens[:, 1:] == PAD).all()
+
+
+def test_prompts_attended_in_causal_blocks_match_transformers(lively_opt_dir, monkeypatch):
+    """Prefill and the parallel forward with queries in blocks of 2 (the CPU's path for long prompts)."""
+    traced = []
+    blocks = attention_mod._causal_blocks
+    monkeypatch.setattr(attention_mod, "BLOCK", 2)
+    monkeypatch.setattr(attention_mod, "_causal_blocks", lambda *a: traced.append(a[0].shape) or blocks(*a))
+    jax.clear_caches()  # programs traced with the default block size must not be reused
+    try:
+        ids, mask = padded_prompts(LENGTHS)
+        model = rj.load(lively_opt_dir)
+        ours = model.generate(ids, mask, max_new_tokens=NEW)
+        assert traced, "generate's prefill did not attend in causal blocks"
+        assert_same_as_hf(ours, hf_generate(lively_opt_dir, ids, mask, max_new_tokens=NEW))
+        traced.clear()
+        logits = np.asarray(model(ids, mask))
+        assert traced, "the parallel forward did not attend in causal blocks"
+        ref = AutoModelForCausalLM.from_pretrained(lively_opt_dir).eval()
+        with torch.no_grad():
+            want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        real = mask.astype(bool)
+        np.testing.assert_allclose(logits[real], want[real], atol=1e-4, rtol=1e-4)
+    finally:
+        jax.clear_caches()
 
 
 # ------------------------------------------------------------------ cached decode == parallel forward

@@ -14,6 +14,9 @@ Call modes of ``__call__``:
   slots (causal order) are the indices.
 * cached (``cache`` given): ``positions_bt`` are the cache slots (right padding);
   K/V are written into the global cache and keys read from it. Used by generation.
+  ``prefill=True`` says the tokens are a right-padded prompt filling slots ``0 .. t - 1``
+  (positions are then the slots, and not passed): its causal attention skips, per block
+  of queries, the slots after the block.
 """
 from __future__ import annotations
 
@@ -164,13 +167,20 @@ class CausalLM(nn.Module):
 
     def __call__(self, input_ids_bt, attention_mask_bt=None, *, positions_bt=None, cache: Optional[KVCache] = None,
                  threshold=None, ratio_kind: str = "out", compute_logits: bool = True,
-                 embeddings_only: bool = False) -> ModelOutput:
+                 embeddings_only: bool = False, prefill: bool = False) -> ModelOutput:
         c = self.config
         b, t = input_ids_bt.shape
         valid = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        if positions_bt is None:
+        if prefill and (cache is None or positions_bt is not None):
+            raise ValueError("prefill=True fills a cache from slot 0: pass cache=, and no positions_bt "
+                             "(they are the slots 0 .. t - 1)")
+        slots_from_zero = positions_bt is None  # slots are 0 .. t - 1 in every row
+        if prefill:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            slots = positions_bt
+        elif positions_bt is None:
             if cache is not None:
-                raise ValueError("cached calls need explicit positions_bt (the cache slots)")
+                raise ValueError("cached calls need explicit positions_bt (the cache slots), or prefill=True")
             positions_bt = hf_positions(valid)
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
@@ -179,6 +189,7 @@ class CausalLM(nn.Module):
         if embeddings_only:  # the residual stream entering layer 0 (layer-by-layer streaming)
             return x
         x, stats, cache = run_pool(c.layer_config(), self.dtype, self.layers, c.layer_meta(), x, positions_bt, slots,
-                                   valid, causal=True, cache=cache, threshold=threshold, ratio_kind=ratio_kind)
+                                   valid, causal=True, cache=cache, threshold=threshold, ratio_kind=ratio_kind,
+                                   slots_from_zero=slots_from_zero)
         out = self.head(x, compute_logits)
         return ModelOutput(logits=out.logits, hidden=out.hidden, stats=stats, cache=cache)

@@ -185,9 +185,10 @@ def dense(features, use_bias, axes, dtype, name):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
-def attention(c: LayerConfig, q_bqhd, k_bgkd, v_bgkd, mask_bqk, self_kv=None):
+def attention(c: LayerConfig, q_bqhd, k_bgkd, v_bgkd, mask_bqk, self_kv=None, causal_blocks: bool = False):
     """``radial_jax.models.attention.attend`` with this layer's scale and soft-cap (keys ``[b, g, k, d]``)."""
-    return attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale=c.attn_scale, softcap=c.attn_softcap, self_kv=self_kv)
+    return attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale=c.attn_scale, softcap=c.attn_softcap, self_kv=self_kv,
+                  causal_blocks=causal_blocks)
 
 
 class TransformerLayer(nn.Module):
@@ -302,8 +303,14 @@ class TransformerLayer(nn.Module):
                 y = jnp.where(stats.keep[..., None], y, x)
         return y, stats
 
-    def __call__(self, x_bte, mask_btt, positions_bt=None, rope_index=0, threshold=None, ratio_kind: str = "out"):
-        """Plain self-attention over ``x`` itself (no cache); ``mask[b, i, j]``: i sees j."""
+    def __call__(self, x_bte, mask_btt, positions_bt=None, rope_index=0, threshold=None, ratio_kind: str = "out",
+                 causal_blocks: bool = False):
+        """Plain self-attention over ``x`` itself (no cache); ``mask[b, i, j]``: i sees j.
+
+        ``causal_blocks``: token ``i`` of each row is at slot ``i`` and the mask is causal
+        (``attention.attend``'s promise).
+        """
         q, k_btgd, v_btgd = self.qkv(x_bte, positions_bt, rope_index)
         k, v = (jnp.swapaxes(a, 1, 2) for a in (k_btgd, v_btgd))  # heads first, as in the KV cache
-        return self.finish(x_bte, attention(self.config, q, k, v, mask_btt), threshold, ratio_kind)
+        ctx = attention(self.config, q, k, v, mask_btt, causal_blocks=causal_blocks)
+        return self.finish(x_bte, ctx, threshold, ratio_kind)

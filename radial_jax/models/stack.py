@@ -119,19 +119,20 @@ def stack_pool(pool):
 
 
 def layer_forward(layer_cfg: LayerConfig, dtype, params_l, meta_l, x_bte, positions_bt, slots_bt, valid_bt, *,
-                  causal: bool, threshold=None, ratio_kind: str = "out"):
+                  causal: bool, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False):
     """One layer on a whole sequence with plain self-attention (no cache): ``(y, LayerStats)``.
 
     The body of the sequential stack without a cache; the streaming profiler and
-    the oracle's probe run exactly this.
+    the oracle's probe run exactly this. ``slots_from_zero``: see ``run_pool``.
     """
     layer = TransformerLayer(layer_cfg, dtype, parent=None)  # applied functionally, not a submodule
     mask = sequence_mask(slots_bt, valid_bt, causal=causal, window=meta_l["window"])
-    return layer.apply({"params": params_l}, x_bte, mask, positions_bt, meta_l["rope"], threshold, ratio_kind)
+    return layer.apply({"params": params_l}, x_bte, mask, positions_bt, meta_l["rope"], threshold, ratio_kind,
+                       causal and slots_from_zero)
 
 
 def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, positions_bt, slots_bt, valid_bt, *,
-             causal: bool, cache=None, threshold=None, ratio_kind: str = "out"):
+             causal: bool, cache=None, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False):
     """Apply the ``L`` layers of the pool in order (the sequential model).
 
     Args:
@@ -146,6 +147,9 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
         pool only) a tuple of ``L`` single-layer caches (``kv_cache.split_layers``), whose
         layers are then read and written in place.
       threshold: optional oracle threshold (see ``TransformerLayer.finish``).
+      slots_from_zero: the caller's promise that ``slots_bt`` is ``0 .. t - 1`` in every row (a
+        prompt, or a sequence without a cache): causal attention then skips, per block of
+        queries, the slots after the block (``attention.attend``'s ``causal_blocks``).
 
     Returns:
       ``(y_bte, stats, cache)``: stats is a ``LayerStats`` with leaves ``[L, b, t]``.
@@ -160,14 +164,15 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
         """Layer ``l`` (traced or int); ``cache``: the stacked cache, or layer ``l``'s own (index 0)."""
         if cache is None:
             return (*layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,
-                                   causal=causal, threshold=threshold, ratio_kind=ratio_kind), None)
+                                   causal=causal, threshold=threshold, ratio_kind=ratio_kind,
+                                   slots_from_zero=slots_from_zero), None)
         q, k, v = layer.apply({"params": params_l}, x, positions_bt, meta_l["rope"], method="qkv")
         rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
         at = 0 if per_layer_cache else l
         cache = write_first_visit(cache, at, rows, slots_bt, k, v, valid_bt, l)
         kc, vc, wc = cache.layer(at)
         mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
-        ctx = attention(layer_cfg, q, kc, vc, mask)
+        ctx = attention(layer_cfg, q, kc, vc, mask, causal_blocks=causal and slots_from_zero)
         y, stats = layer.apply({"params": params_l}, x, ctx, threshold, ratio_kind, method="finish")
         return y, stats, cache
 

@@ -68,9 +68,7 @@ def sequential_decoding(module) -> Decoding:
 
     def forward(params, ids_bt, valid_bt, cache):
         b, t = ids_bt.shape
-        slots_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = module.apply({"params": params}, ids_bt, valid_bt, positions_bt=slots_bt, cache=cache,
-                           compute_logits=False)
+        out = module.apply({"params": params}, ids_bt, valid_bt, cache=cache, prefill=True, compute_logits=False)
         flops = dense_flops(config, b * t, cache_max_len(cache), with_head=False)
         return out.hidden, out.cache, {"depth": jnp.full((b, t), L, jnp.int32), "flops": jnp.float32(flops)}
 
