@@ -280,6 +280,20 @@ def generate_sampling_without_rng(env):
     return lambda: m.generate(_ids(), max_new_tokens=2, do_sample=True)
 
 
+def prefill_with_positions(env):
+    m = env.model()
+    cache = m.module.init_cache(2, 8)
+    ids = np.asarray(_ids())
+    return lambda: m.module.apply({"params": m.params}, ids, cache=cache, prefill=True,
+                                  positions_bt=np.zeros(ids.shape, np.int32))
+
+
+def cached_call_without_positions(env):
+    m = env.model()
+    ids = np.asarray(_ids())
+    return lambda: m.module.apply({"params": m.params}, ids, cache=m.module.init_cache(ids.shape[0], 8))
+
+
 def _routed(env):
     from radial_jax.radial import RadialModel
     return RadialModel.from_sequential(env.model(), mode="radial", capacity_factor=3.0, max_steps=3)
@@ -455,6 +469,9 @@ CASES = [
     ("too many tokens", too_long_ids, ValueError, ["49", "48 positions"]),
     ("generate max_new_tokens=0", generate_zero_new_tokens, ValueError, ["max_new_tokens", ">= 1"]),
     ("sampling without rng", generate_sampling_without_rng, ValueError, ["rng"]),
+    ("prefill with positions", prefill_with_positions, ValueError, ["prefill=True", "no positions_bt", "0 .. t - 1"]),
+    ("cached call without positions", cached_call_without_positions, ValueError,
+     ["cached calls need explicit positions_bt", "prefill=True"]),
     ("fit_capacity batch_size=0", fit_capacity_batch_zero, ValueError, ["batch_size", ">= 1", "got 0"]),
     ("serving_speed student named 'teacher'", serving_speed_student_named_teacher, ValueError,
      ["may not be named 'teacher'", r"\['teacher'\]"]),

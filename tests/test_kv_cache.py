@@ -1,8 +1,9 @@
 """The global KV cache rules (docs/design.md §4) against plain NumPy loops."""
 import numpy as np
 import jax.numpy as jnp
+import pytest
 
-from radial_jax.models.kv_cache import EMPTY, KVCache, sequence_mask, visible_mask, write_first_visit
+from radial_jax.models.kv_cache import EMPTY, KVCache, fill_prompt, sequence_mask, visible_mask, write_first_visit
 
 
 def test_first_visit_writes_only_empty_valid_in_range_entries():
@@ -31,6 +32,23 @@ def test_first_visit_writes_only_empty_valid_in_range_entries():
     for a, e in zip((got.k, got.v, got.written_at), (ek, ev, ew)):
         np.testing.assert_array_equal(np.asarray(a), e)
     assert (ew != written).any()  # the case exercises real writes
+
+
+def test_a_prompt_fills_an_empty_cache_as_first_visits_do():
+    rng = np.random.default_rng(1)
+    L, B, T, G, D, t = 3, 2, 7, 2, 4, 5
+    k_new, v_new = (rng.normal(size=(B, t, G, D)).astype(np.float32) for _ in range(2))
+    valid = np.ones((B, t), bool)
+    valid[1, 3:] = False  # row 1: a 3-token prompt, right-padded
+    empty = KVCache.create(L, B, T, G, D)
+    slots = np.broadcast_to(np.arange(t), (B, t))
+    want = write_first_visit(empty, 1, np.arange(B)[:, None], slots, k_new, v_new, valid, 1)
+    got = fill_prompt(empty, 1, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(valid), 1)
+    for a, e in zip((got.k, got.v, got.written_at), (want.k, want.v, want.written_at)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    assert (np.asarray(got.written_at)[1] == 1).sum() == valid.sum()  # the valid tokens, in layer 1 only
+    with pytest.raises(ValueError, match="does not fit a cache of 7 slots"):
+        fill_prompt(empty, 0, jnp.zeros((B, 8, G, D)), jnp.zeros((B, 8, G, D)), jnp.ones((B, 8), bool), 0)
 
 
 def test_visible_mask_follows_written_at_causality_and_window():

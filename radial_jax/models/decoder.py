@@ -15,8 +15,9 @@ Call modes of ``__call__``:
 * cached (``cache`` given): ``positions_bt`` are the cache slots (right padding);
   K/V are written into the global cache and keys read from it. Used by generation.
   ``prefill=True`` says the tokens are a right-padded prompt filling slots ``0 .. t - 1``
-  (positions are then the slots, and not passed): its causal attention skips, per block
-  of queries, the slots after the block.
+  of an empty cache (``init_cache``; positions are then the slots, and not passed): each
+  layer attends over its fresh K/V, skipping per block of queries the slots after the
+  block, and fills the cache with one slice update.
 """
 from __future__ import annotations
 
@@ -190,6 +191,6 @@ class CausalLM(nn.Module):
             return x
         x, stats, cache = run_pool(c.layer_config(), self.dtype, self.layers, c.layer_meta(), x, positions_bt, slots,
                                    valid, causal=True, cache=cache, threshold=threshold, ratio_kind=ratio_kind,
-                                   slots_from_zero=slots_from_zero)
+                                   slots_from_zero=slots_from_zero, empty_cache=prefill)
         out = self.head(x, compute_logits)
         return ModelOutput(logits=out.logits, hidden=out.hidden, stats=stats, cache=cache)

@@ -144,6 +144,24 @@ def write_first_visit(cache: KVCache, layer_q, row_q, slot_q, k_qgd, v_qgd, vali
     return KVCache(k, v, written)
 
 
+def fill_prompt(cache: KVCache, layer, k_btgd, v_btgd, valid_bt, step) -> KVCache:
+    """Rule 1 for a prompt at slots ``0 .. t - 1`` of an *empty* cache: what ``write_first_visit`` writes there.
+
+    Every entry being empty, the first visit writes every valid token; one slice update per
+    buffer (``layer`` may be traced) replaces the scatter and its emptiness checks. Padding
+    (``valid`` false) writes zeros and ``EMPTY``: what an empty cache holds.
+    """
+    t = k_btgd.shape[1]
+    if t > cache.max_len:
+        raise ValueError(f"a prompt of {t} tokens does not fit a cache of {cache.max_len} slots")
+    keep = valid_bt[:, None, :, None]
+    k, v = (jnp.where(keep, jnp.swapaxes(a, 1, 2), 0).astype(cache.k.dtype)[None] for a in (k_btgd, v_btgd))
+    written = jnp.where(valid_bt, jnp.asarray(step, jnp.int32), EMPTY)[None]
+    at = (layer, 0, 0, 0, 0)
+    return KVCache(jax.lax.dynamic_update_slice(cache.k, k, at), jax.lax.dynamic_update_slice(cache.v, v, at),
+                   jax.lax.dynamic_update_slice(cache.written_at, written, at[:3]))
+
+
 def window_mask(slots_q, slots_k, window):
     """``[..., q, k]``: key within the query's sliding window (``window <= 0``: no window; may be traced)."""
     window = jnp.asarray(window, jnp.int32)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.models.kv_cache import sequence_mask, visible_mask, write_first_visit
+from radial_jax.models.kv_cache import fill_prompt, sequence_mask, visible_mask, write_first_visit
 from radial_jax.models.layer import LayerConfig, TransformerLayer, attention
 from radial_jax.models.remat import remat_layer, shard_batch
 
@@ -119,20 +119,22 @@ def stack_pool(pool):
 
 
 def layer_forward(layer_cfg: LayerConfig, dtype, params_l, meta_l, x_bte, positions_bt, slots_bt, valid_bt, *,
-                  causal: bool, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False):
+                  causal: bool, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False, qkv=None):
     """One layer on a whole sequence with plain self-attention (no cache): ``(y, LayerStats)``.
 
     The body of the sequential stack without a cache; the streaming profiler and
-    the oracle's probe run exactly this. ``slots_from_zero``: see ``run_pool``.
+    the oracle's probe run exactly this. ``slots_from_zero``: see ``run_pool``; ``qkv``: the
+    layer's ``(q, k, v)`` of ``x`` when the caller has them already.
     """
     layer = TransformerLayer(layer_cfg, dtype, parent=None)  # applied functionally, not a submodule
     mask = sequence_mask(slots_bt, valid_bt, causal=causal, window=meta_l["window"])
     return layer.apply({"params": params_l}, x_bte, mask, positions_bt, meta_l["rope"], threshold, ratio_kind,
-                       causal and slots_from_zero)
+                       causal and slots_from_zero, qkv)
 
 
 def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, positions_bt, slots_bt, valid_bt, *,
-             causal: bool, cache=None, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False):
+             causal: bool, cache=None, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False,
+             empty_cache: bool = False):
     """Apply the ``L`` layers of the pool in order (the sequential model).
 
     Args:
@@ -150,6 +152,9 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
       slots_from_zero: the caller's promise that ``slots_bt`` is ``0 .. t - 1`` in every row (a
         prompt, or a sequence without a cache): causal attention then skips, per block of
         queries, the slots after the block (``attention.attend``'s ``causal_blocks``).
+      empty_cache: with ``slots_from_zero``, the promise that ``cache`` holds nothing yet (a prompt's
+        prefill): each layer then attends over its fresh K/V, as without a cache, and fills the
+        cache with one slice update (``kv_cache.fill_prompt``: what rule 1 writes into an empty cache).
 
     Returns:
       ``(y_bte, stats, cache)``: stats is a ``LayerStats`` with leaves ``[L, b, t]``.
@@ -157,6 +162,8 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
     layer = TransformerLayer(layer_cfg, dtype, parent=None)  # applied functionally, not a submodule
     L = num_pool_layers(pool_params)
     per_layer_cache = isinstance(cache, (tuple, list))
+    if empty_cache and (cache is None or not slots_from_zero):
+        raise ValueError("empty_cache=True is a prefill: it needs a cache and slots_from_zero=True")
     if per_layer_cache and (not is_per_layer(pool_params) or len(cache) != L):
         raise ValueError(f"a per-layer cache ({len(cache)} caches) needs a per-layer pool of as many layers")
 
@@ -167,8 +174,13 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
                                    causal=causal, threshold=threshold, ratio_kind=ratio_kind,
                                    slots_from_zero=slots_from_zero), None)
         q, k, v = layer.apply({"params": params_l}, x, positions_bt, meta_l["rope"], method="qkv")
-        rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
         at = 0 if per_layer_cache else l
+        if empty_cache:
+            y, stats = layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,
+                                     causal=causal, threshold=threshold, ratio_kind=ratio_kind,
+                                     slots_from_zero=True, qkv=(q, k, v))
+            return y, stats, fill_prompt(cache, at, k, v, valid_bt, l)
+        rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
         cache = write_first_visit(cache, at, rows, slots_bt, k, v, valid_bt, l)
         kc, vc, wc = cache.layer(at)
         mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
