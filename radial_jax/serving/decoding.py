@@ -31,7 +31,8 @@ class Decoding:
     init_cache(batch, max_len) -> cache (any pytree: the sequential ``KVCache``, a Radial Network's state).
     forward(params, ids_bt, valid_bt, cache) -> (hidden_bte, cache, stats): right-padded prompts at slots
       ``0 .. len_b - 1`` of an empty cache (``init_cache``'s), final hidden states (the head not applied);
-      ``stats``: ``{"depth": int32[b, t]`` layer visits per token, ``"flops": float32`` executed without the head, anything else the model reports``}``.
+      ``stats``: ``{"depth": int32[b, t]`` layer visits per token, ``"flops": float32`` executed without the
+      head, anything else the model reports``}``.
     head(params, hidden_be) -> float32 logits ``[..., vocab]``; head_flops(n_tokens) -> its FLOPs.
     step(params, tok_b, pos_b, live_b, cache, compute_logits) -> (out_bv, cache, stats): one token per row at
       slot ``pos_b``; rows with ``live_b`` false are not processed. ``out_bv``: logits ``[b, vocab]``, or the
