@@ -158,10 +158,18 @@ def attention_case(seed=0, b=2, nq=5, nk=7, h=4, g=2, d=8):
     return q, k, v, mask, self_kv
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference", "chunked"])
+def several_tiles(monkeypatch, rows_per_iteration=4):
+    """``"tiled"`` with blocks of 2 queries (the last one short) and ``rows_per_iteration`` rows of 2 heads x 2
+    queries x 9 slots of scores per ``lax.map`` iteration (items that do not fill an iteration run too)."""
+    monkeypatch.setattr(attention_mod, "BLOCK", 2)
+    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * 9 * rows_per_iteration)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "chunked", "tiled"])
 @pytest.mark.parametrize("features", ["plain", "softcap", "self_kv", "softcap_self_kv"])
 def test_attention_implementations_equal_numpy(impl, features, monkeypatch):
     monkeypatch.setattr(attention_mod, "CHUNK", 2)  # several blocks, the last one padded
+    several_tiles(monkeypatch)
     q, k, v, mask, self_kv = attention_case()
     softcap = 2.0 if "softcap" in features else None
     skv = self_kv if "self_kv" in features else None
@@ -190,39 +198,39 @@ def prompt_case(seed=0, b=3, nq=7, nk=9, h=4, g=2, d=8):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
-def test_causal_blocks_equal_numpy_and_reference_gradient(softcap, monkeypatch):
-    # blocks of 3 queries (the last one short), 4 rows of scores per iteration: lax.map's remainder runs too
-    monkeypatch.setattr(attention_mod, "BLOCK", 3)
-    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 3 * 2 * 7 * 4)
+@pytest.mark.parametrize("features", ["plain", "softcap", "self_kv"])
+def test_tiles_in_causal_blocks_equal_numpy_and_the_reference_gradient(features, monkeypatch):
+    several_tiles(monkeypatch, rows_per_iteration=2)  # 3 rows: one full iteration and a remainder
     q, k, v, mask = prompt_case()
+    softcap = 2.0 if features == "softcap" else None
+    rng = np.random.default_rng(2)
+    self_kv = (rng.normal(size=(3, 7, 2, 8)), rng.normal(size=(3, 7, 2, 8))) if features == "self_kv" else None
     scale = 0.3
-    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)] + [jnp.asarray(mask)]
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    skv = None if self_kv is None else tuple(jnp.asarray(a, jnp.float32) for a in self_kv)
 
-    def run(impl, *a):
-        return attend(*a, scale=scale, softcap=softcap, causal_blocks=True, implementation=impl)
+    def run(impl, q, k, v):
+        return attend(q, k, v, jnp.asarray(mask), scale=scale, softcap=softcap, self_kv=skv, causal_blocks=True,
+                      implementation=impl)
 
-    got = jax.jit(lambda *a: run("causal_blocks", *a))(*args)
-    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, mask, scale, softcap), rtol=2e-5, atol=2e-5)
-    assert np.all(np.asarray(got)[2, 3] == 0)  # sees nothing -> zeros
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=got.shape), jnp.float32)
+    got = jax.jit(lambda *a: run("tiled", *a))(*args)
+    want = numpy_attention(q, k, v, mask, scale, softcap, self_kv)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    if self_kv is None:
+        assert np.all(np.asarray(got)[2, 3] == 0)  # sees nothing -> zeros
+    cotangent = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
 
     def grads(impl):
-        return jax.grad(lambda q, k, v: jnp.sum(run(impl, q, k, v, args[3]) * cotangent), argnums=(0, 1, 2))(*args[:3])
+        return jax.grad(lambda *a: jnp.sum(run(impl, *a) * cotangent), argnums=(0, 1, 2))(*args)
 
-    for g_blocks, g_ref in zip(grads("causal_blocks"), grads("reference")):
-        np.testing.assert_allclose(np.asarray(g_blocks), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
+    for g_tiled, g_ref in zip(grads("tiled"), grads("reference")):
+        np.testing.assert_allclose(np.asarray(g_tiled), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
 
 
-def test_causal_blocks_refuse_what_breaks_their_promise():
+def test_causal_blocks_need_a_slot_per_query():
     q, k, v, mask = (jnp.asarray(a) for a in prompt_case())
-    with pytest.raises(ValueError, match="causal_blocks=True"):
-        attend(q, k, v, mask, implementation="causal_blocks")  # no promise
-    with pytest.raises(ValueError, match="at least as many slots as queries"):
-        attend(q, k[:, :, :5], v[:, :, :5], mask[..., :5], causal_blocks=True, implementation="causal_blocks")
-    with pytest.raises(ValueError, match="no self_kv"):
-        attend(q, k, v, mask, causal_blocks=True, self_kv=(k[:, 0, :7, None], v[:, 0, :7, None]),
-               implementation="causal_blocks")
+    with pytest.raises(ValueError, match="7 queries need at least as many slots, got 5"):
+        attend(q, k[:, :, :5], v[:, :, :5], mask[..., :5], causal_blocks=True)
 
 
 def test_attention_choice_per_backend():
@@ -230,15 +238,11 @@ def test_attention_choice_per_backend():
     assert choose_implementation(64, 64, f32, backend="cpu") == "xla"
     assert choose_implementation(64, 64, f32, softcap=5.0, backend="cpu") == "reference"
     assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
-    assert choose_implementation(8192, 8192, f32, backend="cpu") == "xla"  # CPU: scores per layer are fine
     blocks = attention_mod.BLOCK
-    assert choose_implementation(blocks + 1, 512, f32, causal_blocks=True, backend="cpu") == "causal_blocks"
-    assert choose_implementation(blocks + 1, 512, bf16, softcap=5.0, causal_blocks=True, backend="cpu") == \
-        "causal_blocks"  # computes in float32, as the reference does
-    assert choose_implementation(blocks, 512, f32, causal_blocks=True, backend="cpu") == "xla"  # one block
-    assert choose_implementation(blocks + 1, 512, f32, self_kv=True, causal_blocks=True, backend="cpu") == \
-        "reference"
-    assert choose_implementation(4096, 4096, bf16, causal_blocks=True, backend="gpu") == "cudnn"
+    assert choose_implementation(blocks, 512, f32, backend="cpu") == "xla"  # one block of queries
+    for features in (dict(), dict(softcap=5.0), dict(self_kv=True)):  # more: tiles, on any features
+        assert choose_implementation(blocks + 1, 512, f32, backend="cpu", **features) == "tiled"
+    assert choose_implementation(blocks + 1, 512, bf16, backend="cpu") == "tiled"  # in float32, as the reference
     assert choose_implementation(4096, 4096, bf16, backend="gpu") == "cudnn"
     assert choose_implementation(4096, 4096, bf16, head_dim=256, backend="gpu") == "chunked"  # Gemma's 256
     assert choose_implementation(1, 4096, bf16, backend="gpu") == "xla"  # decode step: one query
@@ -246,7 +250,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(4096, 4096, bf16, softcap=50.0, backend="gpu") == "chunked"
     assert choose_implementation(4096, 4096, bf16, backend="tpu") == "chunked"
     assert choose_implementation(256, 256, bf16, self_kv=True, backend="tpu") == "reference"
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "causal_blocks", "reference"}
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "tiled", "reference"}
     with pytest.raises(ValueError, match="unknown"):
         attend(jnp.zeros((1, 1, 2, 4)), jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 3, 4)), jnp.ones((1, 1, 3), bool),
                implementation="flash")

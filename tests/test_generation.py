@@ -105,19 +105,19 @@ def test_all_rows_stopping_ends_the_loop(lively_opt_dir):
 def test_prompts_attended_in_causal_blocks_match_transformers(lively_opt_dir, monkeypatch):
     """Prefill and the parallel forward with queries in blocks of 2 (the CPU's path for long prompts)."""
     traced = []
-    blocks = attention_mod._causal_blocks
+    tiled = attention_mod._tiled
     monkeypatch.setattr(attention_mod, "BLOCK", 2)
-    monkeypatch.setattr(attention_mod, "_causal_blocks", lambda *a: traced.append(a[0].shape) or blocks(*a))
+    monkeypatch.setattr(attention_mod, "_tiled", lambda *a: traced.append(a[-1]) or tiled(*a))
     jax.clear_caches()  # programs traced with the default block size must not be reused
     try:
         ids, mask = padded_prompts(LENGTHS)
         model = rj.load(lively_opt_dir)
         ours = model.generate(ids, mask, max_new_tokens=NEW)
-        assert traced, "generate's prefill did not attend in causal blocks"
+        assert traced and all(traced), "generate's prefill did not attend in causal blocks"
         assert_same_as_hf(ours, hf_generate(lively_opt_dir, ids, mask, max_new_tokens=NEW))
         traced.clear()
         logits = np.asarray(model(ids, mask))
-        assert traced, "the parallel forward did not attend in causal blocks"
+        assert traced and all(traced), "the parallel forward did not attend in causal blocks"
         ref = AutoModelForCausalLM.from_pretrained(lively_opt_dir).eval()
         with torch.no_grad():
             want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()

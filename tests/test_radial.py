@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from transformers import AutoModelForCausalLM, ViTForImageClassification
 
 import radial_jax as rj
+from radial_jax.models import attention as attention_mod
 from radial_jax.models.layer import TransformerLayer
 from radial_jax.radial import RadialConfig, RadialModel, decode_tokens
 from radial_jax.radial import dispatch as dsp
@@ -173,6 +174,28 @@ def test_parallel_forward_equals_decoding_when_the_budget_binds(small, kw):
     if kw["mode"] == "radial":  # some token visits a layer twice (reuse)
         assign = np.asarray(par.router.assign)
         assert (assign.sum(0) >= 2).any()
+
+
+@pytest.mark.parametrize("kw", ROUTED[::2], ids=ROUTED_IDS[::2])
+def test_routed_attention_in_tiles_computes_what_it_computes_whole(small, kw, monkeypatch):
+    """The CPU's ``"tiled"`` attention (here in blocks of 2 queries) in a routed forward where the budget binds;
+    radial mode attends with each token's own K/V (``self_kv``)."""
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    ids = np.random.default_rng(5).integers(3, 64, (3, 12))
+    whole = rm.forward(ids)
+    traced = []  # per tiled call: did it attend with self_kv
+    tiled = attention_mod._tiled
+    monkeypatch.setattr(attention_mod, "BLOCK", 2)
+    monkeypatch.setattr(attention_mod, "_tiled", lambda *a: traced.append(a[6] is not None) or tiled(*a))
+    jax.clear_caches()  # the forward traced with the default block size must not be reused
+    try:
+        tiles = rm.forward(ids)
+    finally:
+        jax.clear_caches()
+    assert traced and all(traced) == (kw["mode"] == "radial")
+    assert int(tiles.metrics.dropped.sum()) > 0, "the budget must bind"
+    np.testing.assert_array_equal(np.asarray(tiles.router.choice), np.asarray(whole.router.choice))
+    np.testing.assert_allclose(np.asarray(tiles.logits), np.asarray(whole.logits), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
