@@ -158,18 +158,18 @@ def attention_case(seed=0, b=2, nq=5, nk=7, h=4, g=2, d=8):
     return q, k, v, mask, self_kv
 
 
-def several_tiles(monkeypatch, rows_per_iteration=4):
-    """``"tiled"`` with blocks of 2 queries (the last one short) and ``rows_per_iteration`` rows of 2 heads x 2
-    queries x 9 slots of scores per ``lax.map`` iteration (items that do not fill an iteration run too)."""
+def several_tiles(monkeypatch, slots: int, items: int):
+    """``"tiled"`` with blocks of 2 queries (the last one short) and a score budget that holds ``items`` (row, kv
+    head) items per ``lax.map`` iteration, each 2 queries x 2 query heads x ``slots`` read slots of float32."""
     monkeypatch.setattr(attention_mod, "BLOCK", 2)
-    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * 9 * rows_per_iteration)
+    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * slots * items)
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference", "chunked", "tiled"])
 @pytest.mark.parametrize("features", ["plain", "softcap", "self_kv", "softcap_self_kv"])
 def test_attention_implementations_equal_numpy(impl, features, monkeypatch):
     monkeypatch.setattr(attention_mod, "CHUNK", 2)  # several blocks, the last one padded
-    several_tiles(monkeypatch)
+    several_tiles(monkeypatch, slots=7, items=3)  # 2 rows x 2 kv heads: one full iteration and a remainder of 1
     q, k, v, mask, self_kv = attention_case()
     softcap = 2.0 if "softcap" in features else None
     skv = self_kv if "self_kv" in features else None
@@ -200,7 +200,7 @@ def prompt_case(seed=0, b=3, nq=7, nk=9, h=4, g=2, d=8):
 
 @pytest.mark.parametrize("features", ["plain", "softcap", "self_kv"])
 def test_tiles_in_causal_blocks_equal_numpy_and_the_reference_gradient(features, monkeypatch):
-    several_tiles(monkeypatch, rows_per_iteration=2)  # 3 rows: one full iteration and a remainder
+    several_tiles(monkeypatch, slots=7, items=4)  # 3 rows x 2 kv heads: one full iteration and a remainder of 2
     q, k, v, mask = prompt_case()
     softcap = 2.0 if features == "softcap" else None
     rng = np.random.default_rng(2)

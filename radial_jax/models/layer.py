@@ -304,13 +304,13 @@ class TransformerLayer(nn.Module):
         return y, stats
 
     def __call__(self, x_bte, mask_btt, positions_bt=None, rope_index=0, threshold=None, ratio_kind: str = "out",
-                 causal_blocks: bool = False, qkv=None):
+                 causal_blocks: bool = False):
         """Plain self-attention over ``x`` itself (no cache); ``mask[b, i, j]``: i sees j.
 
         ``causal_blocks``: token ``i`` of each row is at slot ``i`` and the mask is causal
-        (``attention.attend``'s promise). ``qkv``: ``self.qkv(x, ...)`` when the caller has it.
+        (``attention.attend``'s promise).
         """
-        q, k_btgd, v_btgd = qkv if qkv is not None else self.qkv(x_bte, positions_bt, rope_index)
+        q, k_btgd, v_btgd = self.qkv(x_bte, positions_bt, rope_index)
         k, v = (jnp.swapaxes(a, 1, 2) for a in (k_btgd, v_btgd))  # heads first, as in the KV cache
         ctx = attention(self.config, q, k, v, mask_btt, causal_blocks=causal_blocks)
         return self.finish(x_bte, ctx, threshold, ratio_kind)

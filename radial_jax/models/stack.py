@@ -119,17 +119,16 @@ def stack_pool(pool):
 
 
 def layer_forward(layer_cfg: LayerConfig, dtype, params_l, meta_l, x_bte, positions_bt, slots_bt, valid_bt, *,
-                  causal: bool, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False, qkv=None):
+                  causal: bool, threshold=None, ratio_kind: str = "out", slots_from_zero: bool = False):
     """One layer on a whole sequence with plain self-attention (no cache): ``(y, LayerStats)``.
 
     The body of the sequential stack without a cache; the streaming profiler and
-    the oracle's probe run exactly this. ``slots_from_zero``: see ``run_pool``; ``qkv``: the
-    layer's ``(q, k, v)`` of ``x`` when the caller has them already.
+    the oracle's probe run exactly this. ``slots_from_zero``: see ``run_pool``.
     """
     layer = TransformerLayer(layer_cfg, dtype, parent=None)  # applied functionally, not a submodule
     mask = sequence_mask(slots_bt, valid_bt, causal=causal, window=meta_l["window"])
     return layer.apply({"params": params_l}, x_bte, mask, positions_bt, meta_l["rope"], threshold, ratio_kind,
-                       causal and slots_from_zero, qkv)
+                       causal and slots_from_zero)
 
 
 def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, positions_bt, slots_bt, valid_bt, *,
@@ -175,15 +174,15 @@ def run_pool(layer_cfg: LayerConfig, dtype, pool_params, meta: dict, x_bte, posi
                                    slots_from_zero=slots_from_zero), None)
         q, k, v = layer.apply({"params": params_l}, x, positions_bt, meta_l["rope"], method="qkv")
         at = 0 if per_layer_cache else l
-        if empty_cache:
-            y, stats = layer_forward(layer_cfg, dtype, params_l, meta_l, x, positions_bt, slots_bt, valid_bt,
-                                     causal=causal, threshold=threshold, ratio_kind=ratio_kind,
-                                     slots_from_zero=True, qkv=(q, k, v))
-            return y, stats, fill_prompt(cache, at, k, v, valid_bt, l)
-        rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
-        cache = write_first_visit(cache, at, rows, slots_bt, k, v, valid_bt, l)
-        kc, vc, wc = cache.layer(at)
-        mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
+        if empty_cache:  # the keys are the fresh K/V themselves, as without a cache
+            cache = fill_prompt(cache, at, k, v, valid_bt, l)
+            kc, vc = (jnp.swapaxes(a, 1, 2) for a in (k, v))  # heads first, as in the KV cache
+            mask = sequence_mask(slots_bt, valid_bt, causal=causal, window=meta_l["window"])
+        else:
+            rows = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+            cache = write_first_visit(cache, at, rows, slots_bt, k, v, valid_bt, l)
+            kc, vc, wc = cache.layer(at)
+            mask = visible_mask(wc, slots_bt, l, causal=causal, window=meta_l["window"])
         ctx = attention(layer_cfg, q, kc, vc, mask, causal_blocks=causal and slots_from_zero)
         y, stats = layer.apply({"params": params_l}, x, ctx, threshold, ratio_kind, method="finish")
         return y, stats, cache
