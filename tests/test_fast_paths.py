@@ -165,10 +165,11 @@ def several_tiles(monkeypatch, slots: int, items: int):
     monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * slots * items)
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference", "chunked", "tiled"])
+@pytest.mark.parametrize("impl", ["xla", "reference", "chunked", "tiled", "compact"])
 @pytest.mark.parametrize("features", ["plain", "softcap", "self_kv", "softcap_self_kv"])
 def test_attention_implementations_equal_numpy(impl, features, monkeypatch):
     monkeypatch.setattr(attention_mod, "CHUNK", 2)  # several blocks, the last one padded
+    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)  # "compact": several chunks of seen keys
     several_tiles(monkeypatch, slots=7, items=3)  # 2 rows x 2 kv heads: one full iteration and a remainder of 1
     q, k, v, mask, self_kv = attention_case()
     softcap = 2.0 if "softcap" in features else None
@@ -227,6 +228,53 @@ def test_tiles_in_causal_blocks_equal_numpy_and_the_reference_gradient(features,
         np.testing.assert_allclose(np.asarray(g_tiled), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
 
 
+def sparse_memory_case(seed=3, b=3, nq=6, nk=16, h=4, g=2, d=8):
+    """A Radial Network layer's cache: few written slots, queries in slot order, causal; row 2 holds one query
+    that sees nothing and padding queries (slot past the memory) that see nothing either."""
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.normal(size=(b, nq, h, d)), rng.normal(size=(b, g, nk, d)), rng.normal(size=(b, g, nk, d))
+    written = rng.random((b, nk)) < 0.3
+    written[0, [1, 14]] = True  # row 0 reaches the last chunk
+    slots = np.sort([rng.choice(nk, nq, replace=False) for _ in range(b)], axis=1)
+    slots[2, 3:] = nk  # padding queries
+    j = np.arange(nk)
+    mask = written[:, None, :] & (j[None, None] < slots[..., None]) & (slots < nk)[..., None]
+    mask[2, 0] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("features", ["plain", "softcap", "self_kv"])
+def test_compact_attention_equals_numpy_and_the_reference_gradient_on_a_sparse_memory(features, monkeypatch):
+    """``"compact"`` reads the keys some query sees in chunks of 2, in blocks of 2 queries that stop at the chunk
+    of their last seen key: the values of the NumPy loop, the gradient of the reference."""
+    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)
+    monkeypatch.setattr(attention_mod, "BLOCK", 2)
+    q, k, v, mask = sparse_memory_case()
+    assert mask.any(1).sum(-1).max() <= 8 < 16, "some chunks must be skipped"
+    softcap = 2.0 if features == "softcap" else None
+    rng = np.random.default_rng(4)
+    self_kv = (rng.normal(size=(3, 6, 2, 8)), rng.normal(size=(3, 6, 2, 8))) if features == "self_kv" else None
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    skv = None if self_kv is None else tuple(jnp.asarray(a, jnp.float32) for a in self_kv)
+
+    def run(impl, q, k, v):
+        return attend(q, k, v, jnp.asarray(mask), scale=0.3, softcap=softcap, self_kv=skv, implementation=impl)
+
+    got = jax.jit(lambda *a: run("compact", *a))(*args)
+    np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, mask, 0.3, softcap, self_kv),
+                               rtol=2e-5, atol=2e-5)
+    if self_kv is None:
+        assert np.all(np.asarray(got)[2, [0, 3, 4, 5]] == 0)  # sees nothing -> zeros
+    cotangent = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+
+    def grads(impl):
+        return jax.grad(lambda *a: jnp.sum(run(impl, *a) * cotangent), argnums=(0, 1, 2))(*args)
+
+    for g_compact, g_ref in zip(grads("compact"), grads("reference")):
+        assert np.all(np.isfinite(np.asarray(g_compact)))
+        np.testing.assert_allclose(np.asarray(g_compact), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
+
+
 def test_causal_blocks_need_a_slot_per_query():
     q, k, v, mask = (jnp.asarray(a) for a in prompt_case())
     with pytest.raises(ValueError, match="7 queries need at least as many slots, got 5"):
@@ -250,7 +298,11 @@ def test_attention_choice_per_backend():
     assert choose_implementation(4096, 4096, bf16, softcap=50.0, backend="gpu") == "chunked"
     assert choose_implementation(4096, 4096, bf16, backend="tpu") == "chunked"
     assert choose_implementation(256, 256, bf16, self_kv=True, backend="tpu") == "reference"
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "tiled", "reference"}
+    chunk = attention_mod.COMPACT_CHUNK  # a sparse memory (the caller's hint): compact it when it spans chunks
+    assert choose_implementation(4, chunk + 1, f32, self_kv=True, sparse_keys=True, backend="cpu") == "compact"
+    assert choose_implementation(blocks + 1, chunk, f32, sparse_keys=True, backend="cpu") == "tiled"
+    assert choose_implementation(4096, 4096, bf16, sparse_keys=True, backend="gpu") == "cudnn"  # CPU only
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "chunked", "tiled", "compact", "reference"}
     with pytest.raises(ValueError, match="unknown"):
         attend(jnp.zeros((1, 1, 2, 4)), jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 3, 4)), jnp.ones((1, 1, 3), bool),
                implementation="flash")

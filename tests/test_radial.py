@@ -198,6 +198,30 @@ def test_routed_attention_in_tiles_computes_what_it_computes_whole(small, kw, mo
     np.testing.assert_allclose(np.asarray(tiles.logits), np.asarray(whole.logits), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("kw", ROUTED[::2], ids=ROUTED_IDS[::2])
+def test_routed_attention_to_the_written_keys_computes_what_it_computes_whole(small, kw, monkeypatch):
+    """Policy *mask*: a visit attends only to its layer's written keys (``"compact"``, chunks of 2), where the
+    budget binds; in the inference layout (flat visits: padded queries) and the stacked one."""
+    rm = RadialModel.from_sequential(small, router_init_scale=1.5, seed=1, **kw)
+    ids = np.random.default_rng(5).integers(3, 64, (3, 12))
+    layouts = {"stacked": rm, "per_layer": rm.with_layout("per_layer")}
+    whole = {name: m.forward(ids) for name, m in layouts.items()}  # 12 slots: one chunk, not compacted
+    traced = []
+    compact = attention_mod._compact
+    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)
+    monkeypatch.setattr(attention_mod, "_compact", lambda *a: traced.append(a[6] is not None) or compact(*a))
+    jax.clear_caches()
+    try:
+        for name, m in layouts.items():
+            got = m.forward(ids)
+            assert int(got.metrics.dropped.sum()) > 0, "the budget must bind"
+            np.testing.assert_array_equal(np.asarray(got.router.choice), np.asarray(whole[name].router.choice))
+            np.testing.assert_allclose(np.asarray(got.logits), np.asarray(whole[name].logits), atol=TOL, rtol=0)
+    finally:
+        jax.clear_caches()
+    assert traced and all(traced) == (kw["mode"] == "radial")
+
+
 @pytest.mark.parametrize("kw", ROUTED, ids=ROUTED_IDS)
 def test_the_inference_layout_computes_what_the_stacked_layout_does_when_the_budget_binds(small, kw):
     """Per-layer weights and caches (``with_layout("per_layer")``: each layer read in place at its own

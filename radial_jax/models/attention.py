@@ -24,6 +24,13 @@ this module only does the arithmetic, with the softmax always in float32.
   scoring every slot of a whole layer at once is bound by memory traffic (2.2 to
   3.2x faster than ``"xla"`` on causal prompts of 128 to 1024 tokens at OPT's
   shapes, 1.6 to 2.2x at Gemma 3's);
+* ``"compact"``: only the keys some query of a row sees, gathered ``COMPACT_CHUNK`` at
+  a time into an online softmax, each block of ``BLOCK`` queries stopping at the chunk
+  of its last seen key. The CPU's path for a memory the caller calls sparse
+  (``sparse_keys=True``): a Radial Network layer's cache under policy *mask*, written by
+  the few tokens that visited the layer (at OPT-125M shapes with random routes at 50 %
+  depth, a visit's busiest row had 14 % of its slots written at the median; the
+  attention of the routed forward's visits took 0.70 s where ``"tiled"`` took 1.26 s);
 * ``"reference"``: plain einsums, every feature (soft-cap, ``self_kv``); the
   small-shape path of the features ``jax.nn.dot_product_attention`` lacks.
 
@@ -38,18 +45,20 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so that a fully masked row gives zeros, not NaNs
-IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "tiled", "reference")
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "tiled", "compact", "reference")
 CHUNK = 512  # query block of the "chunked" implementation
 BLOCK = 64  # query block of "tiled"
+COMPACT_CHUNK = 64  # keys per step of "compact"
 BLOCK_SCORE_BYTES = 1 << 19  # float32 scores per iteration of "tiled": what a core's L2 holds
 CHUNK_ABOVE = 1 << 22  # q * k above which accelerators avoid whole score tensors (2048 x 2048)
 
 
 def choose_implementation(q_len: int, k_len: int, dtype, *, head_dim: int = 64, softcap=None,
-                          self_kv: bool = False, backend: Optional[str] = None) -> str:
+                          self_kv: bool = False, sparse_keys: bool = False, backend: Optional[str] = None) -> str:
     """The implementation ``attend`` uses by default (static: shapes, dtype, features, backend).
 
-    CPU: ``"tiled"`` for more than one ``BLOCK`` of queries (faster wherever measured: prompts,
+    CPU: ``"compact"`` for a sparse memory (``sparse_keys``) of more than ``COMPACT_CHUNK`` slots;
+    ``"tiled"`` for more than one ``BLOCK`` of queries (faster wherever measured: prompts,
     routed visits, ViT); else ``"xla"`` (``"reference"`` for soft-cap / ``self_kv`` and for half
     precision, which CPUs compute in float32 anyway, and which ``jax.nn.dot_product_attention``
     lowers to dot algorithms XLA's CPU backend refuses for fp16). GPU:
@@ -59,6 +68,8 @@ def choose_implementation(q_len: int, k_len: int, dtype, *, head_dim: int = 64, 
     """
     backend = backend or jax.default_backend()
     special = softcap is not None or self_kv
+    if backend == "cpu" and sparse_keys and k_len > COMPACT_CHUNK:
+        return "compact"
     if backend == "cpu" and q_len > BLOCK:
         return "tiled"
     if backend == "cpu" and jnp.dtype(dtype) != jnp.float32:
@@ -72,7 +83,8 @@ def choose_implementation(q_len: int, k_len: int, dtype, *, head_dim: int = 64, 
 
 
 def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, softcap: Optional[float] = None,
-           self_kv=None, causal_blocks: bool = False, implementation: Optional[str] = None):
+           self_kv=None, causal_blocks: bool = False, sparse_keys: bool = False,
+           implementation: Optional[str] = None):
     """Softmax attention of ``q`` over ``k/v`` where ``mask`` is true.
 
     Args:
@@ -88,6 +100,8 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
       causal_blocks: the caller's promise that query ``i`` sits at memory slot ``i`` and that its
         mask is causal (it sees no slot after ``i``): a prompt filling slots ``0 .. q - 1``. Queries
         may then run in blocks that skip the slots after their last query (``"tiled"``).
+      sparse_keys: the caller's hint that each row's queries see few of the slots (``"compact"``
+        on CPU when the memory spans more than one chunk); any mask stays correct.
       implementation: one of ``IMPLEMENTATIONS``; default ``choose_implementation(...)``.
 
     Returns:
@@ -99,7 +113,7 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
         raise ValueError(f"{h} query heads cannot share {g} kv heads evenly")
     scale = d ** -0.5 if scale is None else scale
     impl = implementation or choose_implementation(q, k, q_bqhd.dtype, head_dim=d, softcap=softcap,
-                                                   self_kv=self_kv is not None)
+                                                   self_kv=self_kv is not None, sparse_keys=sparse_keys)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r} is unknown; allowed: {IMPLEMENTATIONS}")
     if impl in ("xla", "cudnn") and (softcap is not None or self_kv is not None):
@@ -107,7 +121,9 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
     if causal_blocks and k < q:
         raise ValueError(f"causal_blocks=True puts query i at slot i: {q} queries need at least as many slots, "
                          f"got {k}")
-    if impl == "tiled":
+    if impl == "compact":
+        ctx = _compact(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv)
+    elif impl == "tiled":
         ctx = _tiled(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv, causal_blocks)
     elif impl == "chunked":
         ctx = _chunked(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv)
@@ -230,3 +246,70 @@ def _tiled(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv, causal_blo
     per_iteration = max(1, BLOCK_SCORE_BYTES // (4 * BLOCK * r * (q if causal_blocks else k)))
     ctx_nqrd = jax.lax.map(one_item, xs, batch_size=min(per_iteration, b * g))
     return jnp.swapaxes(ctx_nqrd.reshape(b, g, q, r, d), 1, 2).reshape(b, q, h, d)
+
+
+def _compact(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
+    """Only the keys some query sees, ``COMPACT_CHUNK`` at a time: cost follows what is visible.
+
+    Each row's seen slots (``mask.any`` over its queries) are gathered in slot order, a chunk
+    at a time for every row at once, and folded into an online softmax (running maximum, sum
+    and weighted values, rescaled per chunk). Queries go in blocks of ``BLOCK``; a block stops
+    at the chunk holding the last key any of its queries sees (``lax.cond`` per chunk: the
+    loop's trip count is static, so it differentiates): with causal masks and queries in slot
+    order, later blocks read more. ``self_kv`` starts the softmax, as one more score.
+    """
+    b, q, h, d = q_bqhd.shape
+    g, k = k_bgkd.shape[1], k_bgkd.shape[2]
+    r = h // g
+    chunks = -(-k // COMPACT_CHUNK)
+    width = chunks * COMPACT_CHUNK
+    seen_bk = mask_bqk.any(axis=1)
+    rank_bk = jnp.where(seen_bk, jnp.cumsum(seen_bk, axis=-1) - 1, width)  # where each seen slot goes
+    rows = jnp.arange(b)[:, None]
+    order_bk = jnp.zeros((b, width), jnp.int32).at[rows, rank_bk].set(jnp.arange(k, dtype=jnp.int32), mode="drop")
+    # the mask with keys in that order (unseen ones past every row's count: false)
+    mask_bqk = jnp.zeros((b, q, width), bool).at[rows[:, None], jnp.arange(q)[:, None], rank_bk[:, None]].set(
+        mask_bqk, mode="drop")
+    reach_bq = jnp.max(jnp.where(mask_bqk, jnp.arange(1, width + 1), 0), axis=-1)  # 1 + last key each query sees
+    q_bgrqd = jnp.transpose((q_bqhd.astype(jnp.float32) * scale).reshape(b, q, g, r, d), (0, 2, 3, 1, 4))
+    if self_kv is not None:
+        k_self, v_self = (jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3)) for a in self_kv)  # [b, g, q, d]
+
+    def capped(s):
+        return s if softcap is None else jnp.tanh(s / softcap) * softcap
+
+    def block(start, end):
+        q_blk = q_bgrqd[:, :, :, start:end]
+        n = end - start
+        if self_kv is None:
+            top = jnp.full((b, g, r, n), NEG_INF, jnp.float32)
+            total, acc = jnp.zeros((b, g, r, n), jnp.float32), jnp.zeros((b, g, r, n, d), jnp.float32)
+        else:
+            s_self = capped(jnp.einsum("bgrqd,bgqd->bgrq", q_blk, k_self[:, :, start:end]))
+            top = jax.lax.stop_gradient(s_self)
+            total = jnp.exp(s_self - top)  # 1, with the score's gradient
+            acc = total[..., None] * v_self[:, :, None, start:end]
+        reach = jnp.max(reach_bq[:, start:end])
+
+        def fold(c, carry):
+            def run(carry):
+                top, total, acc = carry
+                at = c * COMPACT_CHUNK
+                slots_bc = jax.lax.dynamic_slice_in_dim(order_bk, at, COMPACT_CHUNK, axis=1)
+                m = jax.lax.dynamic_slice_in_dim(mask_bqk[:, start:end], at, COMPACT_CHUNK, axis=2)[:, None, None]
+                k_c, v_c = (jax.vmap(lambda a_gkd, s_c: a_gkd.at[:, s_c].get(mode="promise_in_bounds"))(
+                    a, slots_bc).astype(jnp.float32) for a in (k_bgkd, v_bgkd))  # [b, g, chunk, d]
+                s = capped(jnp.einsum("bgrqd,bgcd->bgrqc", q_blk, k_c))
+                new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(jnp.where(m, s, NEG_INF), axis=-1)))
+                # masked scores never reach exp: exp(s + 1e30) would be inf there, and its gradient times 0 NaN
+                e = jnp.where(m, jnp.exp(jnp.where(m, s - new_top[..., None], 0.0)), 0.0)
+                fade = jnp.exp(top - new_top)
+                return (new_top, total * fade + jnp.sum(e, axis=-1),
+                        acc * fade[..., None] + jnp.einsum("bgrqc,bgcd->bgrqd", e, v_c))
+            return jax.lax.cond(c * COMPACT_CHUNK < reach, run, lambda carry: carry, carry)
+
+        top, total, acc = jax.lax.fori_loop(0, chunks, fold, (top, total, acc))
+        return acc / jnp.where(total > 0, total, 1.0)[..., None]  # nothing seen: zeros
+
+    ctx_bgrqd = jnp.concatenate([block(start, min(start + BLOCK, q)) for start in range(0, q, BLOCK)], axis=3)
+    return jnp.transpose(ctx_bgrqd, (0, 3, 1, 2, 4)).reshape(b, q, h, d)

@@ -185,10 +185,11 @@ def dense(features, use_bias, axes, dtype, name):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
 
 
-def attention(c: LayerConfig, q_bqhd, k_bgkd, v_bgkd, mask_bqk, self_kv=None, causal_blocks: bool = False):
+def attention(c: LayerConfig, q_bqhd, k_bgkd, v_bgkd, mask_bqk, self_kv=None, causal_blocks: bool = False,
+              sparse_keys: bool = False):
     """``radial_jax.models.attention.attend`` with this layer's scale and soft-cap (keys ``[b, g, k, d]``)."""
     return attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale=c.attn_scale, softcap=c.attn_softcap, self_kv=self_kv,
-                  causal_blocks=causal_blocks)
+                  causal_blocks=causal_blocks, sparse_keys=sparse_keys)
 
 
 class TransformerLayer(nn.Module):
