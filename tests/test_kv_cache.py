@@ -51,11 +51,12 @@ def test_a_prompt_fills_an_empty_cache_as_first_visits_do():
         fill_prompt(empty, 0, jnp.zeros((B, 8, G, D)), jnp.zeros((B, 8, G, D)), jnp.ones((B, 8), bool), 0)
 
 
-def test_visible_mask_follows_written_at_causality_and_window():
+def test_visible_mask_follows_written_at_causality_and_window_and_shows_nothing_outside_the_cache():
     rng = np.random.default_rng(1)
     B, T, Q = 2, 9, 4
     written = np.where(rng.random((B, T)) < 0.7, rng.integers(0, 5, (B, T)), int(EMPTY)).astype(np.int32)
     slots = rng.integers(0, T, (B, Q)).astype(np.int32)
+    slots[0, -1] = T  # a dispatch's empty slot: outside the cache, it sees nothing
     for step, window, exclude_self in ((2, 0, False), (3, 3, True), (4, 1, False)):
         got = np.asarray(visible_mask(jnp.asarray(written), jnp.asarray(slots), step, causal=True,
                                       exclude_self=exclude_self, window=window))
@@ -63,7 +64,7 @@ def test_visible_mask_follows_written_at_causality_and_window():
             for q in range(Q):
                 for j in range(T):
                     i = slots[b, q]
-                    want = written[b, j] <= step and j <= i and (window <= 0 or i - j < window)
+                    want = i < T and written[b, j] <= step and j <= i and (window <= 0 or i - j < window)
                     want = want and not (exclude_self and j == i)
                     assert got[b, q, j] == want, (step, window, b, q, j)
 

@@ -138,16 +138,18 @@ def attend(q_bqhd, k_bgkd, v_bgkd, mask_bqk, *, scale: Optional[float] = None, s
     return ctx.astype(q_bqhd.dtype)
 
 
+def _capped(softcap, s):
+    """Gemma 2's soft-cap of the scaled scores (``None``: none)."""
+    return s if softcap is None else jnp.tanh(s / softcap) * softcap
+
+
 def _reference(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
     """Every feature in plain einsums, float32 throughout; scores ``[b, g, r, q, k]``."""
     b, q, h, d = q_bqhd.shape
     g = k_bgkd.shape[1]
     qf = q_bqhd.astype(jnp.float32).reshape(b, q, g, h // g, d) * scale
 
-    def capped(s):
-        return s if softcap is None else jnp.tanh(s / softcap) * softcap
-
-    scores = capped(jnp.einsum("bqgrd,bgkd->bgrqk", qf, k_bgkd.astype(jnp.float32)))
+    scores = _capped(softcap, jnp.einsum("bqgrd,bgkd->bgrqk", qf, k_bgkd.astype(jnp.float32)))
     scores = jnp.where(mask_bqk[:, None, None, :, :], scores, NEG_INF)
     if self_kv is None:
         weights = jax.nn.softmax(scores, axis=-1)
@@ -156,7 +158,7 @@ def _reference(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
     # The own key joins the softmax as one more score, combined by hand: concatenating it to the
     # scores would copy the whole [.., q, k] tensor twice (in, and the weights back out).
     k_self, v_self = self_kv
-    s_self = capped(jnp.einsum("bqgrd,bqgd->bgrq", qf, k_self.astype(jnp.float32)))
+    s_self = _capped(softcap, jnp.einsum("bqgrd,bqgd->bgrq", qf, k_self.astype(jnp.float32)))
     top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1), s_self))  # [b, g, r, q]
     e = jnp.exp(scores - top[..., None])
     e_self = jnp.exp(s_self - top)
@@ -214,9 +216,6 @@ def _tiled(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv, causal_blo
     if self_kv is not None:
         xs += tuple(items(a) for a in self_kv)  # [b * g, q, d]
 
-    def capped(s):
-        return s if softcap is None else jnp.tanh(s / softcap) * softcap
-
     def one_item(item):
         q_qrd, k_kd, v_kd, row = item[:4]
         mask_qk = jax.lax.dynamic_index_in_dim(mask_bqk, row, keepdims=False)
@@ -225,12 +224,12 @@ def _tiled(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv, causal_blo
             end = min(start + BLOCK, q)
             reach = end if causal_blocks else k  # causal: the block's queries see slots [0, end) at most
             q_blk = q_qrd[start:end]
-            s_qrk = capped(jnp.einsum("qrd,kd->qrk", q_blk, k_kd[:reach].astype(jnp.float32)))
+            s_qrk = _capped(softcap, jnp.einsum("qrd,kd->qrk", q_blk, k_kd[:reach].astype(jnp.float32)))
             s_qrk = jnp.where(mask_qk[start:end, None, :reach], s_qrk, NEG_INF)
             top_qr = jnp.max(s_qrk, axis=-1)
             if self_kv is not None:
                 k_self, v_self = (a[start:end].astype(jnp.float32) for a in item[4:])
-                s_self_qr = capped(jnp.einsum("qrd,qd->qr", q_blk, k_self))
+                s_self_qr = _capped(softcap, jnp.einsum("qrd,qd->qr", q_blk, k_self))
                 top_qr = jnp.maximum(top_qr, s_self_qr)
             top_qr = jax.lax.stop_gradient(top_qr)
             e_qrk = jnp.exp(s_qrk - top_qr[..., None])
@@ -275,9 +274,6 @@ def _compact(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
     if self_kv is not None:
         k_self, v_self = (jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3)) for a in self_kv)  # [b, g, q, d]
 
-    def capped(s):
-        return s if softcap is None else jnp.tanh(s / softcap) * softcap
-
     def block(start, end):
         q_blk = q_bgrqd[:, :, :, start:end]
         n = end - start
@@ -285,21 +281,22 @@ def _compact(q_bqhd, k_bgkd, v_bgkd, mask_bqk, scale, softcap, self_kv):
             top = jnp.full((b, g, r, n), NEG_INF, jnp.float32)
             total, acc = jnp.zeros((b, g, r, n), jnp.float32), jnp.zeros((b, g, r, n, d), jnp.float32)
         else:
-            s_self = capped(jnp.einsum("bgrqd,bgqd->bgrq", q_blk, k_self[:, :, start:end]))
+            s_self = _capped(softcap, jnp.einsum("bgrqd,bgqd->bgrq", q_blk, k_self[:, :, start:end]))
             top = jax.lax.stop_gradient(s_self)
             total = jnp.exp(s_self - top)  # 1, with the score's gradient
             acc = total[..., None] * v_self[:, :, None, start:end]
         reach = jnp.max(reach_bq[:, start:end])
+        mask_blk = mask_bqk[:, start:end]
 
         def fold(c, carry):
             def run(carry):
                 top, total, acc = carry
                 at = c * COMPACT_CHUNK
                 slots_bc = jax.lax.dynamic_slice_in_dim(order_bk, at, COMPACT_CHUNK, axis=1)
-                m = jax.lax.dynamic_slice_in_dim(mask_bqk[:, start:end], at, COMPACT_CHUNK, axis=2)[:, None, None]
+                m = jax.lax.dynamic_slice_in_dim(mask_blk, at, COMPACT_CHUNK, axis=2)[:, None, None]
                 k_c, v_c = (jax.vmap(lambda a_gkd, s_c: a_gkd.at[:, s_c].get(mode="promise_in_bounds"))(
                     a, slots_bc).astype(jnp.float32) for a in (k_bgkd, v_bgkd))  # [b, g, chunk, d]
-                s = capped(jnp.einsum("bgrqd,bgcd->bgrqc", q_blk, k_c))
+                s = _capped(softcap, jnp.einsum("bgrqd,bgcd->bgrqc", q_blk, k_c))
                 new_top = jax.lax.stop_gradient(jnp.maximum(top, jnp.max(jnp.where(m, s, NEG_INF), axis=-1)))
                 # masked scores never reach exp: exp(s + 1e30) would be inf there, and its gradient times 0 NaN
                 e = jnp.where(m, jnp.exp(jnp.where(m, s - new_top[..., None], 0.0)), 0.0)

@@ -169,10 +169,14 @@ def window_mask(slots_q, slots_k, window):
 
 
 def visible_mask(written_bt, slots_bq, step, *, causal: bool = True, exclude_self: bool = False, window=0):
-    """Rule 2, ``mask[b, q, j]``: may the query at ``slots[b, q]`` (at ``step``) see cache entry ``j``."""
+    """Rule 2, ``mask[b, q, j]``: may the query at ``slots[b, q]`` (at ``step``) see cache entry ``j``.
+
+    A query slot outside the cache (``>= T``: a dispatch's empty slot) sees nothing, so that padding
+    queries widen no attention's reach (``attention``'s ``"compact"`` reads up to the last key seen).
+    """
     t_max = written_bt.shape[1]
     j = jnp.arange(t_max)
-    mask = (written_bt <= step)[:, None, :]
+    mask = (written_bt <= step)[:, None, :] & (slots_bq < t_max)[:, :, None]
     if causal:
         mask = mask & (j[None, None, :] <= slots_bq[:, :, None])
     if exclude_self:

@@ -37,7 +37,6 @@ def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
                         self_kv=None if own_in_cache else (one(k), one(v)))
         return ctx.reshape(q.shape)
     mask = visible_mask(wc, slot_gc, s, causal=plan.causal, exclude_self=not own_in_cache, window=window)
-    mask = mask & (slot_gc < cache_max_len(kv))[..., None]  # an empty query slot sees nothing (widens no reach)
     return attention(plan.lc, q, kc, vc, mask, self_kv=None if own_in_cache else (k, v),
                      sparse_keys=plan.rc.cache_policy == "mask")
 
