@@ -113,12 +113,13 @@ def _run_visit(sizes, load, idx_of, project, write, attend, finish, attention=No
     phases each run under a ``lax.switch`` (only the chosen branch runs; size 0 runs nothing) and
     return the largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them,
     outside: XLA copies every buffer a switch branch returns updated (the layer's cache, the hidden
-    states). ``attention = (attn_sizes, attn_load)`` (whole sequences): the attention has a switch of
-    its own, at the smallest of ``attn_sizes`` that holds ``attn_load`` (the busiest sequence's
-    tokens); otherwise it runs with the rest of the layer, at the visit's size (``attn_size=None``).
+    states). ``attention = (attn_sizes, attn_load, sequences)`` (whole sequences): the attention has a
+    switch of its own, at the smallest of ``attn_sizes`` that holds ``attn_load`` (the busiest of the
+    ``sequences``' tokens); otherwise it runs with the rest of the layer, at the visit's size
+    (``attn_size=None``).
     """
     largest = sizes[-1]
-    attn_sizes, attn_load = attention if attention is not None else ((None,), None)
+    attn_sizes, attn_load, sequences = attention if attention is not None else ((None,), None, None)
     if len(sizes) == 1:  # one size: no switch at all
         idx = idx_of(largest)
         qkv = project(idx)
@@ -166,7 +167,10 @@ def _run_visit(sizes, load, idx_of, project, write, attend, finish, attention=No
         def attended(n):
             if n == 0:
                 return lambda _: zeros(lambda: (attend(idx, qkv, cache, attn_sizes[-1]),))[0]
-            return lambda _: attend(idx, qkv, cache, n)
+            # sequences of at most n tokens each hold at most sequences * n: the first that many of the
+            # selected tokens are all of them (the rest, padding, costs the grouping nothing)
+            m = min(largest, sequences * n)
+            return lambda _: padded(attend(cut(m)(idx), tuple(map(cut(m), qkv)), cache, n))
         attn_index = dsp.size_index(attn_sizes, attn_load)
         ctx = jax.lax.switch(attn_index, [attended(n) for n in attn_sizes], None)
 
@@ -198,7 +202,7 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     x_acc, kv, ratio_gn = state
     flat = not plan.decoding
     if flat:  # attention per sequence, at the busiest sequence's load (plan.sizes); the rest as one group
-        attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)))
+        attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)), admitted_gn.shape[0])
         one = lambda a: a.reshape((1, -1) + a.shape[2:])  # noqa: E731
         x_in, admitted_gn, gate_gn, tok = one(x_start), one(admitted_gn), one(gate_gn), jax.tree_util.tree_map(
             one, tok)
