@@ -31,6 +31,7 @@ layer counts) cross-check the by-construction count.
 
     python experiments/bench_radial.py                                       # 125M shapes
     python experiments/bench_radial.py --hidden 256 --ffn 1024 --heads 4 --layers 6 --length 128 --quick
+    python experiments/bench_radial.py --only prefill_fitted --out /tmp/fitted.json          # some rows only
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ from radial_jax.radial.router import with_keep_offset  # noqa: E402
 from radial_jax.serving.speed import timed_decode  # noqa: E402
 
 
+JOB_KINDS = ("overhead", "prefill", "prefill_fitted", "decode")  # what --only selects
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=768)
@@ -67,8 +71,16 @@ def parse_args(argv=None):
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per pair")
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
+    ap.add_argument("--only", nargs="+", choices=JOB_KINDS, metavar="KIND",
+                    help=f"run only these kinds of job ({', '.join(JOB_KINDS)}): a partial result, so --out must "
+                         "name a file other than a committed results/bench_radial*.json")
     ap.add_argument("--out", default=str(benchlib.RESULTS / "bench_radial.json"))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.only and out.parent == benchlib.RESULTS.resolve() and out.name.startswith("bench_radial"):
+        ap.error(f"--only writes some rows of the benchmark, and {args.out} is where a whole run is committed "
+                 "(the README's tables read it); give --out another path, e.g. /tmp/bench_radial_only.json")
+    return args
 
 
 def calibrate(rm, ids, target: float, lo: float = -15.0, hi: float = 15.0, start: int = 0):
@@ -235,6 +247,15 @@ def bench_overhead(model, ids, dense_fwd, mode, args, figures, details):
     print("overhead", mode, speed, flush=True)
 
 
+def planned_jobs(args):
+    """``[(kind, settings)]``: every job of a run (fewer with ``--quick``), those of ``--only``'s kinds."""
+    jobs = [("overhead", m) for m in ("ordered", "radial")]
+    jobs += [("prefill", (m, c)) for m in ("ordered", "radial") for c in ((0.5,) if args.quick else (0.5, 0.25))]
+    jobs += [("prefill_fitted", d) for d in ((0.5,) if args.quick else (0.5, 0.25))]
+    jobs += [("decode", (b, d)) for b, d in (((1, 0.5),) if args.quick else ((1, 0.5), (1, 0.25), (8, 0.5)))]
+    return [(kind, job) for kind, job in jobs if not args.only or kind in args.only]
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = rj.OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -253,11 +274,7 @@ def main(argv=None):
                              "xla_one_layer_model": xla_layer, "note": "XLA counts a one-layer model (embedding,"
                              " final norm, one layer); the scanned body of an L-layer model is counted once"}
 
-    jobs = [("overhead", m) for m in ("ordered", "radial")]
-    jobs += [("prefill", (m, c)) for m in ("ordered", "radial") for c in ((0.5,) if args.quick else (0.5, 0.25))]
-    jobs += [("prefill_fitted", d) for d in ((0.5,) if args.quick else (0.5, 0.25))]
-    jobs += [("decode", (b, d)) for b, d in (((1, 0.5),) if args.quick else ((1, 0.5), (1, 0.25), (8, 0.5)))]
-    for kind, job in tqdm(jobs, desc="bench_radial"):
+    for kind, job in tqdm(planned_jobs(args), desc="bench_radial"):
         if kind == "overhead":
             bench_overhead(model, ids, dense_fwd, job, args, figures, details)
         elif kind == "prefill":
