@@ -44,17 +44,25 @@ def _attend(plan: Plan, kv, l, q, k, v, slot_gc, row_gc, s, window):
 def _attend_flat(plan: Plan, kv, l, q, k, v, slot_f, row_f, ok_f, s, window, per_sequence: int):
     """``_attend`` for a flat visit (``[1, F]``: the tokens of every sequence, batch-major): the queries go
     to ``[B, per_sequence]`` (sequence, rank in it; ``per_sequence`` holds the busiest sequence's tokens)
-    so that each reads its own cache row, and come back."""
-    batch = cache_batch(kv)
-    rows = jnp.where(ok_f[0], row_f[0], batch)  # [F], batch: nobody
-    counts = jnp.zeros((batch,), jnp.int32).at[rows].add(1, mode="drop")
-    rank = jnp.arange(rows.shape[0]) - (jnp.cumsum(counts) - counts)[jnp.clip(rows, 0, batch - 1)]
+    so that each reads its own cache row, and come back.
 
-    def grouped(a, fill=0):  # [1, F, ...] -> [B, per_sequence, ...]
+    Sequences of at most ``per_sequence`` tokens hold at most ``B * per_sequence`` between them, and a
+    visit puts its selected tokens first (``dispatch.select``): only that many lead rows are grouped,
+    the rest is padding, left out of the grouping."""
+    batch = cache_batch(kv)
+    flat_size = q.shape[1]
+    held = min(flat_size, batch * per_sequence)
+    q, k, v, slot_f, row_f, ok_f = (a[:, :held] for a in (q, k, v, slot_f, row_f, ok_f))
+    rows = jnp.where(ok_f[0], row_f[0], batch)  # [held], batch: nobody
+    counts = jnp.zeros((batch,), jnp.int32).at[rows].add(1, mode="drop")
+    rank = jnp.arange(held) - (jnp.cumsum(counts) - counts)[jnp.clip(rows, 0, batch - 1)]
+
+    def grouped(a, fill=0):  # [1, held, ...] -> [B, per_sequence, ...]
         return jnp.full((batch, per_sequence) + a.shape[2:], fill, a.dtype).at[rows, rank].set(a[0], mode="drop")
     ctx = _attend(plan, kv, l, grouped(q), grouped(k), grouped(v), grouped(slot_f, cache_max_len(kv)),
                   grouped(row_f), s, window)
-    return ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, per_sequence - 1)][None]
+    ctx_f = ctx[jnp.clip(rows, 0, batch - 1), jnp.clip(rank, 0, per_sequence - 1)][None]  # [1, held, ...]
+    return jnp.pad(ctx_f, [(0, 0), (0, flat_size - held)] + [(0, 0)] * (ctx_f.ndim - 2))
 
 
 # A layer visit by the gathered tokens ``idx_gc [G, C]`` (``NOBODY``: an empty slot) projects, writes,
@@ -113,13 +121,12 @@ def _run_visit(sizes, load, idx_of, project, write, attend, finish, attention=No
     phases each run under a ``lax.switch`` (only the chosen branch runs; size 0 runs nothing) and
     return the largest size's shapes (padded: ``NOBODY``, zeros); the write runs between them,
     outside: XLA copies every buffer a switch branch returns updated (the layer's cache, the hidden
-    states). ``attention = (attn_sizes, attn_load, sequences)`` (whole sequences): the attention has a
-    switch of its own, at the smallest of ``attn_sizes`` that holds ``attn_load`` (the busiest of the
-    ``sequences``' tokens); otherwise it runs with the rest of the layer, at the visit's size
-    (``attn_size=None``).
+    states). ``attention = (attn_sizes, attn_load)`` (whole sequences): the attention has a switch of
+    its own, at the smallest of ``attn_sizes`` that holds ``attn_load`` (the busiest sequence's
+    tokens); otherwise it runs with the rest of the layer, at the visit's size (``attn_size=None``).
     """
     largest = sizes[-1]
-    attn_sizes, attn_load, sequences = attention if attention is not None else ((None,), None, None)
+    attn_sizes, attn_load = attention if attention is not None else ((None,), None)
     if len(sizes) == 1:  # one size: no switch at all
         idx = idx_of(largest)
         qkv = project(idx)
@@ -167,10 +174,7 @@ def _run_visit(sizes, load, idx_of, project, write, attend, finish, attention=No
         def attended(n):
             if n == 0:
                 return lambda _: zeros(lambda: (attend(idx, qkv, cache, attn_sizes[-1]),))[0]
-            # sequences of at most n tokens each hold at most sequences * n: the first that many of the
-            # selected tokens are all of them (the rest, padding, costs the grouping nothing)
-            m = min(largest, sequences * n)
-            return lambda _: padded(attend(cut(m)(idx), tuple(map(cut(m), qkv)), cache, n))
+            return lambda _: attend(idx, qkv, cache, n)
         attn_index = dsp.size_index(attn_sizes, attn_load)
         ctx = jax.lax.switch(attn_index, [attended(n) for n in attn_sizes], None)
 
@@ -202,7 +206,7 @@ def run_layer(plan: Plan, l, params_l, meta_l, x_start, admitted_gn, gate_gn, to
     x_acc, kv, ratio_gn = state
     flat = not plan.decoding
     if flat:  # attention per sequence, at the busiest sequence's load (plan.sizes); the rest as one group
-        attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)), admitted_gn.shape[0])
+        attention = (_sizes(plan), jnp.max(jnp.sum(admitted_gn, axis=-1)))
         one = lambda a: a.reshape((1, -1) + a.shape[2:])  # noqa: E731
         x_in, admitted_gn, gate_gn, tok = one(x_start), one(admitted_gn), one(gate_gn), jax.tree_util.tree_map(
             one, tok)
