@@ -20,6 +20,7 @@ import radial_jax as rj
 from radial_jax.serving.generation import _generate_core
 from radial_jax.models.kv_cache import KVCache, split_layers, stack_layers
 from radial_jax.models import attention as attention_mod
+from radial_jax.models import attention_blocks
 from radial_jax.models.attention import IMPLEMENTATIONS, attend, choose_implementation
 from radial_jax.models.stack import pool_layer, stack_pool, unstack_pool
 
@@ -161,15 +162,15 @@ def attention_case(seed=0, b=2, nq=5, nk=7, h=4, g=2, d=8):
 def several_tiles(monkeypatch, slots: int, items: int):
     """``"tiled"`` with blocks of 2 queries (the last one short) and a score budget that holds ``items`` (row, kv
     head) items per ``lax.map`` iteration, each 2 queries x 2 query heads x ``slots`` read slots of float32."""
-    monkeypatch.setattr(attention_mod, "BLOCK", 2)
-    monkeypatch.setattr(attention_mod, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * slots * items)
+    monkeypatch.setattr(attention_blocks, "BLOCK", 2)
+    monkeypatch.setattr(attention_blocks, "BLOCK_SCORE_BYTES", 4 * 2 * 2 * slots * items)
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference", "chunked", "tiled", "compact"])
 @pytest.mark.parametrize("features", ["plain", "softcap", "self_kv", "softcap_self_kv"])
 def test_attention_implementations_equal_numpy(impl, features, monkeypatch):
     monkeypatch.setattr(attention_mod, "CHUNK", 2)  # several blocks, the last one padded
-    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)  # "compact": several chunks of seen keys
+    monkeypatch.setattr(attention_blocks, "COMPACT_CHUNK", 2)  # "compact": several chunks of seen keys
     several_tiles(monkeypatch, slots=7, items=3)  # 2 rows x 2 kv heads: one full iteration and a remainder of 1
     q, k, v, mask, self_kv = attention_case()
     softcap = 2.0 if "softcap" in features else None
@@ -247,8 +248,8 @@ def sparse_memory_case(seed=3, b=3, nq=6, nk=16, h=4, g=2, d=8):
 def test_compact_attention_equals_numpy_and_the_reference_gradient_on_a_sparse_memory(features, monkeypatch):
     """``"compact"`` reads the keys some query sees in chunks of 2, in blocks of 2 queries that stop at the chunk
     of their last seen key: the values of the NumPy loop, the gradient of the reference."""
-    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)
-    monkeypatch.setattr(attention_mod, "BLOCK", 2)
+    monkeypatch.setattr(attention_blocks, "COMPACT_CHUNK", 2)
+    monkeypatch.setattr(attention_blocks, "BLOCK", 2)
     q, k, v, mask = sparse_memory_case()
     assert mask.any(1).sum(-1).max() <= 8 < 16, "some chunks must be skipped"
     softcap = 2.0 if features == "softcap" else None
@@ -286,7 +287,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(64, 64, f32, backend="cpu") == "xla"
     assert choose_implementation(64, 64, f32, softcap=5.0, backend="cpu") == "reference"
     assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
-    blocks = attention_mod.BLOCK
+    blocks = attention_blocks.BLOCK
     assert choose_implementation(blocks, 512, f32, backend="cpu") == "xla"  # one block of queries
     for features in (dict(), dict(softcap=5.0), dict(self_kv=True)):  # more: tiles, on any features
         assert choose_implementation(blocks + 1, 512, f32, backend="cpu", **features) == "tiled"
@@ -298,7 +299,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(4096, 4096, bf16, softcap=50.0, backend="gpu") == "chunked"
     assert choose_implementation(4096, 4096, bf16, backend="tpu") == "chunked"
     assert choose_implementation(256, 256, bf16, self_kv=True, backend="tpu") == "reference"
-    chunk = attention_mod.COMPACT_CHUNK  # a sparse memory (the caller's hint): compact it when it spans chunks
+    chunk = attention_blocks.COMPACT_CHUNK  # a sparse memory (the caller's hint): compact it when it spans chunks
     assert choose_implementation(4, chunk + 1, f32, self_kv=True, sparse_keys=True, backend="cpu") == "compact"
     assert choose_implementation(blocks + 1, chunk, f32, sparse_keys=True, backend="cpu") == "tiled"
     assert choose_implementation(4096, 4096, bf16, sparse_keys=True, backend="gpu") == "cudnn"  # CPU only

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import radial_jax as rj
 from conftest import OPT_BASE, OPT_VARIANTS, perturb_
-from radial_jax.models import attention as attention_mod
+from radial_jax.models import attention_blocks
 from radial_jax.serving.generation import sample_logits, warp_logits
 
 PAD = OPT_BASE["pad_token_id"]
@@ -105,9 +105,9 @@ def test_all_rows_stopping_ends_the_loop(lively_opt_dir):
 def test_prompts_attended_in_causal_blocks_match_transformers(lively_opt_dir, monkeypatch):
     """Prefill and the parallel forward with queries in blocks of 2 (the CPU's path for long prompts)."""
     traced = []
-    tiled = attention_mod._tiled
-    monkeypatch.setattr(attention_mod, "BLOCK", 2)
-    monkeypatch.setattr(attention_mod, "_tiled", lambda *a: traced.append(a[-1]) or tiled(*a))
+    tiled = attention_blocks.tiled
+    monkeypatch.setattr(attention_blocks, "BLOCK", 2)
+    monkeypatch.setattr(attention_blocks, "tiled", lambda *a: traced.append(a[-1]) or tiled(*a))
     jax.clear_caches()  # programs traced with the default block size must not be reused
     try:
         ids, mask = padded_prompts(LENGTHS)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from transformers import AutoModelForCausalLM, ViTForImageClassification
 
 import radial_jax as rj
-from radial_jax.models import attention as attention_mod
+from radial_jax.models import attention_blocks
 from radial_jax.models.layer import TransformerLayer
 from radial_jax.radial import RadialConfig, RadialModel, decode_tokens
 from radial_jax.radial import dispatch as dsp
@@ -184,9 +184,9 @@ def test_routed_attention_in_tiles_computes_what_it_computes_whole(small, kw, mo
     ids = np.random.default_rng(5).integers(3, 64, (3, 12))
     whole = rm.forward(ids)
     traced = []  # per tiled call: did it attend with self_kv
-    tiled = attention_mod._tiled
-    monkeypatch.setattr(attention_mod, "BLOCK", 2)
-    monkeypatch.setattr(attention_mod, "_tiled", lambda *a: traced.append(a[6] is not None) or tiled(*a))
+    tiled = attention_blocks.tiled
+    monkeypatch.setattr(attention_blocks, "BLOCK", 2)
+    monkeypatch.setattr(attention_blocks, "tiled", lambda *a: traced.append(a[6] is not None) or tiled(*a))
     jax.clear_caches()  # the forward traced with the default block size must not be reused
     try:
         tiles = rm.forward(ids)
@@ -207,9 +207,9 @@ def test_routed_attention_to_the_written_keys_computes_what_it_computes_whole(sm
     layouts = {"stacked": rm, "per_layer": rm.with_layout("per_layer")}
     whole = {name: m.forward(ids) for name, m in layouts.items()}  # 12 slots: one chunk, not compacted
     traced = []
-    compact = attention_mod._compact
-    monkeypatch.setattr(attention_mod, "COMPACT_CHUNK", 2)
-    monkeypatch.setattr(attention_mod, "_compact", lambda *a: traced.append(a[6] is not None) or compact(*a))
+    compact = attention_blocks.compact
+    monkeypatch.setattr(attention_blocks, "COMPACT_CHUNK", 2)
+    monkeypatch.setattr(attention_blocks, "compact", lambda *a: traced.append(a[6] is not None) or compact(*a))
     jax.clear_caches()
     try:
         for name, m in layouts.items():
