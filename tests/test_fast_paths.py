@@ -289,6 +289,7 @@ def test_attention_choice_per_backend():
     assert choose_implementation(64, 64, jnp.float16, backend="cpu") == "reference"
     blocks = attention_blocks.BLOCK
     assert choose_implementation(blocks, 512, f32, backend="cpu") == "xla"  # one block of queries
+    assert choose_implementation(1, 512, f32, backend="cpu") == "reference"  # a decode step: one query
     for features in (dict(), dict(softcap=5.0), dict(self_kv=True)):  # more: tiles, on any features
         assert choose_implementation(blocks + 1, 512, f32, backend="cpu", **features) == "tiled"
     assert choose_implementation(blocks + 1, 512, bf16, backend="cpu") == "tiled"  # in float32, as the reference

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import radial_jax as rj
 from conftest import OPT_BASE, OPT_VARIANTS, perturb_
 from radial_jax.models import attention_blocks
+from radial_jax.serving.decoding import first_argmax
 from radial_jax.serving.generation import sample_logits, warp_logits
 
 PAD = OPT_BASE["pad_token_id"]
@@ -157,6 +158,22 @@ def test_right_padding_and_cache_length_do_not_change_tokens(lively_opt_dir):
 
 
 # ------------------------------------------------------------------ sampling
+
+def test_greedy_choice_is_numpys_argmax_on_ties_infinities_and_nans():
+    """``first_argmax`` (greedy decoding's choice) against ``np.argmax``: the first of tied maxima, rows of
+    ``-inf`` (index 0), ``+inf``, and a NaN, which ``np.argmax`` (like ``jnp.argmax``) takes as the maximum."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (7, 37)).astype(np.float32)  # small integers: many ties
+    x[1] = -np.inf
+    x[2, [5, 20]] = np.inf
+    x[3, [9, 30]] = np.nan
+    x[4, 36] = x[4].max() + 1  # the last position
+    x[5, 11] = np.nan
+    x[5, 2] = np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.argmax(x, axis=-1))
+    y = rng.normal(size=(2, 3, 50)).astype(np.float32)  # any leading axes
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(y)), np.argmax(y, axis=-1))
+
 
 def test_warpers_match_transformers():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,

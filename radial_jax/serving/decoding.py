@@ -159,7 +159,19 @@ def decode_loop(decoding: Decoding, params, cache, tok_b, pos_b, done_b, *, step
     return cache, records
 
 
+def first_argmax(x):
+    """``jnp.argmax`` over the last axis (the first maximum; a NaN counts as the maximum), as int32.
+
+    Two single-output reductions, a maximum then the first index that holds it: XLA's CPU backend
+    runs argmax's paired (value, index) reduction about 4x slower (2.4 ms against 0.6 ms over Gemma 3's
+    262k-token vocabulary at batch 4, a fiftieth of a decode step).
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)  # NaN where the row holds one
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
+
+
 def greedy(out_bv, i):
     """``choose`` for teacher forcing: the argmax of the step's output (an output that uses all of its work)."""
     del i
-    return jnp.argmax(out_bv, axis=-1).astype(jnp.int32)
+    return first_argmax(out_bv)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from radial_jax.serving.decoding import Decoding, decode_loop, prefill
+from radial_jax.serving.decoding import Decoding, decode_loop, first_argmax, prefill
 
 
 @dataclasses.dataclass
@@ -142,7 +142,7 @@ def sample_logits(logits_bv, key, *, do_sample: bool, temperature=1.0, top_k: Op
                   top_p=None):
     """Next token ``[b]`` from logits ``[b, vocab]``: argmax, or a draw from ``warp_logits``."""
     if not do_sample:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_bv)
     warped_bv = warp_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, warped_bv, axis=-1).astype(jnp.int32)
 
