@@ -14,9 +14,11 @@ their spread.
   all of them; the greedy tokens of both sides are compared (``tokens_equal``);
 * **prefill**: ``generate(max_new_tokens=1)`` (prompt forward, cache fill, first token);
 * **weight-read limit**: a decode step reads every weight once (the layers and the
-  tied embedding as LM head). The limit is the time of an XLA matrix-vector product
-  over as many bytes (the same batch), timed in the same rounds; the figure is
-  decode seconds per token over that;
+  tied embedding as LM head). The limit is the time of one read of as many bytes (per
+  round, the faster of an XLA sum and a one-row matrix-vector product over them), timed in
+  the same rounds; the figure is decode seconds per step over that. A matrix product with
+  the batch's rows over the same bytes is timed beside it (``matvec_b`` in the details);
+  on CPU it runs well below the memory's speed, so it is no limit;
 * **dense forward** share of the matmul peak: XLA's FLOPs of the forward (logits
   included; the per-layer layout is unrolled, so ``cost_analysis`` counts every
   layer) per second, over the FLOPs per second of a large ``jnp.dot``, per round.
@@ -181,31 +183,42 @@ def main(argv=None):
     weight_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ours.params))
     if "embed_positions" in ours.params:  # a learned position table: one row read per step
         weight_bytes -= int(np.prod(ours.params["embed_positions"]["embedding"].shape)) * dtype.itemsize
+    # The read: the faster of a sum and a one-row matrix-vector product over a weight-sized array, per round
+    # (both stream the bytes at the memory's speed). A matrix product with the batch's rows is no read limit:
+    # XLA's CPU matmul runs a few rows against a large matrix well below the memory's speed (the `matvec_b`
+    # entry of the details, timed beside them; it was this figure's proxy until it turned out slower).
     cols = 8192
     rows = weight_bytes // (cols * dtype.itemsize)
-    read_xw = [jnp.ones((b, rows), dtype), jnp.ones((rows, cols), dtype)]  # cleared below: weight-sized
-    matvec = jax.jit(lambda x, w: x @ w)
+    read_w = [jnp.ones((rows, cols), dtype)]  # cleared below: weight-sized
+    x_1, x_b = jnp.ones((1, rows), dtype), jnp.ones((b, rows), dtype)
+    read_sum, matvec = jax.jit(lambda w: jnp.sum(w, axis=0)), jax.jit(lambda x, w: x @ w)
     t = args.prompts[0]
     ids = np.random.default_rng(t).integers(3, vocab, (b, t))
     read_rounds = interleave({"ours_1": lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=()),
                               "ours_n": lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=()),
-                              "read": lambda: matvec(*read_xw)}, repeats=args.rounds)
+                              "sum": lambda: read_sum(read_w[0]), "matvec_1": lambda: matvec(x_1, read_w[0]),
+                              "matvec_b": lambda: matvec(x_b, read_w[0])}, repeats=args.rounds)
     per_step = {"step": [(a - c) / (n - 1) for a, c in zip(read_rounds["ours_n"], read_rounds["ours_1"])],
-                "read": read_rounds["read"]}
+                "read": [min(a, c) for a, c in zip(read_rounds["sum"], read_rounds["matvec_1"])],
+                "matvec_b": read_rounds["matvec_b"]}
     over_limit = ratio(per_step, "step", "read")
-    details["weight_read"] = dict(bytes_per_step=weight_bytes, matvec_shape=[rows, cols],
+    details["weight_read"] = dict(bytes_per_step=weight_bytes, read_shape=[rows, cols],
                                   read_gb_per_s=rate(per_step, "read", weight_bytes / 1e9),
-                                  step_over_read=over_limit, prompt=t)
-    read_xw.clear()
+                                  matvec_b_gb_per_s=rate(per_step, "matvec_b", weight_bytes / 1e9),
+                                  step_over_read=over_limit, step_over_matvec_b=ratio(per_step, "step", "matvec_b"),
+                                  prompt=t)
+    read_w.clear()
     figures.append(figure(f"decode_weight_read_p{t}", f"{prefix}decode step time / time to read the weights once "
                           f"(batch {b}, "
                           f"prompt {t}; {weight_bytes / 1e6:.0f} MB)", over_limit, unit="×",
                           # a real model's target (issue 28): decoding at >= 90 % of what reading the weights allows
                           target="≤ 1.11" if args.gguf else "→ 1",
                           met=over_limit["median"] <= 1 / 0.9 if args.gguf else None,
-                          note="the read: an XLA matrix-vector product over as many bytes"))
+                          note="the read: the faster of an XLA sum and a one-row matrix-vector product over as "
+                               "many bytes"))
     print(f"decode step = {over_limit['median']:.2f} x the weight read "
-          f"({details['weight_read']['read_gb_per_s']['median']:.1f} GB/s)", flush=True)
+          f"({details['weight_read']['read_gb_per_s']['median']:.1f} GB/s; a {b}-row matrix product over the same "
+          f"bytes: {details['weight_read']['matvec_b_gb_per_s']['median']:.1f} GB/s)", flush=True)
 
     # ---------------------------------------------------------------- dense forward against the matmul peak
     t = args.prompts[0]

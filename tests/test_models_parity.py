@@ -66,3 +66,19 @@ def test_vit_encoder_hidden_and_pooler_match(tiny_vit_dir):
     np.testing.assert_allclose(np.asarray(out.pooled), expected.pooler_output.numpy(), atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="no classification head"):
         ours(pixels)
+
+
+def test_the_few_token_tied_head_computes_the_matmul_head():
+    """A decode step's tied LM head (2 to 16 tokens on CPU: a product summed over the embedding axis) against
+    NumPy's ``hidden @ table.T``, at both ends of the range and with leading axes; 1 and 17 tokens keep the
+    matmul."""
+    from radial_jax.models.decoder import FEW_TOKENS, few_token_head, tied_head_few_tokens
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(300, 24)).astype(np.float32)
+    for shape in [(2,), (FEW_TOKENS[1],), (2, 3, 1), (4, 2)]:
+        hidden = rng.normal(size=shape + (24,)).astype(np.float32)
+        assert few_token_head(hidden)
+        got = np.asarray(tied_head_few_tokens(jnp.asarray(hidden), jnp.asarray(table), jnp.float32))
+        np.testing.assert_allclose(got, hidden @ table.T, rtol=1e-5, atol=1e-4)
+    assert not few_token_head(np.zeros((1, 24))) and not few_token_head(np.zeros((FEW_TOKENS[1] + 1, 24)))

@@ -92,6 +92,28 @@ def hf_positions(attention_mask_bt):
     return jnp.cumsum(m, axis=1) * m - 1
 
 
+FEW_TOKENS = (2, 16)  # token counts (inclusive) whose tied LM head runs as one multiply-and-reduce pass on CPU
+
+
+def few_token_head(hidden_be) -> bool:
+    """Whether ``tied_head_few_tokens`` computes the tied head of ``hidden_be`` (static: shape, backend)."""
+    n = int(np.prod(hidden_be.shape[:-1]))
+    return jax.default_backend() == "cpu" and FEW_TOKENS[0] <= n <= FEW_TOKENS[1]
+
+
+def tied_head_few_tokens(hidden_be, table_ve, dtype):
+    """``hidden @ table.T`` for a few tokens (a decode step's rows), as a product summed over the embedding
+    axis: one pass that reads each table row once for every token.
+
+    XLA's CPU matmul runs a few rows against a large table far below the memory's speed: over Gemma 3's
+    262k x 640 table, 52 ms for 4 rows where one row takes 20 ms, and this pass takes 34 ms (8 rows: 59
+    against 37 ms; 16: 74 against 58 ms). For one row the matmul is at the memory's speed already.
+    """
+    h_ne = hidden_be.reshape(-1, hidden_be.shape[-1]).astype(dtype)
+    logits_vn = jnp.sum(table_ve.astype(dtype)[:, None, :] * h_ne[None, :, :], axis=-1)
+    return logits_vn.T.reshape(hidden_be.shape[:-1] + (table_ve.shape[0],))
+
+
 class CausalLM(nn.Module):
     """A decoder-only LM over any decoder family's config (see the module docstring)."""
 
@@ -156,7 +178,12 @@ class CausalLM(nn.Module):
     def logits(self, hidden_be):
         """The LM head on final hidden states ``[..., e]`` -> float32 ``[..., vocab]``."""
         s = self.config.decoder_spec()
-        logits = self.embed_tokens.attend(hidden_be) if s.tie_embeddings else self.lm_head(hidden_be)
+        if s.tie_embeddings and few_token_head(hidden_be):
+            logits = tied_head_few_tokens(hidden_be, self.embed_tokens.embedding, self.dtype)
+        elif s.tie_embeddings:
+            logits = self.embed_tokens.attend(hidden_be)
+        else:
+            logits = self.lm_head(hidden_be)
         logits = logits.astype(jnp.float32)
         if s.final_logit_softcap is not None:
             logits = jnp.tanh(logits / s.final_logit_softcap) * s.final_logit_softcap
