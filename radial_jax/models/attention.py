@@ -33,7 +33,8 @@ this module only does the arithmetic, with the softmax always in float32.
   depth, a visit's busiest row had 14 % of its slots written at the median; the
   attention of the routed forward's visits took 0.70 s where ``"tiled"`` took 1.26 s);
 * ``"reference"``: plain einsums, every feature (soft-cap, ``self_kv``); the
-  small-shape path of the features ``jax.nn.dot_product_attention`` lacks.
+  small-shape path of the features ``jax.nn.dot_product_attention`` lacks, and the
+  CPU's path for one query (a decode step).
 
 Shapes: ``b`` batch (or dispatch groups), ``q`` queries, ``k`` key slots,
 ``h`` query heads, ``g`` kv heads (``h % g == 0``), ``d`` head dim.
