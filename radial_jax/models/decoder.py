@@ -103,7 +103,7 @@ def few_token_head(hidden_be) -> bool:
 
 def tied_head_few_tokens(hidden_be, table_ve, dtype):
     """``hidden @ table.T`` for a few tokens (a decode step's rows), as a product summed over the embedding
-    axis: one pass that reads each table row once for every token.
+    axis: one pass that reads each table row once, for all the tokens.
 
     XLA's CPU matmul runs a few rows against a large table far below the memory's speed: over Gemma 3's
     262k x 640 table, 52 ms for 4 rows where one row takes 20 ms, and this pass takes 34 ms (8 rows: 59
