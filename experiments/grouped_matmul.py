@@ -11,11 +11,12 @@ Three ways to run one matmul of every layer (the MLP's first, ``e -> f``) on the
 
 Reported for each: executed FLOPs (those of the sizes it runs at) and wall time, the three timed
 interleaved; for ``ragged``, XLA's own FLOPs too (``cost_analysis``; it counts a switch at its costliest
-branch, so the other two forms' counts would be their largest sizes', not what runs). Where
-XLA lowers ``ragged_dot`` natively (TPU; GPU through JAX's Triton kernel or the ``ragged_dot`` instruction,
-both behind JAX flags), its FLOPs are about ``2 M e f``. Elsewhere JAX expands it into a masked dense
-product over every group: ``L`` times that, which rules it out there. The loads are the busiest step of
-the fitted-route prefill at 25 % depth in ``results/bench_radial_125m.json`` (OPT-125M shapes).
+branch, so the other two forms' counts would be their largest sizes', not what runs). Where JAX lowers
+``ragged_dot`` to XLA's ``ragged_dot`` instruction (TPU and GPU by default; on GPU, the flag
+``jax_ragged_dot_use_gpu_pallas_triton_lowering`` picks a Triton kernel), its FLOPs can be ``2 M e f``.
+On CPU JAX expands it into a masked dense product over every group: ``L`` times that, which rules it out
+there. The loads are the busiest step of the fitted-route prefill at 25 % depth in
+``results/bench_radial_125m.json`` (OPT-125M shapes).
 
     python experiments/grouped_matmul.py                  # -> results/grouped_matmul.json
     python experiments/grouped_matmul.py --repeats 2 --out /tmp/grouped_matmul.json
@@ -76,8 +77,9 @@ def programs(loads, sizes, e: int, f: int):
 
     def padded(x_lce, w_lef, loads_l):
         def at(size):
-            return lambda: (jnp.zeros((L, C, f), x_lce.dtype) if not size else
-                            jnp.pad(jnp.einsum("lce,lef->lcf", x_lce[:, :size], w_lef), [(0, 0), (0, C - size), (0, 0)]))
+            if not size:
+                return lambda: jnp.zeros((L, C, f), x_lce.dtype)
+            return lambda: jnp.pad(jnp.einsum("lce,lef->lcf", x_lce[:, :size], w_lef), [(0, 0), (0, C - size), (0, 0)])
         return jax.lax.switch(size_index(sizes, jnp.max(loads_l)), [at(s) for s in sizes])
 
     def ragged(x_me, w_lef, loads_l):
