@@ -112,15 +112,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS / "grouped_matmul.json")
     args = ap.parse_args(argv)
+    for name in ("hidden", "ffn", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     import jax
-    from radial_jax.radial.dispatch import prefill_sizes
+    from radial_jax.radial.dispatch import prefill_sizes, size_index
 
     loads, c_max, buckets, batch = step_loads(args.loads_from, args.target_depth)
     sizes = prefill_sizes(batch * c_max, buckets)
     e, f, M = args.hidden, args.ffn, sum(loads)
     ideal = 2.0 * M * e * f
-    exec_flops = {"switch": 2.0 * e * f * sum(sizes[int(np.searchsorted(sizes, n))] for n in loads),
-                  "padded": 2.0 * e * f * len(loads) * sizes[int(np.searchsorted(sizes, max(loads)))],
+    def run_size(load):  # the static size a load runs at
+        return sizes[int(size_index(sizes, load))]
+    exec_flops = {"switch": 2.0 * e * f * sum(run_size(n) for n in loads),
+                  "padded": 2.0 * e * f * len(loads) * run_size(max(loads)),
                   "ragged": ideal}
     forms = programs(loads, sizes, e, f)
     agreement = check_same_values(forms, loads)

@@ -65,3 +65,10 @@ def test_a_depth_the_result_lacks_is_named_with_those_it_has(tmp_path):
         {"target_depth": 0.5, "c_max": 4, "prefill_buckets": 2, "layer_sizes": [[1, 2, 0]]}]}}))
     with pytest.raises(SystemExit, match=r"no fitted prefill at target depth 0.25; it has \[0.5\]"):
         grouped_matmul.main(["--loads-from", str(source), "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize("flag", ["--hidden", "--ffn", "--repeats"])
+def test_sizes_below_one_are_refused_before_any_work(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        grouped_matmul.main([flag, "0", "--out", str(tmp_path / "x.json")])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
