@@ -43,10 +43,11 @@ def step_loads(path: Path, target_depth: float) -> tuple:
     if not path.exists():
         raise SystemExit(f"{path} not found: run experiments/bench_radial.py first, or pass --loads-from")
     result = json.loads(path.read_text())
-    runs = [r for r in result["details"].get("prefill_fitted", []) if r.get("target_depth") == target_depth]
+    fitted = result["details"].get("prefill_fitted", [])
+    runs = [r for r in fitted if r.get("target_depth") == target_depth]
     if not runs:
         raise SystemExit(f"{path} has no fitted prefill at target depth {target_depth}; it has "
-                         f"{[r.get('target_depth') for r in result['details'].get('prefill_fitted', [])]}")
+                         f"{[r.get('target_depth') for r in fitted]}")
     run, batch = runs[0], result["settings"]["batch"]
     loads = max(run["layer_sizes"], key=sum)
     return tuple(int(n) for n in loads), int(run["c_max"]), int(run["prefill_buckets"]), int(batch)
@@ -91,8 +92,7 @@ def programs(loads, sizes, e: int, f: int):
 
 def check_same_values(forms, loads) -> float:
     """The three forms' products of the loaded rows agree (largest difference, relative); SystemExit otherwise."""
-    import jax
-    outs = {name: np.asarray(jax.jit(fn)(*a)) for name, (fn, a) in forms.items()}
+    outs = {name: np.asarray(fn(*a)) for name, (fn, a) in forms.items()}
     rows = {name: np.concatenate([o[l, :n] for l, n in enumerate(loads)]) for name, o in outs.items()
             if name != "ragged"}
     rows["ragged"] = outs["ragged"]
@@ -127,13 +127,11 @@ def main(argv=None):
     exec_flops = {"switch": 2.0 * e * f * sum(run_size(n) for n in loads),
                   "padded": 2.0 * e * f * len(loads) * run_size(max(loads)),
                   "ragged": ideal}
-    forms = programs(loads, sizes, e, f)
-    agreement = check_same_values(forms, loads)
-    compiled = {name: jax.jit(fn) for name, (fn, _) in forms.items()}
+    forms = {name: (jax.jit(fn), a) for name, (fn, a) in programs(loads, sizes, e, f).items()}
+    agreement = check_same_values(forms, loads)  # compiles each form once, for the timing too
     fn, a = forms["ragged"]
     xla = {"ragged": xla_flops(fn, *a)}
-    rounds = interleave({name: (lambda c=compiled[name], a=a: c(*a)) for name, (_, a) in forms.items()},
-                        args.repeats)
+    rounds = interleave({name: (lambda fn=fn, a=a: fn(*a)) for name, (fn, a) in forms.items()}, args.repeats)
     backend = jax.default_backend()
     figures = [
         figure("ragged_xla_flops", f"ragged_dot: XLA's FLOPs / 2 M e f ({backend}; {len(loads)} groups)",
